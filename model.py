@@ -1,0 +1,617 @@
+"""A self-contained LLaMA (1, 2 and 3 shapes): the model, fast sampling, checkpoints, tokenizer.
+
+    python model.py convert SRC DST        # Meta consolidated.*.pth or Hugging Face folder -> ours
+    python model.py sample DST --prompt "Hello"
+
+Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key
+names, so a Meta checkpoint needs no renaming) and, when known, `tokenizer.model` — the vocabulary
+travels with the weights. Read it top to bottom: ModelArgs, the layers, the Transformer, sampling,
+checkpoints, the tokenizer, the command line.
+
+Departures from the Meta reference: RoPE is written with real cos/sin tables (same rotation of
+interleaved pairs as Meta's complex numbers) that stay in float32 whatever the model's dtype;
+sampling is batched over prompts of different lengths (left padding) with a per-row stop at EOS.
+Left out: tensor/pipeline parallelism (train.py shards with FSDP2), LLaMA-3's tiktoken tokenizer
+and LLaMA-3.1's RoPE rescaling (refused with a clear error, not silently ignored).
+"""
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it is loaded into."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None means n_heads (LLaMA-1, 7B/13B LLaMA-2)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # LLaMA-2 70B, LLaMA-3
+    hidden_dim: Optional[int] = None  # explicit SwiGLU width (Hugging Face's intermediate_size); None: Meta's rule
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # 500000 for LLaMA-3
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            # Meta's rule: 2/3 of 4·dim (SwiGLU has three matrices instead of two), scaled, rounded up.
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"ModelArgs: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} "
+                             "must give an even head size and n_heads divisible by n_kv_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_meta(cls, params: dict, vocab_size: Optional[int] = None) -> "ModelArgs":
+        """From Meta's params.json (LLaMA-1/2 store vocab_size=-1: it is then read off the weights)."""
+        if params.get("use_scaled_rope"):
+            raise CheckpointError("params.json asks for LLaMA-3.1's scaled RoPE, which this model does not implement")
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in params.items() if k in known}
+        if args.get("vocab_size", -1) <= 0:
+            if vocab_size is None:
+                raise CheckpointError("params.json has no vocab_size; pass the one read off tok_embeddings.weight")
+            args["vocab_size"] = vocab_size
+        return cls(**args)
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "ModelArgs":
+        """From a Hugging Face LlamaConfig (config.json)."""
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise CheckpointError(f"config.json asks for rope_type={rope_type!r}; only the default RoPE is implemented")
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        if config.get("head_dim", dim // n_heads) != dim // n_heads:
+            raise CheckpointError(f"config.json: head_dim={config['head_dim']} is not hidden_size/num_attention_heads")
+        return cls(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                   n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+                   hidden_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
+                   rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+                   max_seq_len=config.get("max_position_embeddings", 2048))
+
+    def to_hf(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+                "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False}
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 (bf16 squares lose precision), scale in the input dtype, as Meta and HF do.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_table(head_dim: int, positions: torch.Tensor, theta: float):
+    """cos and sin of the rotation angles, float32, shape positions.shape + (head_dim/2,).
+
+    Pair j of a head (components 2j, 2j+1) turns by angle position·theta^(−2j/head_dim).
+    """
+    freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * freqs
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs of x (B, T, H, D) by the angles in cos, sin (B or 1, T, D/2), in float32."""
+    x2 = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = x2[..., 0], x2[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for one batch of sequences being decoded; lives only during sampling.
+
+    Rows are left-padded: row b's prompt starts at slot pad[b]. `length` slots are filled so far.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype, device):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.pad = pad  # (B,)
+        self.length = 0
+        self.slots = torch.arange(max_len, device=device)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """RoPE positions of the next T slots: counted from each row's first real token. (B, T)"""
+        return (self.slots[self.length:self.length + T][None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, T: int) -> torch.Tensor:
+        """Which filled slots the next T queries may see: causal and not padding. (B, 1, T, S)"""
+        S = self.length + T
+        keys = self.slots[:S]
+        queries = self.slots[self.length:S][:, None]
+        causal = keys[None, :] <= queries  # (T, S)
+        # A padding slot's query sees only itself: a row of all -inf would make NaN values in the cache.
+        real = (keys[None, None, :] >= self.pad[:, None, None]) | (keys == queries)[None]  # (B, T, S)
+        return (causal[None] & real)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is None:  # training: the whole sequence at once, causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # sampling: append to the cache, attend over everything filled so far
+            S = cache.length + T
+            cache.k[layer][:, :, cache.length:S] = k
+            cache.v[layer][:, :, cache.length:S] = v
+            y = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
+                                               attn_mask=cache.mask(T), enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer: int, args: ModelArgs):
+        super().__init__()
+        self.layer = layer
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def init_weights(self, seed: int = 0):
+        """Random weights for a model trained from scratch: N(0, 0.02), output layers scaled by 1/sqrt(2·n_layers)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                p.data.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens (B, T); logits[:, t] score token t + 1.
+
+        Training calls model(tokens) with no cache: plain causal attention, positions 0..T-1. Sampling passes
+        a KVCache and feeds only the new tokens. Both go through forward so that FSDP2's hooks, which wrap
+        forward, gather the sharded weights either way.
+        """
+        B, T = tokens.shape
+        if cache is None:
+            cos, sin = rope_table(self.args.head_dim, torch.arange(T, device=tokens.device)[None], self.args.rope_theta)
+        else:
+            cos, sin = rope_table(self.args.head_dim, cache.positions(T), self.args.rope_theta)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        return self.output(self.norm(h))  # (B, T, V)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the top-p nucleus of probs (B, V); the rest is left unnormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept when
+    the mass of the tokens before it (in decreasing order) is still below top_p.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) truncated to its top-p nucleus. (B, V) -> (B,)
+
+    temperature == 0 means greedy.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+    # argmax(p / E) with E ~ Exp(1) draws index j with probability p_j / sum(p): no normalisation, no host sync.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
+             top_p: float = 0.9, generator: Optional[torch.Generator] = None,
+             all_done: Optional[Callable[[torch.Tensor], bool]] = None):
+    """Sample a response for each prompt (lists of token ids of different lengths).
+
+    Returns (responses, ended): per row the sampled token ids up to and including the first EOS (nothing
+    after it), and whether the row ended with EOS (False: it hit max_new_tokens). Prompts are left-padded so
+    that every row's next token sits in the same column; padding is masked out of attention and RoPE
+    positions start at each row's first real token, so padding changes no row's result. The loop stops when
+    every row has ended: `all_done(done)` decides (default: done.all()); under FSDP it all-reduces the flag so
+    every rank runs the same number of forwards. That check is the only host synchronisation per token.
+    """
+    device = model.output.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if P + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"generate: prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_seq_len {model.args.max_seq_len}")
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+    cache = KVCache(model.args, B, P + max_new_tokens, pad, model.output.weight.dtype, device)
+    logits = model(tokens, cache)[:, -1]  # prefill, (B, V)
+    out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    all_done = all_done or (lambda d: bool(d.all()))
+    n = 0
+    while n < max_new_tokens:
+        nxt = sample_top_p(logits, temperature, top_p, generator).masked_fill(done, eos_id)
+        out[:, n] = nxt
+        done |= nxt == eos_id
+        n += 1
+        if n == max_new_tokens or all_done(done):
+            break
+        logits = model(nxt[:, None], cache)[:, -1]
+    is_eos = out[:, :n] == eos_id
+    ended = is_eos.any(-1)
+    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, n).tolist()
+    rows = out[:, :n].tolist()
+    return [row[:m] for row, m in zip(rows, lengths)], ended.tolist()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: our format, Meta's, Hugging Face's; conversions are pure functions over key maps
+
+_HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+_DROPPED = ("rope.freqs", "rotary_emb.inv_freq")  # precomputed RoPE tables some checkpoints carry; we recompute
+
+
+def hf_key_map(args: ModelArgs) -> dict:
+    keys = dict(_HF_TOP_KEYS)
+    for i in range(args.n_layers):
+        keys.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in _HF_LAYER_KEYS.items()})
+    return keys
+
+
+def _rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """Reorder the rows of wq/wk between the two RoPE layouts.
+
+    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head; Hugging Face rotates halves
+    (x_j, x_{j+D/2}). Moving row 2j to j and row 2j+1 to j + D/2 within each head makes q·k identical.
+    wk has n_kv_heads heads, so it is permuted with n_kv_heads, not n_heads.
+    """
+    rows, dim = w.shape
+    D = rows // n_heads
+    if to_hf:  # (heads, D/2 pairs, 2) -> (heads, 2 halves, D/2)
+        return w.view(n_heads, D // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+    return w.view(n_heads, 2, D // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def meta_to_hf(sd: dict, args: ModelArgs) -> dict:
+    out = {}
+    for ours, theirs in hf_key_map(args).items():
+        w = sd[ours]
+        if ours.endswith("attention.wq.weight"):
+            w = _rope_permute(w, args.n_heads, to_hf=True)
+        elif ours.endswith("attention.wk.weight"):
+            w = _rope_permute(w, args.n_kv_heads, to_hf=True)
+        out[theirs] = w
+    return out
+
+
+def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
+    sd = {k: v for k, v in sd.items() if not k.endswith(_DROPPED)}
+    out = {}
+    for ours, theirs in hf_key_map(args).items():
+        if theirs not in sd:
+            raise CheckpointError(f"Hugging Face checkpoint has no {theirs!r} (needed for {ours!r})")
+        w = sd.pop(theirs)
+        if ours.endswith("attention.wq.weight"):
+            w = _rope_permute(w, args.n_heads, to_hf=False)
+        elif ours.endswith("attention.wk.weight"):
+            w = _rope_permute(w, args.n_kv_heads, to_hf=False)
+        out[ours] = w
+    if sd:
+        raise CheckpointError(f"Hugging Face checkpoint has keys no LLaMA layer uses: {sorted(sd)[:5]}")
+    return out
+
+
+def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
+    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict.
+
+    Column-parallel layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2)
+    along columns, norms are replicated. The embedding is split along columns in LLaMA-1/2 and along rows
+    (the vocabulary) in LLaMA-3: its shard shape tells which.
+    """
+    if len(shards) == 1:
+        return shards[0]
+    merged = {}
+    for key in shards[0]:
+        parts = [s[key] for s in shards]
+        if key.endswith("norm.weight") or key.endswith(_DROPPED):
+            merged[key] = parts[0]
+        elif key.endswith(("wo.weight", "w2.weight")):
+            merged[key] = torch.cat(parts, dim=1)
+        elif key == "tok_embeddings.weight":
+            merged[key] = torch.cat(parts, dim=1 if parts[0].shape[1] != args.dim else 0)
+        else:
+            merged[key] = torch.cat(parts, dim=0)
+    return merged
+
+
+def check_state_dict(sd: dict, model: nn.Module, source: str):
+    """Raise one CheckpointError naming the first missing/unexpected key or wrong shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise CheckpointError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, the model's args.json "
+                                  f"expects {tuple(shape)}")
+
+
+def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None,
+                    state_dict: Optional[dict] = None):
+    """Write our checkpoint folder atomically: build it beside, then rename into place."""
+    folder = os.path.abspath(folder)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    if os.path.isdir(folder):
+        old = f"{folder}.old{os.getpid()}"
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, folder)
+
+
+def load_model(folder: str, device="cpu", dtype=torch.float32):
+    """Load our checkpoint folder: returns (model in eval mode, Tokenizer or None).
+
+    The model is built on the meta device and the weights are assigned from a memory-mapped file, so a
+    7B checkpoint never sits twice in host memory.
+    """
+    path = os.path.join(folder, "args.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no args.json; convert it first with `python model.py convert SRC {folder}`")
+    with open(path) as f:
+        args = ModelArgs(**json.load(f))
+    with torch.device("meta"):
+        model = Transformer(args)
+    sd = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", mmap=True, weights_only=True)
+    check_state_dict(sd, model, os.path.join(folder, "model.pth"))
+    model.load_state_dict(sd, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = None
+    tok_path = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(tok_path):
+        tokenizer = Tokenizer(tok_path)
+        if tokenizer.vocab_size != args.vocab_size:
+            raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
+                                  f"{args.vocab_size}: the tokenizer belongs to another model")
+    return model, tokenizer
+
+
+def read_meta(src: str):
+    """Meta's layout: params.json + consolidated.00.pth (… .NN.pth for model-parallel releases)."""
+    paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
+    with open(os.path.join(src, "params.json")) as f:
+        params = json.load(f)
+    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    shards = [{k: v for k, v in s.items() if not k.endswith(_DROPPED)} for s in shards]
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    args = ModelArgs.from_meta(params, vocab if params.get("vocab_size", -1) <= 0 or len(shards) == 1 else None)
+    return merge_meta_shards(shards, args), args
+
+
+def write_meta(sd: dict, args: ModelArgs, dst: str):
+    """Meta's layout, one shard (the inverse of read_meta for a single-file release)."""
+    os.makedirs(dst, exist_ok=True)
+    params = {k: v for k, v in asdict(args).items() if k not in ("hidden_dim", "max_seq_len")}
+    if args.hidden_dim != ModelArgs(**{**params, "hidden_dim": None}).hidden_dim:
+        raise CheckpointError(f"hidden_dim={args.hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier")
+    torch.save(sd, os.path.join(dst, "consolidated.00.pth"))
+    with open(os.path.join(dst, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+
+
+def read_hf(src: str):
+    """Hugging Face's layout: config.json + model*.safetensors or pytorch_model*.bin, sharded or not."""
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    args = ModelArgs.from_hf(config)
+    sd = {}
+    st_files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
+    if st_files:
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("reading *.safetensors needs `pip install safetensors`") from e
+        for p in st_files:
+            sd.update(load_file(p))  # memory-mapped
+    else:
+        bins = sorted(glob.glob(os.path.join(src, "pytorch_model*.bin")))
+        if not bins:
+            raise CheckpointError(f"{src}: config.json but no *.safetensors or pytorch_model*.bin")
+        for p in bins:
+            sd.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # LLaMA-3.2 1B/3B share them
+    return hf_to_meta(sd, args), args
+
+
+def convert(src: str, dst: str):
+    """Detect the layout of src (Meta or Hugging Face) and write our checkpoint folder to dst."""
+    if glob.glob(os.path.join(src, "consolidated.*.pth")):
+        sd, args = read_meta(src)
+    elif os.path.isfile(os.path.join(src, "config.json")):
+        sd, args = read_hf(src)
+    else:
+        raise CheckpointError(f"{src}: neither Meta's consolidated.*.pth + params.json nor Hugging Face's config.json")
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(sd, model, src)
+    tok = os.path.join(src, "tokenizer.model")
+    if not os.path.isfile(tok):  # Meta's releases keep it one folder up
+        tok = os.path.join(os.path.dirname(os.path.abspath(src)), "tokenizer.model")
+    save_checkpoint(model, dst, args, tok if os.path.isfile(tok) else None, state_dict=sd)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path}: the tokenizer needs BOS and EOS ids (bos={self.bos_id}, eos={self.eos_id})")
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: list) -> str:
+        return self.sp.decode([i for i in ids if i != self.eos_id])
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="Meta or Hugging Face checkpoint folder -> our checkpoint folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+    s = sub.add_parser("sample", help="sample from our checkpoint folder")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    s.add_argument("--max_new_tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top_p", type=float, default=0.9)
+    s.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    if a.cmd == "convert":
+        args = convert(a.src, a.dst)
+        print(f"wrote {a.dst}: {args}")
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(a.checkpoint, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    if tok is None:
+        raise SystemExit(f"{a.checkpoint} has no tokenizer.model: copy the model's tokenizer.model into it")
+    gen = torch.Generator(device).manual_seed(a.seed)
+    outs, ended = generate(model, [tok.encode(p) for p in a.prompt], a.max_new_tokens, tok.eos_id,
+                           a.temperature, a.top_p, gen)
+    for p, o, e in zip(a.prompt, outs, ended):
+        print(f"{p!r} -> {tok.decode(o)!r}{'' if e else ' [no EOS]'}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
