@@ -8,8 +8,8 @@ names, so a Meta checkpoint needs no renaming) and, when known, `tokenizer.model
 travels with the weights. Read it top to bottom: ModelArgs, the layers, the Transformer, sampling,
 checkpoints, the tokenizer, the command line.
 
-Departures from the Meta reference: RoPE is written with real cos/sin tables (same rotation of
-interleaved pairs as Meta's complex numbers) that stay in float32 whatever the model's dtype;
+Departures from the Meta reference: the RoPE table is made per call from the positions (no buffer,
+so it stays float32 when the model is cast to bf16 and needs no care under meta-device init);
 sampling is batched over prompts of different lengths (left padding) with a per-row stop at EOS.
 Left out: tensor/pipeline parallelism (train.py shards with FSDP2), LLaMA-3's tiktoken tokenizer
 and LLaMA-3.1's RoPE rescaling (refused with a clear error, not silently ignored).
@@ -121,22 +121,22 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
-def rope_table(head_dim: int, positions: torch.Tensor, theta: float):
-    """cos and sin of the rotation angles, float32, shape positions.shape + (head_dim/2,).
+def rope_table(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Unit complex numbers e^{i·angle} (complex64, i.e. float32 parts), shape positions.shape + (head_dim/2,).
 
-    Pair j of a head (components 2j, 2j+1) turns by angle position·theta^(−2j/head_dim).
+    Pair j of a head (components 2j, 2j+1, read as one complex number) turns by angle
+    position·theta^(−2j/head_dim). Kept in float32 whatever the model's dtype: bf16 angles at
+    position 2000 are off by whole radians.
     """
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * freqs
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs of x (B, T, H, D) by the angles in cos, sin (B or 1, T, D/2), in float32."""
-    x2 = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = x2[..., 0], x2[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, D) by rope (B or 1, T, D/2): one complex product, in float32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
+    return torch.view_as_real(xc * rope[:, :, None, :]).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -177,10 +177,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, rope, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is None:  # training: the whole sequence at once, causal
@@ -214,8 +214,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer)
+    def forward(self, x, rope, cache: Optional[KVCache] = None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -247,13 +247,11 @@ class Transformer(nn.Module):
         forward, gather the sharded weights either way.
         """
         B, T = tokens.shape
-        if cache is None:
-            cos, sin = rope_table(self.args.head_dim, torch.arange(T, device=tokens.device)[None], self.args.rope_theta)
-        else:
-            cos, sin = rope_table(self.args.head_dim, cache.positions(T), self.args.rope_theta)
+        positions = torch.arange(T, device=tokens.device)[None] if cache is None else cache.positions(T)  # (1|B, T)
+        rope = rope_table(self.args.head_dim, positions, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
+            h = layer(h, rope, cache)
         if cache is not None:
             cache.length += T
         return self.output(self.norm(h))  # (B, T, V)
@@ -279,13 +277,17 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) truncated to its top-p nucleus. (B, V) -> (B,)
 
-    temperature == 0 means greedy.
+    temperature == 0 means greedy. generator: one torch.Generator, or a list of one per row (train.py keys
+    them by the row's global index, so a run samples the same responses whatever its number of ranks).
     """
     if temperature == 0:
         return logits.argmax(-1)
     probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     # argmax(p / E) with E ~ Exp(1) draws index j with probability p_j / sum(p): no normalisation, no host sync.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draw ignores its batch-mates
+        noise = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in zip(probs, generator)])
+    else:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(-1)
 
 
