@@ -267,3 +267,123 @@ def test_save_checkpoint_replaces_atomically(tmp_path):
     loaded, _ = M.load_model(folder)
     assert torch.equal(loaded.output.weight, second.output.weight)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left behind
+
+
+# -----------------------------------------------------------------------------
+# train.py: runs as subprocesses, one process or two (torchrun, gloo)
+
+TINY = ["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--batch_size=8",
+        "--micro_batch=4", "--val=8", "--test=8", "--max_new_tokens=8", "--eval_every=0", "--ckpt_every=0",
+        "--lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import data
+    folder = tmp_path_factory.mktemp("demo")
+    data.prepare_demo(str(folder))
+    return str(folder)
+
+
+def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
+    cmd = [sys.executable, os.path.join(HERE, "train.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(HERE, "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *flags], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def ledger(out_dir, drop=("t_sample", "t_train")):
+    with open(os.path.join(out_dir, "ledger.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def final_weights(out_dir):
+    return torch.load(os.path.join(out_dir, "final", "model.pth"), weights_only=True)
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+    """Two ranks (gloo) give the losses and parameters of one process on the same global batch.
+
+    Proves the shared coin, the global Ĉ, the rollouts and the gradient averaging. Rollouts sample with
+    one generator per row keyed by the row's global index, so they do not depend on the split over ranks.
+    The two runs differ only in float summation order (micro-batches of 4 rows on each rank instead of
+    two on one rank; reductions over ranks), ~1e-7 relative per step: 1e-5 covers 6 Adam steps.
+    """
+    flags = ["--method=l3m", "--steps=6", "--constraint=length>=6", "--constraint=length<=7"]
+    run_train(tmp_path / "one", data_dir, *flags)
+    run_train(tmp_path / "two", data_dir, *flags, nproc=2)
+    one, two = ledger(tmp_path / "one"), ledger(tmp_path / "two")
+    assert {r["kind"] for r in one} == {"task", "constraint"}
+    for a, b in zip(one, two):
+        assert a["kind"] == b["kind"] and a.get("len_mean") == b.get("len_mean")
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        for key in ("C", "C_hat", "lam"):
+            if a["kind"] == "constraint":
+                assert a[key] == pytest.approx(b[key], rel=1e-5)
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    flags = ["--method=l3m", "--steps=6", "--constraint=length>=6"]
+    run_train(tmp_path / "straight", data_dir, *flags)
+    run_train(tmp_path / "halves", data_dir, *flags, "--ckpt_every=3", "--stop_after=3")
+    run_train(tmp_path / "halves", data_dir, *flags, "--ckpt_every=3", "--resume=True")
+    assert ledger(tmp_path / "straight") == ledger(tmp_path / "halves")
+    w1, w2 = final_weights(tmp_path / "straight"), final_weights(tmp_path / "halves")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_rollouts_of_different_lengths_do_not_hang(tmp_path):
+    """Rank 0's rows end at once, rank 1's never: sampling on gathered weights runs no collective, so the
+    ranks decode different numbers of steps and still meet at the next training step."""
+    script = tmp_path / "hang.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+import train, model as M
+cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1"])
+rank, world, device = train.setup_distributed("cpu")
+model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50)
+with train.gathered(model):
+    first = model(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
+    eos = first if rank == 0 else 50  # rank 1: an id the model never emits
+    out, ended = M.generate(model, [[1, 2, 3]] * 2, max_new_tokens=40, eos_id=eos, temperature=0)
+print(rank, [len(o) for o in out], flush=True)
+loss = model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean()
+loss.backward()
+dist.destroy_process_group()
+""")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 [1, 1]" in p.stdout and "1 [40, 40]" in p.stdout
+
+
+@pytest.mark.parametrize("method", ["sft", "mm"])
+def test_methods_run_end_to_end(tmp_path, data_dir, method):
+    run_train(tmp_path, data_dir, f"--method={method}", "--steps=4", "--constraint=length>=6")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["before"]["n"] == report["after"]["n"] == 8
+    assert report["after"]["perplexity_mean"] < report["before"]["perplexity_mean"]
+    assert M.load_model(str(tmp_path / "final"))[1] is not None  # model.py's format, tokenizer included
+
+
+def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
+    run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=10", "--batch_size=16",
+              "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["val_best_accuracy"] > report["val_accuracy_before"] + 0.1
+    assert os.path.isfile(tmp_path / "best" / "model.pth")
+
+
+def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path, data_dir):
+    run_train(tmp_path, data_dir, "--method=sft", "--steps=3", "--debug_nan_step=1", nproc=2)
+    rows = ledger(tmp_path)
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())

@@ -91,6 +91,7 @@ class Config:
     eval_every: int = 100  # steps; 0: only at the start and the end
     ckpt_every: int = 100  # steps; 0: only the final model
     resume: bool = False  # continue from out_dir/ckpt
+    stop_after: int = 0  # > 0: save a checkpoint and stop after this step (a time slice; continue with --resume)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     activation_checkpointing: bool = False
@@ -507,7 +508,10 @@ def run(cfg: Config, device) -> dict:
             return {"split": split, "n": len(examples), "accuracy": acc}
         return evaluate(model, tok, examples, cfg, constraints, reward_models, device, split)
 
-    if start == 0 and cfg.method != "reward":
+    if start == 0 and cfg.method == "reward":
+        reports["val_accuracy_before"] = do_eval(val, "val (before)")["accuracy"]
+        print0(f"val accuracy before training: {reports['val_accuracy_before']:.3f}")
+    elif start == 0:
         reports["before"] = do_eval(test, "test (before)")
         print0(format_report(reports["before"]))
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
@@ -575,11 +579,15 @@ def run(cfg: Config, device) -> dict:
             if cfg.method == "reward" and (best is None or r["accuracy"] > best):
                 best = r["accuracy"]
                 save_final(model, cfg, args, tok_path, "best")
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < total:
+        stop = done == cfg.stop_after
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0 or stop) and done < total:
             save_train_state(ckpt, model, optimizer, {
                 "step": done, "task_pos": task_stream.position, "prompt_pos": prompt_stream.position,
                 "best": best, "reports": reports, "config": dataclasses.asdict(cfg),
                 "multipliers": mult.state_dict() if mult is not None else None})
+        if stop:
+            print0(f"stopped after step {done}; continue with --resume=True")
+            return reports
     bar.close()
     if cfg.method == "reward":
         r = do_eval(val, "val (final)")
