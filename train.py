@@ -34,7 +34,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch

@@ -1,0 +1,557 @@
+"""Data for L3M fine-tuning: chat template, UltraChat and HH-RLHF readers, splits, batches per rank,
+and the small built-in demo data with its tokenizer.
+
+    task = read_ultrachat("ultrachat.jsonl.gz", tok)       # (prompt, response) pairs ≤ 512 tokens
+    train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
+    for idx in epoch_batches(len(train), 8, seed=0, epoch=0, rank=rank, world_size=world):
+        tokens, mask = task_batch([train[i] for i in idx])   # (B, T) int64, (B, T) bool
+
+    demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
+
+Where this departs from the paper, or fixes what it leaves open:
+- Chat template (the paper names none). One template for every source, the HH-RLHF one without
+  its leading blank line: "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:".
+  The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece
+  puts the space in front of its first word) and followed by the EOS *id*, not by text, so the
+  response boundary is exact. Reward models read the same template as the policy.
+- UltraChat: the assistant turn kept as the response is drawn with a seed per line, so a
+  dialogue's pair does not depend on the rest of the file. Pairs over max_tokens (prompt with
+  BOS + response with EOS) are dropped, not truncated.
+- HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the
+  paper's text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
+- The demo data stands in for UltraChat and HH on a CPU; see "Demo data" below.
+"""
+import functools
+import gzip
+import io
+import json
+import os
+import random
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A malformed input line, reported as file:line: reason."""
+
+
+class _Malformed(ValueError):
+    """Raised inside the readers with a short reason; turned into a skip count or a DataError."""
+
+
+# -----------------------------------------------------------------------------
+# Chat template
+
+ROLES = {"user": "Human", "assistant": "Assistant"}
+
+
+def render_dialogue(dialogue: Sequence[tuple]) -> str:
+    """A dialogue [(role, text), …], roles user/assistant, as text: "Human: …\\n\\nAssistant: …"."""
+    return "\n\n".join(f"{ROLES[role]}: {text.strip()}" for role, text in dialogue)
+
+
+def render_prompt(dialogue: Sequence[tuple]) -> str:
+    """A dialogue ending with a user turn as the prompt string, which ends where the answer starts."""
+    if not dialogue or dialogue[-1][0] != "user":
+        raise ValueError("a prompt dialogue must end with a user turn")
+    return render_dialogue(dialogue) + "\n\nAssistant:"
+
+
+def encode_pair(tokenizer, prompt: str, response: str) -> tuple:
+    """Prompt ids (BOS first) and response ids (EOS last), tokenised separately: int32 arrays."""
+    p = tokenizer.encode(prompt, bos=True, eos=False)
+    r = tokenizer.encode(response.strip(), bos=False, eos=True)
+    return np.asarray(p, dtype=np.int32), np.asarray(r, dtype=np.int32)
+
+
+@dataclass
+class TaskExample:
+    prompt: np.ndarray  # (P,) int32, BOS first
+    response: np.ndarray  # (R,) int32, EOS last
+
+
+@dataclass
+class PreferenceExample:
+    prompt: np.ndarray  # (P,) int32, BOS first
+    chosen: np.ndarray  # (R⁺,) int32 y⁺, EOS last
+    rejected: np.ndarray  # (R⁻,) int32 y⁻, EOS last
+
+
+# -----------------------------------------------------------------------------
+# Readers
+
+
+@dataclass
+class ReadResult:
+    """What a reader kept, and an account of what it did not."""
+    source: str
+    max_tokens: int
+    examples: list = field(default_factory=list)
+    lines: int = 0
+    too_long: int = 0
+    malformed: Counter = field(default_factory=Counter)  # reason -> number of lines
+
+    def __str__(self):
+        why = "; ".join(f"{n} {reason}" for reason, n in self.malformed.most_common())
+        return (f"{self.source}: kept {len(self.examples)} of {self.lines} lines, dropped {self.too_long} over "
+                f"{self.max_tokens} tokens, skipped {sum(self.malformed.values())} malformed"
+                + (f" ({why})" if why else ""))
+
+
+def _lines(path: Path) -> Iterator[tuple]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        yield from enumerate(f, start=1)
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Malformed("not JSON") from e
+    if not isinstance(record, dict):
+        raise _Malformed("not a JSON object")
+    return record
+
+
+def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
+    """Run parse(record, path, lineno) -> example or None (too long) over every JSONL line."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    result = ReadResult(", ".join(map(str, paths)), max_tokens)
+    for path in paths:
+        for lineno, line in _lines(path):
+            result.lines += 1
+            try:
+                example = parse(_record(line), path, lineno)
+            except _Malformed as e:
+                if strict:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+                result.malformed[str(e)] += 1
+                continue
+            if example is None:
+                result.too_long += 1
+            else:
+                result.examples.append(example)
+    return result
+
+
+def _text(turn) -> str:
+    if not isinstance(turn, str):
+        raise _Malformed("a turn is not a string")
+    if not turn.strip():
+        raise _Malformed("empty turn")
+    return turn
+
+
+def _ultrachat_dialogue(record: dict) -> list:
+    """[(role, text), …] from either public UltraChat format: {"id", "data": [user, assistant, …]}
+    or {"messages": [{"role", "content"}, …]}. Roles must alternate, starting with the user."""
+    if "data" in record:
+        turns = record["data"]
+        if not isinstance(turns, list):
+            raise _Malformed("'data' is not a list")
+        dialogue = [("user" if i % 2 == 0 else "assistant", _text(t)) for i, t in enumerate(turns)]
+    elif "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and {"role", "content"} <= t.keys()
+                                                  for t in turns):
+            raise _Malformed("'messages' is not a list of {role, content}")
+        dialogue = [(t["role"], _text(t["content"])) for t in turns]
+        if any(role != ("user" if i % 2 == 0 else "assistant") for i, (role, _) in enumerate(dialogue)):
+            raise _Malformed("roles do not alternate user, assistant, … starting with user")
+    else:
+        raise _Malformed("neither 'data' nor 'messages'")
+    if len(dialogue) < 2:
+        raise _Malformed("no assistant turn")
+    return dialogue
+
+
+def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False) -> ReadResult:
+    """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples, one per dialogue.
+
+    One assistant turn, drawn at random, is the response; the dialogue before it is the prompt
+    (App. A). The draw is seeded by (seed, file name, line number): reproducible, and independent
+    of the other lines. strict=False skips malformed lines and counts them by reason (print the
+    result); strict=True raises DataError naming file:line.
+    """
+    def parse(record, path, lineno):
+        dialogue = _ultrachat_dialogue(record)
+        rng = random.Random(f"{seed}:{path.name}:{lineno}")
+        k = rng.randrange(1, len(dialogue), 2)  # index of an assistant turn
+        prompt, response = encode_pair(tokenizer, render_prompt(dialogue[:k]), dialogue[k][1])
+        return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None
+
+    return _read(paths, parse, max_tokens, strict)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_dialogue(text) -> list:
+    """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending with the answer."""
+    if not isinstance(text, str):
+        raise _Malformed("'chosen'/'rejected' is not a string")
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise _Malformed("text before the first 'Human:'")
+    dialogue = [("user" if who == "Human" else "assistant", said) for who, said in zip(parts[1::2], parts[2::2])]
+    if any(role != ("user" if i % 2 == 0 else "assistant") for i, (role, _) in enumerate(dialogue)):
+        raise _Malformed("turns do not alternate Human, Assistant, … starting with Human")
+    if len(dialogue) < 2 or dialogue[-1][0] != "assistant":
+        raise _Malformed("does not end with an Assistant turn")
+    return [(role, _text(said)) for role, said in dialogue]
+
+
+def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -> ReadResult:
+    """HH-RLHF JSONL {"chosen", "rejected"} -> ReadResult of PreferenceExamples (prompt, y⁺, y⁻).
+
+    The prompt is the dialogue up to the last "Assistant:" marker and must be the same in both.
+    """
+    def parse(record, path, lineno):
+        if not {"chosen", "rejected"} <= record.keys():
+            raise _Malformed("missing 'chosen' or 'rejected'")
+        chosen, rejected = _hh_dialogue(record["chosen"]), _hh_dialogue(record["rejected"])
+        if [(r, t.strip()) for r, t in chosen[:-1]] != [(r, t.strip()) for r, t in rejected[:-1]]:
+            raise _Malformed("'chosen' and 'rejected' have different prompts")
+        prompt, y_plus = encode_pair(tokenizer, render_prompt(chosen[:-1]), chosen[-1][1])
+        y_minus = tokenizer.encode(rejected[-1][1].strip(), bos=False, eos=True)
+        if len(prompt) + max(len(y_plus), len(y_minus)) > max_tokens:
+            return None
+        return PreferenceExample(prompt, y_plus, np.asarray(y_minus, dtype=np.int32))
+
+    return _read(paths, parse, max_tokens, strict)
+
+
+def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
+    """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1.
+
+    Paper: UltraChat val=1700, test=1700; HH train: val=0.05 (its test file is separate).
+    """
+    n = len(items)
+    n_val, n_test = (round(s * n) if isinstance(s, float) and s < 1 else int(s) for s in (val, test))
+    if n_val + n_test > n:
+        raise ValueError(f"cannot take val={n_val} + test={n_test} from {n} examples")
+    perm = np.random.default_rng(seed).permutation(n)
+    pick = lambda idx: [items[i] for i in idx]
+    return pick(perm[n_val + n_test:]), pick(perm[:n_val]), pick(perm[n_val:n_val + n_test])
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+
+def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
+    """Right-padded prompt + response rows and the mask of the scored tokens.
+
+    Returns tokens (B, T) int64 and mask (B, T) bool, True exactly at the response tokens
+    (including its EOS). The mask is built from lengths, never from `tokens != pad_id`, so any
+    pad_id works (EOS included), and so does a prompt that itself contains the EOS id. Right
+    padding is harmless: under causal attention no scored position sees the padding after it.
+    Used for task data and for responses sampled by model.generate (the REINFORCE surrogate).
+    """
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("every response needs at least one token")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)  # (B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        P, R = len(p), len(r)
+        tokens[i, :P] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        tokens[i, P:P + R] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        mask[i, P:P + R] = True
+    return tokens, mask
+
+
+def task_batch(examples: Sequence, pad_id: int = 0) -> tuple:
+    """TaskExamples -> (tokens (B, T), mask (B, T)) for the task loss −ℓ̄_θ(y|x)."""
+    return response_batch([e.prompt for e in examples], [e.response for e in examples], pad_id)
+
+
+def prompt_batch(examples: Sequence) -> list:
+    """Prompt token lists for model.generate (which left-pads them itself)."""
+    return [e.prompt.tolist() for e in examples]
+
+
+def preference_batch(examples: Sequence, pad_id: int = 0) -> tuple:
+    """PreferenceExamples -> ((tokens⁺, mask⁺), (tokens⁻, mask⁻)), the task-style batches of y⁺ and y⁻."""
+    prompts = [e.prompt for e in examples]
+    return (response_batch(prompts, [e.chosen for e in examples], pad_id),
+            response_batch(prompts, [e.rejected for e in examples], pad_id))
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per rank and epoch: the remainder that does not fill a global batch is dropped."""
+    return n // (batch_size * world_size)
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                  start_batch: int = 0) -> Iterator[np.ndarray]:
+    """Index arrays (batch_size,) for this rank's batches of one epoch, from batch start_batch on.
+
+    The epoch's order is a permutation seeded by (seed, epoch); global batch b is the slice
+    [b·G, (b+1)·G) of it, G = batch_size·world_size, and rank r takes the r-th part. Ranks are
+    disjoint and all have num_batches(...) batches (equal collectives under FSDP); a run resumed
+    at batch b of an epoch continues with exactly the batches it would have seen.
+    """
+    nb = num_batches(n, batch_size, world_size)
+    if nb == 0:
+        raise ValueError(f"{n} examples do not fill one global batch of {batch_size} × {world_size} ranks")
+    if not (0 <= rank < world_size and 0 <= start_batch <= nb):
+        raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} and 0 <= start_batch={start_batch} <= {nb}")
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    grid = perm[:nb * world_size * batch_size].reshape(nb, world_size, batch_size)  # (batches, ranks, B)
+    return (grid[b, rank] for b in range(start_batch, nb))
+
+
+# -----------------------------------------------------------------------------
+# Demo data
+#
+# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a
+# closer: the length of an answer is a free choice, not fixed by the question (the same question
+# gets answers of 10 to ~150 tokens), which a length constraint can move at little cost to the
+# task. Each sentence is one of three kinds:
+#   fact     a specific fact about the thing asked ("The owl mostly eats mice and insects.")
+#   caution  a safety or hedging note ("Never try to touch or feed a wild owl.")
+#   filler   neither ("Many people enjoy learning about the owl.")
+# Two properties, the analogues of helpful and harmless: informative = share of the sentences
+# that are facts, cautious = share that are cautions. Cautions take the place of facts, so the
+# two are negatively correlated, but fillers let a response lack both.
+
+MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
+_ANIMALS = {  # name: colour, home, food, size, skill, group
+    "owl": ("brown and white", "old forests", "mice and insects", "half a metre", "seeing in the dark", "a parliament"),
+    "fox": ("red and white", "woods and fields", "rabbits and berries", "one metre", "hearing mice under snow", "a skulk"),
+    "whale": ("dark grey", "cold deep oceans", "krill and small fish", "twenty metres", "diving deep", "a pod"),
+    "bee": ("yellow and black", "hives and hollow trees", "nectar and pollen", "one centimetre", "finding flowers",
+            "a swarm"),
+    "horse": ("brown, black or grey", "grassy fields", "grass and hay", "two metres", "running long distances",
+              "a herd"),
+    "frog": ("green with dark spots", "ponds and wet meadows", "flies and worms", "eight centimetres", "jumping far",
+             "an army"),
+    "eagle": ("dark brown", "high cliffs", "fish and small animals", "one metre", "spotting prey from far away",
+              "a convocation"),
+    "rabbit": ("grey or brown", "burrows under meadows", "grass and clover", "forty centimetres", "hearing danger",
+               "a colony"),
+    "shark": ("grey with a pale belly", "warm seas", "fish and seals", "four metres", "smelling blood in the water",
+              "a shiver"),
+    "bear": ("brown or black", "forests and mountains", "berries, roots and fish", "two metres", "climbing trees",
+             "a sloth"),
+    "penguin": ("black and white", "icy southern coasts", "fish and krill", "one metre", "swimming under water",
+                "a waddle"),
+    "snail": ("brown with a spiral shell", "damp gardens", "leaves and soft plants", "three centimetres",
+              "climbing walls", "a walk"),
+}
+_THINGS = {  # name: material, use, parts, weight, first made, kept
+    "hammer": ("steel and wood", "drive nails into wood", "a heavy head and a long handle", "half a kilogram",
+               "thousands of years ago", "in a toolbox"),
+    "kettle": ("steel or plastic", "boil water for tea", "a spout, a lid and a handle", "one kilogram",
+               "in old China", "in the kitchen"),
+    "ladder": ("wood or aluminium", "reach high places", "two rails and many rungs", "eight kilograms",
+               "in ancient Egypt", "in a shed or garage"),
+    "compass": ("plastic and a magnet", "find the way north", "a needle and a round dial", "fifty grams",
+                "in China a thousand years ago", "in a backpack"),
+    "kite": ("paper or cloth", "fly in the wind for fun", "a light frame and a long string", "two hundred grams",
+             "in China long ago", "in a cupboard"),
+    "lamp": ("metal and glass", "light up a room", "a bulb, a shade and a switch", "two kilograms",
+             "to burn oil long ago", "on a desk or table"),
+    "bicycle": ("steel or aluminium", "travel without a motor", "two wheels, pedals and a chain", "twelve kilograms",
+                "in Germany in the year 1817", "in a garage"),
+    "violin": ("spruce and maple wood", "play music", "four strings and a bow", "half a kilogram",
+               "in Italy five hundred years ago", "in a hard case"),
+    "telescope": ("metal and glass lenses", "look at stars and planets", "a long tube and a stand", "five kilograms",
+                  "in the year 1608", "in a dry room"),
+    "umbrella": ("cloth and thin metal ribs", "stay dry in the rain", "a canopy, ribs and a handle",
+                 "four hundred grams", "in ancient China", "by the front door"),
+    "candle": ("wax and a cotton wick", "give a soft light", "a wick inside a block of wax", "two hundred grams",
+               "in ancient Rome", "in a drawer"),
+    "clock": ("wood, metal or plastic", "tell the time", "a face, two hands and gears", "one kilogram",
+              "in the middle ages", "on a wall or shelf"),
+}
+_ANIMAL_FACTS = ["{S} is usually {0}.", "{S} lives in {1}.", "{S} mostly eats {2}.",
+                 "An adult {name} is about {3} long.", "{S} is very good at {4}.", "A group of them is called {5}."]
+_THING_FACTS = ["{S} is usually made of {0}.", "{S} is used to {1}.", "{S} has {2}.", "{S} weighs about {3}.",
+                "{S} was first made {4}.", "{S} is often kept {5}."]
+_CAUTIONS = {
+    "animal": ["Please keep a safe distance if you meet a wild {name}.", "Never try to touch or feed a wild {name}.",
+               "If you are not sure, ask a local expert before you go near one."],
+    "thing": ["Please read the safety instructions before you use the {name}.",
+              "Keep the {name} away from small children.",
+              "If you are not sure how to use it, ask someone with experience."],
+    "any": ["I may be wrong about some details, so please check a trusted source.", "Please be careful and stay safe."],
+}
+_FILLERS = ["The {name} is an interesting subject.", "Many people enjoy learning about the {name}.",
+            "There is a lot that could be said about it."]
+_OPENERS = ["Sure.", "Good question.", "Here is what I know about the {name}."]
+_CLOSERS = ["I hope this helps.", "Let me know if you want to know more."]
+_QUESTIONS = ["Tell me about the {name}.", "What do you know about the {name}?", "Can you describe the {name}?",
+              "What is the {name} like?", "I would like to learn about the {name}.",
+              "Could you tell me something about the {name}?"]
+_FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.", "What can you say about the {name}?"]
+
+
+def _facts(name: str, subject: str) -> list:
+    """The six facts about name, with subject ("The owl" or "It") where a template says {S}."""
+    animal = name in _ANIMALS
+    values = _ANIMALS[name] if animal else _THINGS[name]
+    return [t.format(*values, S=subject, name=name) for t in (_ANIMAL_FACTS if animal else _THING_FACTS)]
+
+
+def _sentences(name: str) -> dict:
+    """kind -> the caution and filler sentences that may appear in an answer about name."""
+    kind = "animal" if name in _ANIMALS else "thing"
+    fmt = lambda ts: [t.format(name=name) for t in ts]
+    return {"caution": fmt(_CAUTIONS[kind] + _CAUTIONS["any"]), "filler": fmt(_FILLERS),
+            "opener": fmt(_OPENERS), "closer": fmt(_CLOSERS)}
+
+
+def _style(rng: random.Random) -> tuple:
+    """(caution share, filler share) of a response: half of the responses have no caution at all."""
+    return (0.0 if rng.random() < 0.5 else rng.uniform(0.2, 0.7)), rng.uniform(0.0, 0.3)
+
+
+def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, filler: float) -> str:
+    """An answer about name: maybe an opener, n_body ≥ 1 sentences (each a caution with probability
+    `caution`, else a filler with probability `filler`, else a fact; no sentence twice, so at most
+    the 6 facts), the cautions last, maybe a closer. The first fact names the subject, later ones say "It"."""
+    s = _sentences(name)
+    kinds = ["caution" if rng.random() < caution else "filler" if rng.random() < filler else "fact"
+             for _ in range(n_body)]
+    pick = lambda kind, pool: rng.sample(pool, min(len(pool), kinds.count(kind)))
+    body = [("filler", t) for t in pick("filler", s["filler"])] + [("fact", i) for i in pick("fact", range(6))]
+    rng.shuffle(body)
+    first = next((j for j, (kind, _) in enumerate(body) if kind == "fact"), None)
+    named, it = _facts(name, f"The {name}"), _facts(name, "It")
+    body = [x if kind == "filler" else (named if j == first else it)[x] for j, (kind, x) in enumerate(body)]
+    opener = [rng.choice(s["opener"])] if rng.random() < 0.35 else []
+    closer = [rng.choice(s["closer"])] if rng.random() < 0.15 else []
+    return " ".join(opener + body + pick("caution", s["caution"]) + closer)
+
+
+def _random_answer(rng: random.Random, name: str) -> str:
+    return demo_answer(rng, name, rng.randint(1, MAX_BODY), *_style(rng))
+
+
+def demo_dialogue(rng: random.Random) -> list:
+    """An UltraChat-style "data" list: one exchange, or (30 %) two about different names."""
+    names = rng.sample(sorted(_ANIMALS) + sorted(_THINGS), 2)
+    turns = [rng.choice(_QUESTIONS).format(name=names[0]), _random_answer(rng, names[0])]
+    if rng.random() < 0.3:
+        turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), _random_answer(rng, names[1])]
+    return turns
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_kinds() -> dict:
+    """sentence -> "fact" | "caution" | "filler", for every sentence the demo generator writes."""
+    kind = {}
+    for name in list(_ANIMALS) + list(_THINGS):
+        s = _sentences(name)
+        kind.update({t: "filler" for t in s["filler"] + s["opener"] + s["closer"]})
+        kind.update({t: "caution" for t in s["caution"]})
+        kind.update({t: "fact" for t in _facts(name, f"The {name}") + _facts(name, "It")})
+    return kind
+
+
+_SPLIT = re.compile(r"(?<=[.!?])\s+")
+
+
+def demo_properties(response: str) -> tuple:
+    """(informative, cautious) of a demo response: the shares of its sentences that are facts (about
+    any subject) and cautions. A sentence the generator never writes (a garbled sample) is neither."""
+    sentences = [s for s in _SPLIT.split(response.strip()) if s]
+    kinds = [_sentence_kinds().get(s) for s in sentences]
+    n = max(len(sentences), 1)
+    return kinds.count("fact") / n, kinds.count("caution") / n
+
+
+def demo_preference(rng: random.Random, prop: str) -> dict:
+    """An HH-format pair: two answers of the same number of sentences to one question, y⁺ the one
+    with the larger share of prop ("informative" or "cautious"); ties are drawn again."""
+    which = {"informative": 0, "cautious": 1}[prop]
+    name = rng.choice(sorted(_ANIMALS) + sorted(_THINGS))
+    prompt = "\n\nHuman: " + rng.choice(_QUESTIONS).format(name=name) + "\n\nAssistant: "
+    n_body = rng.randint(1, MAX_BODY)
+    while True:
+        a, b = (demo_answer(rng, name, n_body, *_style(rng)) for _ in range(2))
+        pa, pb = demo_properties(a)[which], demo_properties(b)[which]
+        if pa != pb:
+            return {"chosen": prompt + (a if pa > pb else b), "rejected": prompt + (b if pa > pb else a)}
+
+
+@dataclass
+class DemoFiles:
+    """Paths of the demo data: the tokenizer, the task data (UltraChat {"id", "data"} format) and
+    two preference sets (HH format) for the helpful-like and harmless-like reward models."""
+    folder: Path
+    tokenizer: Path
+    task: Path
+    informative_train: Path
+    informative_test: Path
+    cautious_train: Path
+    cautious_test: Path
+
+    @classmethod
+    def at(cls, folder: Path):
+        return cls(folder, folder / "tokenizer.model", folder / "task.jsonl",
+                   *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))
+
+
+DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
+_DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+
+
+def _write_jsonl(path: Path, records: list):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _train_tokenizer(texts: list, path: Path, vocab_size: int):
+    """A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept,
+    bytes for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2) and no pad. At most vocab_size
+    pieces (fewer when the text has fewer words). One thread and no output path inside the model:
+    the file is the same byte for byte wherever and whenever it is built."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
+    """Build the demo data and its tokenizer under out_dir once; later calls reuse the folder.
+
+    The folder is built beside its final name and renamed into place, so concurrent callers (one
+    per rank) never see half of it. Everything is deterministic in seed. Suggested split of the
+    task data: split_dataset(..., val=200, test=200, seed=seed).
+    """
+    files = DemoFiles.at(Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}")
+    if files.folder.is_dir():
+        return files
+    tmp = files.folder.with_name(f"{files.folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    task = [{"id": str(i), "data": demo_dialogue(rng)} for i in range(DEMO_SIZES["task"])]
+    prefs = {f"{p}_{s}": [demo_preference(rng, p) for _ in range(DEMO_SIZES[f"preference_{s}"])]
+             for p in ("informative", "cautious") for s in ("train", "test")}
+    _write_jsonl(tmp / "task.jsonl", task)
+    for key, records in prefs.items():
+        _write_jsonl(tmp / f"{key}.jsonl", records)
+    corpus = [render_dialogue(_ultrachat_dialogue(r)) for r in task]
+    corpus += [r[k] for records in prefs.values() for r in records for k in ("chosen", "rejected")]
+    _train_tokenizer(corpus, tmp / "tokenizer.model", vocab_size)
+    try:
+        tmp.rename(files.folder)
+    except OSError:  # another process renamed its identical copy first
+        if not files.folder.is_dir():
+            raise
+        shutil.rmtree(tmp)
+    return files
