@@ -515,7 +515,7 @@ def run(cfg: Config, device) -> dict:
         print0(format_report(reports["before"]))
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        mu = l3m.mu_at(step, total, cfg.mu_0, cfg.mu_T)
+        mu = l3m.mu_at(step, max(1, total - 1), cfg.mu_0, cfg.mu_T)  # µ_0 on the first step, µ_T on the last
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
         heads = coin_at(cfg.seed, step) if constrained else True
@@ -561,12 +561,14 @@ def run(cfg: Config, device) -> dict:
         rec["grad_norm"] = clip_and_step(model, optimizer, cfg, finite)
         rec["skipped"] = not finite
         rec["t_train"] = time.perf_counter() - t0 - rec.get("t_sample", 0.0)
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if rank == 0:
             with open(ledger_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            show = {"µ": f"{mu:.1e}", "loss": f"{rec['loss']:.3f}"}
+            show = {"loss": f"{rec['loss']:.3f}"}
             if mult is not None and mult.ema.value is not None:
-                show.update({"C": [round(x, 2) for x in mult.ema.value.tolist()],
+                show.update({"µ": f"{mu:.1e}", "C": [round(x, 2) for x in mult.ema.value.tolist()],
                              "λ": [f"{x:.1e}" for x in mult.lam(mu).tolist()]})
             if "len_mean" in rec:
                 show["len"] = f"{rec['len_mean']:.1f}"
@@ -602,7 +604,7 @@ def run(cfg: Config, device) -> dict:
         reports["after"] = do_eval(test, "test (after)")
         print0(format_report(reports["after"]))
         if mult is not None and mult.ema.value is not None:
-            reports["lam_hat"] = mult.lam(l3m.mu_at(total, total, cfg.mu_0, cfg.mu_T)).tolist()
+            reports["lam_hat"] = mult.lam(cfg.mu_T).tolist()
     save_final(model, cfg, args, tok_path, "final")
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
