@@ -1404,3 +1404,18 @@ def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path, data_dir):
     rows = ledger(tmp_path)
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--init=/no/such/ckpt", "--init checkpoint .* '/no/such/ckpt/args.json' does not exist"),
+    ("--constraint=length=>5", "length=>5"),
+    ("--reward_model=helpful", "expected NAME=FOLDER"),
+])
+def test_bad_config_stops_every_rank_with_one_message(tmp_path, flag, message):
+    import re
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}", flag],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), p.stdout + p.stderr[-2000:]

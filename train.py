@@ -394,7 +394,7 @@ def load_train_state(folder: str, model, optimizer) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if not os.path.isfile(os.path.join(folder, "state.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint at {folder}")
+        raise ConfigError(f"--resume: no checkpoint at {folder}; run without --resume=True first")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=folder)
@@ -455,7 +455,7 @@ def run(cfg: Config, device) -> dict:
     """One training run as configured. Returns the final report (the same on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
-        raise ValueError(f"--batch_size={cfg.batch_size} does not split over {world} ranks")
+        raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} ranks")
     local_bs = cfg.batch_size // world
     torch.manual_seed(cfg.seed)
     tok_path = os.path.join(cfg.init, "tokenizer.model") if cfg.init != "scratch" else demo_tokenizer_path(cfg)
@@ -645,13 +645,41 @@ def demo_base(cfg: Config, device) -> str:
     return folder
 
 
+class ConfigError(ValueError):
+    """A flag that cannot work."""
+
+
+def check_config(cfg: Config):
+    """Refuse a config before any work, with one message. Every rank runs the same checks on the same
+    flags and files, so every rank stops together and none waits at a collective for the others."""
+    def need(path, what):
+        if not os.path.exists(path):
+            raise ConfigError(f"{what} {path!r} does not exist")
+    if cfg.init not in ("demo", "scratch"):
+        need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
+    if cfg.data != "demo":
+        for path in cfg.data.split(",") + ([p for p in cfg.data_test.split(",") if p] if cfg.method == "reward" else []):
+            need(path, "data file")
+    for spec in cfg.reward_model:
+        name, eq, folder = spec.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--reward_model={spec!r}: expected NAME=FOLDER")
+        need(os.path.join(folder, "args.json"), f"--reward_model {name}:")
+    known = {"length": rewards.length_reward, **{s.partition("=")[0]: rewards.length_reward for s in cfg.reward_model}}
+    rewards.parse_constraints(cfg.constraint, known)
+
+
 def main(argv):
     cfg = parse_config(argv)
     rank, world, device = setup_distributed(cfg.device)
     try:
+        check_config(cfg)
         if cfg.init == "demo":
             cfg = dataclasses.replace(cfg, init=demo_base(cfg, device))
         run(cfg, device)
+    except (ConfigError, M.CheckpointError, rewards.ConstraintError, data.DataError) as e:
+        print0(f"error: {e}")
+        raise SystemExit(2)
     finally:
         dist.destroy_process_group()
 
