@@ -37,6 +37,9 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--logit_scale", type=float, default=1.0,
+                   help="scale the output layer: random weights give a nearly flat next-token distribution "
+                        "(a huge nucleus); ~10 gives a peaked one, as a trained model's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -57,11 +60,17 @@ def main():
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).to(a.device, dtype)
+    with torch.no_grad():
+        hf.lm_head.weight *= a.logit_scale
     args = M.ModelArgs.from_hf(cfg.to_dict())
     ours = M.Transformer(args).to(a.device, dtype)
     ours.load_state_dict(M.hf_to_meta(hf.state_dict(), args), strict=True)
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config: {args}\n{n_params / 1e6:.1f}M parameters, {a.device} {a.dtype}, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        probs = torch.softmax(ours(torch.randint(0, a.vocab_size, (a.batch, a.prompt_len), device=a.device)).float(), -1)
+    nucleus = (M.top_p_filter(probs.flatten(0, 1), 0.9) > 0).sum(-1).float().mean().item()
+    print(f"logit scale {a.logit_scale}: the 0.9-nucleus holds {nucleus:.0f} of {a.vocab_size} tokens on average")
 
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq_len), device=a.device)
 

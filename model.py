@@ -274,21 +274,35 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
 
 
-def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+                 candidates: int = 128) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) truncated to its top-p nucleus. (B, V) -> (B,)
 
     temperature == 0 means greedy. generator: one torch.Generator, or a list of one per row (train.py keys
     them by the row's global index, so a run samples the same responses whatever its number of ranks).
+    Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked
+    for among the `candidates` most likely tokens first (topk is a partial sort); only when they hold
+    less than top_p of the mass does a row batch fall back to the full sort. The draw is an inverse-CDF
+    lookup with one uniform number per row.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
-    # argmax(p / E) with E ~ Exp(1) draws index j with probability p_j / sum(p): no normalisation, no host sync.
-    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draw ignores its batch-mates
-        noise = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in zip(probs, generator)])
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    B, V = probs.shape
+    if top_p >= 1.0:
+        sorted_probs, order = probs, None
     else:
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(-1)
+        sorted_probs, order = probs.topk(min(candidates, V), dim=-1)  # (B, K), decreasing
+        if not bool((sorted_probs.sum(-1) >= top_p).all()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+    cdf = sorted_probs.cumsum(-1)  # (B, K)
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draw ignores its batch-mates
+        u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
+    else:
+        u = torch.rand(B, generator=generator, device=cdf.device)
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return (j if order is None else order.gather(-1, j)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -302,7 +316,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     that every row's next token sits in the same column; padding is masked out of attention and RoPE
     positions start at each row's first real token, so padding changes no row's result. The loop stops when
     every row has ended: `all_done(done)` decides (default: done.all()); under FSDP it all-reduces the flag so
-    every rank runs the same number of forwards. That check is the only host synchronisation per token.
+    every rank runs the same number of forwards. That check and sample_top_p's test of its candidates
+    are the only host synchronisations per token.
     """
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)

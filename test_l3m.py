@@ -181,6 +181,19 @@ def test_top_p_keeps_only_the_nucleus():
     assert torch.allclose(full, probs[0].double(), atol=0.015)
 
 
+def test_top_p_on_a_flat_distribution_uses_the_full_sort():
+    """A nucleus larger than the candidate set: the fallback still samples exactly the nucleus."""
+    probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens
+    kept = M.top_p_filter(probs, 0.5)
+    assert (kept > 0).sum() > 128
+    draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5, torch.Generator().manual_seed(1))
+    assert (kept[0, draws] > 0).all()
+    # each of the ~450 kept tokens has probability ~1/450: with 50000 draws about 110 each, the binomial
+    # standard error of a frequency is ~0.00021; 0.0012 is > 5 of them.
+    freq = torch.bincount(draws, minlength=1000).double() / 50000
+    assert torch.allclose(freq, kept[0].double() / kept.sum(), atol=0.0012)
+
+
 def test_greedy_with_padding_equals_unpadded():
     model = tiny_model(seed=8)
     g = torch.Generator().manual_seed(3)
