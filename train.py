@@ -495,7 +495,10 @@ def run(cfg: Config, device) -> dict:
             mult.load_state_dict(state["multipliers"])
         print0(f"resumed from {ckpt} at step {start}")
     if rank == 0:  # the ledger keeps exactly the steps before `start`
-        lines = open(ledger_path).readlines()[:start] if cfg.resume and os.path.isfile(ledger_path) else []
+        lines = []
+        if cfg.resume and os.path.isfile(ledger_path):
+            with open(ledger_path) as f:
+                lines = f.readlines()[:start]
         with open(ledger_path, "w") as f:
             f.writelines(lines)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}\nmodel: {args}\n{total} steps, "
