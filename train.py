@@ -87,6 +87,7 @@ class Config:
     top_p: float = 0.9
     temperature: float = 1.0  # 0: greedy rollouts (log-probs then taken at temperature 1)
     max_new_tokens: int = 128
+    show: int = 3  # sampled test responses printed before/after
     # run
     eval_every: int = 100  # steps; 0: only at the start and the end
     ckpt_every: int = 100  # steps; 0: only the final model
@@ -332,7 +333,7 @@ def evaluate(model, tok, examples, cfg: Config, constraints, reward_models, devi
     real = torch.tensor([rank + world * j < len(examples) for j in range(per_rank)])
     was_training = model.training
     model.eval()
-    nll, lengths, ended, rs = [], [], [], []
+    nll, lengths, ended, rs, shown = [], [], [], [], []
     with gathered(model):
         for i in range(0, per_rank, cfg.micro_batch):
             batch = [examples[j] for j in idx[i:i + cfg.micro_batch]]
@@ -342,6 +343,9 @@ def evaluate(model, tok, examples, cfg: Config, constraints, reward_models, devi
                               row_generators(cfg.seed, 0, idx[i:i + cfg.micro_batch], evaluation=True))
             lengths.append(rewards.length_reward(samples))
             ended.append(torch.tensor(samples.ended, dtype=torch.float32))
+            if i == 0:  # a few of rank 0's responses, the same prompts and sampling noise at every evaluation
+                shown = [{"prompt": p, "response": r, "length": int(n)} for p, r, n in
+                         zip(samples.prompt_texts[:cfg.show], samples.response_texts[:cfg.show], lengths[0])]
             if constraints:
                 rs.append(costs(constraints, reward_models, samples))
     model.train(was_training)
@@ -352,11 +356,30 @@ def evaluate(model, tok, examples, cfg: Config, constraints, reward_models, devi
     report = {"split": split, "n": int(keep.sum()), "perplexity_mean": nll.mean().item(),
               "perplexity_std": nll.std().item(), "length_mean": lengths.mean().item(),
               "length_q1": q[0], "length_median": q[1], "length_q3": q[2], "ended_share": ended.mean().item(),
-              "constraints": {}}
+              "constraints": {}, "samples": shown}
     for i, con in enumerate(constraints):
         C = c[:, i].mean().item()  # C_i = E[b_i − r_i]
         report["constraints"][con.name] = {"b": con.b, "reward_mean": con.b - C, "C": C, "satisfied": C <= 0}
     return report
+
+
+def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> str:
+    """The test split before and after fine-tuning, side by side (the paper's Fig. 2 columns), then samples."""
+    def col(r):
+        rows = [f"{r['length_mean']:.1f}", f"{r['length_q1']:.0f} / {r['length_median']:.0f} / {r['length_q3']:.0f}",
+                f"{r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f}", f"{100 * r['ended_share']:.0f}%"]
+        return rows + [f"{c['C']:+.2f} {'✓' if c['satisfied'] else '✗'}" for c in r["constraints"].values()]
+    names = ["mean length (tokens)", "length quartiles", "task perplexity (−ℓ̄)", "ended with EOS"]
+    names += [f"C = E[b − r]  {n}" for n in before["constraints"]]
+    lines = [f"{'test split (' + str(before['n']) + ' prompts)':32s} {'before':>18s} {'after (' + method + ')':>18s}"]
+    lines += [f"{n:32s} {b:>18s} {a:>18s}" for n, b, a in zip(names, col(before), col(after))]
+    if lam_hat is not None:
+        lines.append(f"{'final λ̂ (µ = µ_T)':32s} {'':>18s} {', '.join(f'{x:.2g}' for x in lam_hat):>18s}")
+    for b, a in zip(before["samples"], after["samples"]):
+        prompt = b["prompt"].rsplit("Human:", 1)[-1].replace("Assistant:", "").strip()
+        lines += ["", f"prompt: {prompt}", f"  before ({b['length']:3d} tokens): {b['response']}",
+                  f"  after  ({a['length']:3d} tokens): {a['response']}"]
+    return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:
@@ -514,7 +537,7 @@ def run(cfg: Config, device) -> dict:
     if start == 0 and cfg.method == "reward":
         reports["val_accuracy_before"] = do_eval(val, "val (before)")["accuracy"]
         print0(f"val accuracy before training: {reports['val_accuracy_before']:.3f}")
-    elif start == 0:
+    elif start == 0 and cfg.init != "scratch":  # a random model's report would say nothing
         reports["before"] = do_eval(test, "test (before)")
         print0(format_report(reports["before"]))
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
@@ -606,9 +629,12 @@ def run(cfg: Config, device) -> dict:
         print0(f"reward model: best val accuracy {best:.3f}, test accuracy {reports.get('test_accuracy', float('nan')):.3f}")
     else:
         reports["after"] = do_eval(test, "test (after)")
-        print0(format_report(reports["after"]))
         if mult is not None and mult.ema.value is not None:
             reports["lam_hat"] = mult.lam(cfg.mu_T).tolist()
+        if "before" in reports:
+            print0(format_comparison(reports["before"], reports["after"], cfg.method, reports.get("lam_hat")))
+        else:
+            print0(format_report(reports["after"]))
     save_final(model, cfg, args, tok_path, "final")
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
