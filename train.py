@@ -75,7 +75,7 @@ class Config:
     steps: int = 0  # > 0 overrides epochs
     batch_size: int = 16  # global mini-batch (64 in the paper), reached by accumulation over micro-batches
     micro_batch: int = 16  # per rank and forward
-    lr: float = 5e-4  # 1e-6 at 7B
+    lr: float = 2e-4  # 1e-6 at 7B
     weight_decay: float = 0.1
     warmup: float = 0.05  # share of the steps
     grad_clip: float = 1.0  # per kind of step (§5.4)
@@ -352,10 +352,11 @@ def evaluate(model, tok, examples, cfg: Config, constraints, reward_models, devi
     keep = all_gather_cat(real)
     nll, lengths, ended = (all_gather_cat(torch.cat(x))[keep] for x in (nll, lengths, ended))
     c = all_gather_cat(torch.cat(rs))[keep] if constraints else None  # (N, k)
-    q = torch.quantile(lengths, torch.tensor([0.25, 0.5, 0.75])).tolist()
+    q = torch.quantile(lengths, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     report = {"split": split, "n": int(keep.sum()), "perplexity_mean": nll.mean().item(),
               "perplexity_std": nll.std().item(), "length_mean": lengths.mean().item(),
-              "length_q1": q[0], "length_median": q[1], "length_q3": q[2], "ended_share": ended.mean().item(),
+              "length_p10": q[0], "length_q1": q[1], "length_median": q[2], "length_q3": q[3], "length_p90": q[4],
+              "ended_share": ended.mean().item(),
               "constraints": {}, "samples": shown}
     for i, con in enumerate(constraints):
         C = c[:, i].mean().item()  # C_i = E[b_i − r_i]
