@@ -64,10 +64,10 @@ class Config:
     test: float = 200  # test examples
     max_len: int = 512  # drop (prompt, response) pairs longer than this (tokens)
     # model shape and schedule for --init=scratch (the demo's pretraining)
-    base_epochs: float = 1.0
+    base_epochs: float = 3.0
     base_lr: float = 3e-3
-    dim: int = 96
-    n_layers: int = 3
+    dim: int = 128
+    n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
     # optimisation (App. A); the demo's defaults are sized for a CPU
