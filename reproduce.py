@@ -62,7 +62,7 @@ def fig1(out: str) -> str:
             plt.plot(z, l3m.barrier(z, mu, mu ** 2), label=f"µ = {mu:g}")
         plt.ylim(-0.5, 3)
         plt.xlabel("z")
-        plt.ylabel("B_{µ,µ²}(z)")
+        plt.ylabel(r"$B_{\mu,\mu^2}(z)$")
         plt.legend()
         plt.title("Relaxed log barrier (Fig. 1)")
         plt.savefig(os.path.join(out, "fig1.png"), dpi=120)
@@ -93,7 +93,7 @@ def fig2(out: str, bands, steps: int, data_dir: str, common: list) -> tuple:
             "perplexity_mean", "perplexity_std")}})
     plt = pyplot()
     if plt:
-        fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 4))
+        fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 4.5))
         stats = [{"label": r["model"].replace("L3M ", ""), "med": r["length_median"], "q1": r["length_q1"],
                   "q3": r["length_q3"], "whislo": r["length_p10"], "whishi": r["length_p90"],
                   "mean": r["length_mean"]} for r in results]
@@ -101,8 +101,9 @@ def fig2(out: str, bands, steps: int, data_dir: str, common: list) -> tuple:
         for i, r in enumerate(results, start=1):
             if r["band"]:
                 ax.plot([i - 0.4, i + 0.4], [r["band"][0]] * 2, "r-", [i - 0.4, i + 0.4], [r["band"][1]] * 2, "r-")
-        ax.set_ylabel("response length (tokens; box: quartiles, whiskers: p10/p90, ▲ mean)")
-        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale)")
+        ax.set_ylabel("response length (tokens)")
+        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale): box quartiles, whiskers p10–p90, ▲ mean, "
+                     "red the band")
         plt.xticks(rotation=30, ha="right")
         plt.tight_layout()
         plt.savefig(os.path.join(out, "fig2.png"), dpi=120)
