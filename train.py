@@ -298,7 +298,7 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False):
 
 
 def rollout(model, tok, prompts, cfg: Config, generators):
-    """Sample responses with top-p (§A); call inside `gathered(model)`."""
+    """Sample responses with top-p 0.9 (App. A); call inside `gathered(model)`."""
     responses, ended = M.generate(model, prompts, cfg.max_new_tokens, tok.eos_id, cfg.temperature, cfg.top_p,
                                   generators)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
