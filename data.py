@@ -21,14 +21,13 @@ Where this departs from the paper, or fixes what it leaves open:
   paper's text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
 - The demo data stands in for UltraChat and HH on a CPU; see "Demo data" below.
 """
+import fcntl
 import functools
 import gzip
 import io
 import json
-import os
 import random
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
+
+import model as M
 
 
 class DataError(ValueError):
@@ -105,12 +106,6 @@ class ReadResult:
                 + (f" ({why})" if why else ""))
 
 
-def _lines(path: Path) -> Iterator[tuple]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        yield from enumerate(f, start=1)
-
-
 def _record(line: str) -> dict:
     try:
         record = json.loads(line)
@@ -122,23 +117,25 @@ def _record(line: str) -> dict:
 
 
 def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
-    """Run parse(record, path, lineno) -> example or None (too long) over every JSONL line."""
+    """Run parse(record, path, lineno) -> example or None (too long) over every line of JSONL files,
+    gzipped if named .gz. A malformed line is counted by reason, or with strict raises DataError."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     result = ReadResult(", ".join(map(str, paths)), max_tokens)
     for path in paths:
-        for lineno, line in _lines(path):
-            result.lines += 1
-            try:
-                example = parse(_record(line), path, lineno)
-            except _Malformed as e:
-                if strict:
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                result.malformed[str(e)] += 1
-                continue
-            if example is None:
-                result.too_long += 1
-            else:
-                result.examples.append(example)
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                result.lines += 1
+                try:
+                    example = parse(_record(line), path, lineno)
+                except _Malformed as e:
+                    if strict:
+                        raise DataError(f"{path}:{lineno}: {e}") from None
+                    result.malformed[str(e)] += 1
+                    continue
+                if example is None:
+                    result.too_long += 1
+                else:
+                    result.examples.append(example)
     return result
 
 
@@ -174,13 +171,10 @@ def _ultrachat_dialogue(record: dict) -> list:
 
 
 def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False) -> ReadResult:
-    """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples, one per dialogue.
-
-    One assistant turn, drawn at random, is the response; the dialogue before it is the prompt
-    (App. A). The draw is seeded by (seed, file name, line number): reproducible, and independent
-    of the other lines. strict=False skips malformed lines and counts them by reason (print the
-    result); strict=True raises DataError naming file:line.
-    """
+    """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples, one per dialogue: an assistant turn
+    drawn with the seed (seed, file name, line number) is the response, the dialogue before it the prompt
+    (App. A). strict=False skips malformed lines and counts them by reason (print the result);
+    strict=True raises DataError naming file:line."""
     def parse(record, path, lineno):
         dialogue = _ultrachat_dialogue(record)
         rng = random.Random(f"{seed}:{path.name}:{lineno}")
@@ -191,14 +185,11 @@ def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, st
     return _read(paths, parse, max_tokens, strict)
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
 def _hh_dialogue(text) -> list:
     """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending with the answer."""
     if not isinstance(text, str):
         raise _Malformed("'chosen'/'rejected' is not a string")
-    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + text.lstrip("\n"))
     if parts[0].strip():
         raise _Malformed("text before the first 'Human:'")
     dialogue = [("user" if who == "Human" else "assistant", said) for who, said in zip(parts[1::2], parts[2::2])]
@@ -210,10 +201,8 @@ def _hh_dialogue(text) -> list:
 
 
 def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -> ReadResult:
-    """HH-RLHF JSONL {"chosen", "rejected"} -> ReadResult of PreferenceExamples (prompt, y⁺, y⁻).
-
-    The prompt is the dialogue up to the last "Assistant:" marker and must be the same in both.
-    """
+    """HH-RLHF JSONL {"chosen", "rejected"} -> ReadResult of PreferenceExamples (prompt, y⁺, y⁻); the
+    prompt, the dialogue up to the last "Assistant:", must be the same in both. strict as in read_ultrachat."""
     def parse(record, path, lineno):
         if not {"chosen", "rejected"} <= record.keys():
             raise _Malformed("missing 'chosen' or 'rejected'")
@@ -231,9 +220,7 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -
 
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
     """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1.
-
-    Paper: UltraChat val=1700, test=1700; HH train: val=0.05 (its test file is separate).
-    """
+    Paper: UltraChat val=1700, test=1700; HH train: val=0.05 (its test file is separate)."""
     n = len(items)
     n_val, n_test = (round(s * n) if isinstance(s, float) and s < 1 else int(s) for s in (val, test))
     if n_val + n_test > n:
@@ -248,13 +235,12 @@ def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, f
 
 
 def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
-    """Right-padded prompt + response rows and the mask of the scored tokens.
+    """Right-padded prompt + response rows: tokens (B, T) int64 and mask (B, T) bool, True exactly at the
+    response tokens (EOS included); for task data and for sampled responses (the REINFORCE surrogate).
 
-    Returns tokens (B, T) int64 and mask (B, T) bool, True exactly at the response tokens
-    (including its EOS). The mask is built from lengths, never from `tokens != pad_id`, so any
-    pad_id works (EOS included), and so does a prompt that itself contains the EOS id. Right
-    padding is harmless: under causal attention no scored position sees the padding after it.
-    Used for task data and for responses sampled by model.generate (the REINFORCE surrogate).
+    The mask comes from lengths, never from `tokens != pad_id`, so any pad_id works (EOS included), and
+    so does a prompt that contains the EOS id. Right padding is harmless: under causal attention no
+    scored position sees the padding after it.
     """
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
@@ -274,18 +260,6 @@ def task_batch(examples: Sequence, pad_id: int = 0) -> tuple:
     return response_batch([e.prompt for e in examples], [e.response for e in examples], pad_id)
 
 
-def prompt_batch(examples: Sequence) -> list:
-    """Prompt token lists for model.generate (which left-pads them itself)."""
-    return [e.prompt.tolist() for e in examples]
-
-
-def preference_batch(examples: Sequence, pad_id: int = 0) -> tuple:
-    """PreferenceExamples -> ((tokens⁺, mask⁺), (tokens⁻, mask⁻)), the task-style batches of y⁺ and y⁻."""
-    prompts = [e.prompt for e in examples]
-    return (response_batch(prompts, [e.chosen for e in examples], pad_id),
-            response_batch(prompts, [e.rejected for e in examples], pad_id))
-
-
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
     """Batches per rank and epoch: the remainder that does not fill a global batch is dropped."""
     return n // (batch_size * world_size)
@@ -295,10 +269,9 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
                   start_batch: int = 0) -> Iterator[np.ndarray]:
     """Index arrays (batch_size,) for this rank's batches of one epoch, from batch start_batch on.
 
-    The epoch's order is a permutation seeded by (seed, epoch); global batch b is the slice
-    [b·G, (b+1)·G) of it, G = batch_size·world_size, and rank r takes the r-th part. Ranks are
-    disjoint and all have num_batches(...) batches (equal collectives under FSDP); a run resumed
-    at batch b of an epoch continues with exactly the batches it would have seen.
+    The epoch's order is a permutation seeded by (seed, epoch); global batch b is its slice [b·G, (b+1)·G),
+    G = batch_size·world_size, and rank r takes the r-th part. Ranks are disjoint and all have num_batches
+    batches (equal collectives under FSDP); a run resumed at batch b sees exactly the batches it would have.
     """
     nb = num_batches(n, batch_size, world_size)
     if nb == 0:
@@ -325,54 +298,45 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
 # two are negatively correlated, but fillers let a response lack both.
 
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
-_ANIMALS = {  # name: colour, home, food, size, skill, group
-    "owl": ("brown and white", "old forests", "mice and insects", "half a metre", "seeing in the dark", "a parliament"),
-    "fox": ("red and white", "woods and fields", "rabbits and berries", "one metre", "hearing mice under snow", "a skulk"),
-    "whale": ("dark grey", "cold deep oceans", "krill and small fish", "twenty metres", "diving deep", "a pod"),
-    "bee": ("yellow and black", "hives and hollow trees", "nectar and pollen", "one centimetre", "finding flowers",
-            "a swarm"),
-    "horse": ("brown, black or grey", "grassy fields", "grass and hay", "two metres", "running long distances",
-              "a herd"),
-    "frog": ("green with dark spots", "ponds and wet meadows", "flies and worms", "eight centimetres", "jumping far",
-             "an army"),
-    "eagle": ("dark brown", "high cliffs", "fish and small animals", "one metre", "spotting prey from far away",
-              "a convocation"),
-    "rabbit": ("grey or brown", "burrows under meadows", "grass and clover", "forty centimetres", "hearing danger",
-               "a colony"),
-    "shark": ("grey with a pale belly", "warm seas", "fish and seals", "four metres", "smelling blood in the water",
-              "a shiver"),
-    "bear": ("brown or black", "forests and mountains", "berries, roots and fish", "two metres", "climbing trees",
-             "a sloth"),
-    "penguin": ("black and white", "icy southern coasts", "fish and krill", "one metre", "swimming under water",
-                "a waddle"),
-    "snail": ("brown with a spiral shell", "damp gardens", "leaves and soft plants", "three centimetres",
-              "climbing walls", "a walk"),
+_ANIMALS = {  # name: colour; home; food; size; skill; group
+    "owl": "brown and white; old forests; mice and insects; half a metre; seeing in the dark; a parliament",
+    "fox": "red and white; woods and fields; rabbits and berries; one metre; hearing mice under snow; a skulk",
+    "whale": "dark grey; cold deep oceans; krill and small fish; twenty metres; diving deep; a pod",
+    "bee": "yellow and black; hives and hollow trees; nectar and pollen; one centimetre; finding flowers; a swarm",
+    "horse": "brown, black or grey; grassy fields; grass and hay; two metres; running long distances; a herd",
+    "frog": "green with dark spots; ponds and wet meadows; flies and worms; eight centimetres; jumping far; an army",
+    "eagle": "dark brown; high cliffs; fish and small animals; one metre; spotting prey from far away; a convocation",
+    "rabbit": "grey or brown; burrows under meadows; grass and clover; forty centimetres; hearing danger; a colony",
+    "shark": "grey with a pale belly; warm seas; fish and seals; four metres; smelling blood in the water; a shiver",
+    "bear": "brown or black; forests and mountains; berries, roots and fish; two metres; climbing trees; a sloth",
+    "penguin": "black and white; icy southern coasts; fish and krill; one metre; swimming under water; a waddle",
+    "snail": "brown with a spiral shell; damp gardens; leaves and soft plants; three centimetres; climbing walls; a walk",
 }
-_THINGS = {  # name: material, use, parts, weight, first made, kept
-    "hammer": ("steel and wood", "drive nails into wood", "a heavy head and a long handle", "half a kilogram",
-               "thousands of years ago", "in a toolbox"),
-    "kettle": ("steel or plastic", "boil water for tea", "a spout, a lid and a handle", "one kilogram",
-               "in old China", "in the kitchen"),
-    "ladder": ("wood or aluminium", "reach high places", "two rails and many rungs", "eight kilograms",
-               "in ancient Egypt", "in a shed or garage"),
-    "compass": ("plastic and a magnet", "find the way north", "a needle and a round dial", "fifty grams",
-                "in China a thousand years ago", "in a backpack"),
-    "kite": ("paper or cloth", "fly in the wind for fun", "a light frame and a long string", "two hundred grams",
-             "in China long ago", "in a cupboard"),
-    "lamp": ("metal and glass", "light up a room", "a bulb, a shade and a switch", "two kilograms",
-             "to burn oil long ago", "on a desk or table"),
-    "bicycle": ("steel or aluminium", "travel without a motor", "two wheels, pedals and a chain", "twelve kilograms",
-                "in Germany in the year 1817", "in a garage"),
-    "violin": ("spruce and maple wood", "play music", "four strings and a bow", "half a kilogram",
-               "in Italy five hundred years ago", "in a hard case"),
-    "telescope": ("metal and glass lenses", "look at stars and planets", "a long tube and a stand", "five kilograms",
-                  "in the year 1608", "in a dry room"),
-    "umbrella": ("cloth and thin metal ribs", "stay dry in the rain", "a canopy, ribs and a handle",
-                 "four hundred grams", "in ancient China", "by the front door"),
-    "candle": ("wax and a cotton wick", "give a soft light", "a wick inside a block of wax", "two hundred grams",
-               "in ancient Rome", "in a drawer"),
-    "clock": ("wood, metal or plastic", "tell the time", "a face, two hands and gears", "one kilogram",
-              "in the middle ages", "on a wall or shelf"),
+_THINGS = {  # name: material; use; parts; weight; first made; kept
+    "hammer": "steel and wood; drive nails into wood; a heavy head and a long handle; half a kilogram; "
+              "thousands of years ago; in a toolbox",
+    "kettle": "steel or plastic; boil water for tea; a spout, a lid and a handle; one kilogram; in old China; "
+              "in the kitchen",
+    "ladder": "wood or aluminium; reach high places; two rails and many rungs; eight kilograms; in ancient Egypt; "
+              "in a shed or garage",
+    "compass": "plastic and a magnet; find the way north; a needle and a round dial; fifty grams; "
+               "in China a thousand years ago; in a backpack",
+    "kite": "paper or cloth; fly in the wind for fun; a light frame and a long string; two hundred grams; "
+            "in China long ago; in a cupboard",
+    "lamp": "metal and glass; light up a room; a bulb, a shade and a switch; two kilograms; to burn oil long ago; "
+            "on a desk or table",
+    "bicycle": "steel or aluminium; travel without a motor; two wheels, pedals and a chain; twelve kilograms; "
+               "in Germany in the year 1817; in a garage",
+    "violin": "spruce and maple wood; play music; four strings and a bow; half a kilogram; "
+              "in Italy five hundred years ago; in a hard case",
+    "telescope": "metal and glass lenses; look at stars and planets; a long tube and a stand; five kilograms; "
+                 "in the year 1608; in a dry room",
+    "umbrella": "cloth and thin metal ribs; stay dry in the rain; a canopy, ribs and a handle; four hundred grams; "
+                "in ancient China; by the front door",
+    "candle": "wax and a cotton wick; give a soft light; a wick inside a block of wax; two hundred grams; "
+              "in ancient Rome; in a drawer",
+    "clock": "wood, metal or plastic; tell the time; a face, two hands and gears; one kilogram; in the middle ages; "
+             "on a wall or shelf",
 }
 _ANIMAL_FACTS = ["{S} is usually {0}.", "{S} lives in {1}.", "{S} mostly eats {2}.",
                  "An adult {name} is about {3} long.", "{S} is very good at {4}.", "A group of them is called {5}."]
@@ -396,19 +360,14 @@ _QUESTIONS = ["Tell me about the {name}.", "What do you know about the {name}?",
 _FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.", "What can you say about the {name}?"]
 
 
-def _facts(name: str, subject: str) -> list:
-    """The six facts about name, with subject ("The owl" or "It") where a template says {S}."""
-    animal = name in _ANIMALS
-    values = _ANIMALS[name] if animal else _THINGS[name]
-    return [t.format(*values, S=subject, name=name) for t in (_ANIMAL_FACTS if animal else _THING_FACTS)]
-
-
 def _sentences(name: str) -> dict:
-    """kind -> the caution and filler sentences that may appear in an answer about name."""
+    """kind -> the sentences an answer about name may hold; "named" and "it" are its six facts with
+    "The {name}" or "It" where a fact template says {S}."""
     kind = "animal" if name in _ANIMALS else "thing"
-    fmt = lambda ts: [t.format(name=name) for t in ts]
-    return {"caution": fmt(_CAUTIONS[kind] + _CAUTIONS["any"]), "filler": fmt(_FILLERS),
-            "opener": fmt(_OPENERS), "closer": fmt(_CLOSERS)}
+    values, facts = (_ANIMALS[name], _ANIMAL_FACTS) if kind == "animal" else (_THINGS[name], _THING_FACTS)
+    fmt = lambda ts, subject=None: [t.format(*values.split("; "), S=subject, name=name) for t in ts]
+    return {"named": fmt(facts, f"The {name}"), "it": fmt(facts, "It"), "filler": fmt(_FILLERS),
+            "caution": fmt(_CAUTIONS[kind] + _CAUTIONS["any"]), "opener": fmt(_OPENERS), "closer": fmt(_CLOSERS)}
 
 
 def _style(rng: random.Random) -> tuple:
@@ -427,45 +386,34 @@ def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, fill
     body = [("filler", t) for t in pick("filler", s["filler"])] + [("fact", i) for i in pick("fact", range(6))]
     rng.shuffle(body)
     first = next((j for j, (kind, _) in enumerate(body) if kind == "fact"), None)
-    named, it = _facts(name, f"The {name}"), _facts(name, "It")
-    body = [x if kind == "filler" else (named if j == first else it)[x] for j, (kind, x) in enumerate(body)]
+    body = [x if kind == "filler" else s["named" if j == first else "it"][x] for j, (kind, x) in enumerate(body)]
     opener = [rng.choice(s["opener"])] if rng.random() < 0.35 else []
     closer = [rng.choice(s["closer"])] if rng.random() < 0.15 else []
     return " ".join(opener + body + pick("caution", s["caution"]) + closer)
 
 
-def _random_answer(rng: random.Random, name: str) -> str:
-    return demo_answer(rng, name, rng.randint(1, MAX_BODY), *_style(rng))
-
-
 def demo_dialogue(rng: random.Random) -> list:
     """An UltraChat-style "data" list: one exchange, or (30 %) two about different names."""
     names = rng.sample(sorted(_ANIMALS) + sorted(_THINGS), 2)
-    turns = [rng.choice(_QUESTIONS).format(name=names[0]), _random_answer(rng, names[0])]
+    answer = lambda name: demo_answer(rng, name, rng.randint(1, MAX_BODY), *_style(rng))
+    turns = [rng.choice(_QUESTIONS).format(name=names[0]), answer(names[0])]
     if rng.random() < 0.3:
-        turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), _random_answer(rng, names[1])]
+        turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), answer(names[1])]
     return turns
 
 
 @functools.lru_cache(maxsize=1)
 def _sentence_kinds() -> dict:
     """sentence -> "fact" | "caution" | "filler", for every sentence the demo generator writes."""
-    kind = {}
-    for name in list(_ANIMALS) + list(_THINGS):
-        s = _sentences(name)
-        kind.update({t: "filler" for t in s["filler"] + s["opener"] + s["closer"]})
-        kind.update({t: "caution" for t in s["caution"]})
-        kind.update({t: "fact" for t in _facts(name, f"The {name}") + _facts(name, "It")})
-    return kind
-
-
-_SPLIT = re.compile(r"(?<=[.!?])\s+")
+    kind = {"named": "fact", "it": "fact", "caution": "caution"}  # the rest (openers, closers too) is filler
+    return {t: kind.get(k, "filler") for name in list(_ANIMALS) + list(_THINGS)
+            for k, sentences in _sentences(name).items() for t in sentences}
 
 
 def demo_properties(response: str) -> tuple:
     """(informative, cautious) of a demo response: the shares of its sentences that are facts (about
     any subject) and cautions. A sentence the generator never writes (a garbled sample) is neither."""
-    sentences = [s for s in _SPLIT.split(response.strip()) if s]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", response.strip()) if s]
     kinds = [_sentence_kinds().get(s) for s in sentences]
     n = max(len(sentences), 1)
     return kinds.count("fact") / n, kinds.count("caution") / n
@@ -497,26 +445,15 @@ class DemoFiles:
     cautious_train: Path
     cautious_test: Path
 
-    @classmethod
-    def at(cls, folder: Path):
-        return cls(folder, folder / "tokenizer.model", folder / "task.jsonl",
-                   *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))
-
 
 DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
 _DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 
-def _write_jsonl(path: Path, records: list):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def _train_tokenizer(texts: list, path: Path, vocab_size: int):
-    """A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept,
-    bytes for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2) and no pad. At most vocab_size
-    pieces (fewer when the text has fewer words). One thread and no output path inside the model:
-    the file is the same byte for byte wherever and whenever it is built."""
+    """A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept, bytes
+    for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2), no pad, at most vocab_size pieces. One
+    thread and no output path inside the model: the file is the same byte for byte wherever it is built."""
     import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -527,31 +464,29 @@ def _train_tokenizer(texts: list, path: Path, vocab_size: int):
 
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
-    """Build the demo data and its tokenizer under out_dir once; later calls reuse the folder.
-
-    The folder is built beside its final name and renamed into place, so concurrent callers (one
-    per rank) never see half of it. Everything is deterministic in seed. Suggested split of the
-    task data: split_dataset(..., val=200, test=200, seed=seed).
-    """
-    files = DemoFiles.at(Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}")
-    if files.folder.is_dir():
+    """Build the demo data and its tokenizer under out_dir once, deterministic in seed; later calls reuse
+    them. Suggested split of the task data: split_dataset(..., val=200, test=200, seed=seed)."""
+    folder = Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}"
+    files = DemoFiles(folder, folder / "tokenizer.model", folder / "task.jsonl",
+                      *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))
+    if folder.is_dir():
         return files
-    tmp = files.folder.with_name(f"{files.folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    task = [{"id": str(i), "data": demo_dialogue(rng)} for i in range(DEMO_SIZES["task"])]
-    prefs = {f"{p}_{s}": [demo_preference(rng, p) for _ in range(DEMO_SIZES[f"preference_{s}"])]
-             for p in ("informative", "cautious") for s in ("train", "test")}
-    _write_jsonl(tmp / "task.jsonl", task)
-    for key, records in prefs.items():
-        _write_jsonl(tmp / f"{key}.jsonl", records)
-    corpus = [render_dialogue(_ultrachat_dialogue(r)) for r in task]
-    corpus += [r[k] for records in prefs.values() for r in records for k in ("chosen", "rejected")]
-    _train_tokenizer(corpus, tmp / "tokenizer.model", vocab_size)
-    try:
-        tmp.rename(files.folder)
-    except OSError:  # another process renamed its identical copy first
-        if not files.folder.is_dir():
-            raise
-        shutil.rmtree(tmp)
+    # Every rank calls this at once: one builds while the others wait on the lock, then reuse its folder.
+    # The lock, not a race of renames, because atomic_folder replaces a folder another rank may be reading.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        if folder.is_dir():
+            return files
+        rng = random.Random(seed)
+        task = [{"id": str(i), "data": demo_dialogue(rng)} for i in range(DEMO_SIZES["task"])]
+        prefs = {f"{p}_{s}": [demo_preference(rng, p) for _ in range(DEMO_SIZES[f"preference_{s}"])]
+                 for p in ("informative", "cautious") for s in ("train", "test")}
+        corpus = [render_dialogue(_ultrachat_dialogue(r)) for r in task]
+        corpus += [r[k] for records in prefs.values() for r in records for k in ("chosen", "rejected")]
+        with M.atomic_folder(folder) as tmp:
+            for name, records in {"task": task, **prefs}.items():
+                with open(Path(tmp) / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+            _train_tokenizer(corpus, Path(tmp) / "tokenizer.model", vocab_size)
     return files

@@ -84,7 +84,8 @@ class ConstraintEMA:
 
     def __init__(self, k, alpha=0.1):
         self.k, self.alpha = k, alpha
-        self.value = None  # (k,) float64 once a batch has been seen
+        self.value = None  # (k,) float64 Ĉ, once a batch has been seen
+        self.batch_mean = None  # (k,) float64, the last global batch mean of c
 
     def update(self, c, all_reduce=None):
         """Fold in one batch of per-sample c (B, k); returns Ĉ (k,).
@@ -102,7 +103,7 @@ class ConstraintEMA:
             all_reduce(stats)
         if stats[k] == 0:
             raise ValueError("no samples in the (global) batch: Ĉ cannot be updated")
-        mean = stats[:k] / stats[k]  # (k,)
+        mean = self.batch_mean = stats[:k] / stats[k]  # (k,)
         if self.value is None:
             self.value = mean
         else:

@@ -5,8 +5,7 @@
 
 Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key
 names, so a Meta checkpoint needs no renaming) and, when known, `tokenizer.model` — the vocabulary
-travels with the weights. Read it top to bottom: ModelArgs, the layers, the Transformer, sampling,
-checkpoints, the tokenizer, the command line.
+travels with the weights.
 
 Departures from the Meta reference: the RoPE table is made per call from the positions (no buffer,
 so it stays float32 when the model is cast to bf16 and needs no care under meta-device init);
@@ -14,6 +13,7 @@ sampling is batched over prompts of different lengths (left padding) with a per-
 Left out: tensor/pipeline parallelism (train.py shards with FSDP2), LLaMA-3's tiktoken tokenizer
 and LLaMA-3.1's RoPE rescaling (refused with a clear error, not silently ignored).
 """
+import contextlib
 import glob
 import json
 import math
@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -68,15 +68,12 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_meta(cls, params: dict, vocab_size: Optional[int] = None) -> "ModelArgs":
-        """From Meta's params.json (LLaMA-1/2 store vocab_size=-1: it is then read off the weights)."""
+    def from_meta(cls, params: dict, vocab_size: int) -> "ModelArgs":
+        """From Meta's params.json; LLaMA-1/2 store vocab_size=-1, so the caller reads it off the weights."""
         if params.get("use_scaled_rope"):
             raise CheckpointError("params.json asks for LLaMA-3.1's scaled RoPE, which this model does not implement")
-        known = {f.name for f in fields(cls)}
-        args = {k: v for k, v in params.items() if k in known}
+        args = {f.name: params[f.name] for f in fields(cls) if f.name in params}
         if args.get("vocab_size", -1) <= 0:
-            if vocab_size is None:
-                raise CheckpointError("params.json has no vocab_size; pass the one read off tok_embeddings.weight")
             args["vocab_size"] = vocab_size
         return cls(**args)
 
@@ -97,13 +94,6 @@ class ModelArgs:
                    rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
                    max_seq_len=config.get("max_position_embeddings", 2048))
 
-    def to_hf(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
-                "intermediate_size": self.hidden_dim, "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-                "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False}
-
 
 # -----------------------------------------------------------------------------
 # The model
@@ -122,12 +112,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Unit complex numbers e^{i·angle} (complex64, i.e. float32 parts), shape positions.shape + (head_dim/2,).
-
-    Pair j of a head (components 2j, 2j+1, read as one complex number) turns by angle
-    position·theta^(−2j/head_dim). Kept in float32 whatever the model's dtype: bf16 angles at
-    position 2000 are off by whole radians.
-    """
+    """e^{i·angle} for pair j of a head (components 2j, 2j+1 as one complex number), angle = position·
+    theta^(−2j/head_dim). complex64, positions.shape + (head_dim/2,): bf16 angles at 2000 are off by radians."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * freqs
     return torch.polar(torch.ones_like(angles), angles)
@@ -140,10 +126,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for one batch of sequences being decoded; lives only during sampling.
-
-    Rows are left-padded: row b's prompt starts at slot pad[b]. `length` slots are filled so far.
-    """
+    """Keys and values of every layer while a batch is sampled. Rows are left-padded: row b's prompt starts
+    at slot pad[b]; `length` slots are filled so far."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype, device):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
@@ -242,9 +226,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T); logits[:, t] score token t + 1.
 
-        Training calls model(tokens) with no cache: plain causal attention, positions 0..T-1. Sampling passes
-        a KVCache and feeds only the new tokens. Both go through forward so that FSDP2's hooks, which wrap
-        forward, gather the sharded weights either way.
+        Training passes no cache (causal attention, positions 0..T-1); sampling passes a KVCache and only the
+        new tokens. Both go through forward so that FSDP2's hooks, which wrap it, gather the weights.
         """
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None] if cache is None else cache.positions(T)  # (1|B, T)
@@ -258,44 +241,46 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Sampling: prefill, decode_one_token and trim_at_eos, put together by generate
+
+
+def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing order (B, K), unnormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept when
+    the mass of the tokens before it is still below top_p.
+    """
+    return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the top-p nucleus of probs (B, V); the rest is left unnormalised.
-
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept when
-    the mass of the tokens before it (in decreasing order) is still below top_p.
-    """
+    """probs (B, V) with every token outside its top-p nucleus zeroed, in vocabulary order."""
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.zeros_like(probs).scatter_(-1, order, nucleus(sorted_probs, top_p))
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
                  candidates: int = 128) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature) truncated to its top-p nucleus. (B, V) -> (B,)
+    """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
 
     temperature == 0 means greedy. generator: one torch.Generator, or a list of one per row (train.py keys
     them by the row's global index, so a run samples the same responses whatever its number of ranks).
-    Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked
-    for among the `candidates` most likely tokens first (topk is a partial sort); only when they hold
-    less than top_p of the mass does a row batch fall back to the full sort. The draw is an inverse-CDF
-    lookup with one uniform number per row.
+    Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked for
+    among the `candidates` most likely tokens (a partial sort); the batch falls back to the full sort only
+    when they hold less than top_p. The draw is an inverse-CDF lookup.
     """
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     B, V = probs.shape
-    if top_p >= 1.0:
-        sorted_probs, order = probs, None
-    else:
+    sorted_probs, order = probs, None
+    if top_p < 1.0:
         sorted_probs, order = probs.topk(min(candidates, V), dim=-1)  # (B, K), decreasing
         if not bool((sorted_probs.sum(-1) >= top_p).all()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        sorted_probs = nucleus(sorted_probs, top_p)
     cdf = sorted_probs.cumsum(-1)  # (B, K)
     if isinstance(generator, (list, tuple)):  # one generator per row: a row's draw ignores its batch-mates
         u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
@@ -305,19 +290,34 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     return (j if order is None else order.gather(-1, j)).squeeze(-1)
 
 
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed the left-padded prompts (B, P) into an empty cache; return the logits of the next token (B, V)."""
+    return model(tokens, cache)[:, -1]
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, temperature: float, top_p: float,
+                     generator) -> torch.Tensor:
+    """Feed the last sampled token (B,) and sample the one after it (B,)."""
+    logits = model(token[:, None], cache)[:, -1]  # (B, V)
+    return sample_top_p(logits, temperature, top_p, generator)
+
+
+def trim_at_eos(out: torch.Tensor, eos_id: int):
+    """Cut each row of out (B, n) just after its first EOS: (responses as lists of ids, ended as bools)."""
+    is_eos = out == eos_id
+    ended = is_eos.any(-1)  # (B,); False: the row ran out of tokens
+    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, out.shape[1]).tolist()
+    return [row[:m] for row, m in zip(out.tolist(), lengths)], ended.tolist()
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-             top_p: float = 0.9, generator: Optional[torch.Generator] = None,
-             all_done: Optional[Callable[[torch.Tensor], bool]] = None):
-    """Sample a response for each prompt (lists of token ids of different lengths).
+             top_p: float = 0.9, generator=None):
+    """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result.
 
-    Returns (responses, ended): per row the sampled token ids up to and including the first EOS (nothing
-    after it), and whether the row ended with EOS (False: it hit max_new_tokens). Prompts are left-padded so
-    that every row's next token sits in the same column; padding is masked out of attention and RoPE
-    positions start at each row's first real token, so padding changes no row's result. The loop stops when
-    every row has ended: `all_done(done)` decides (default: done.all()); under FSDP it all-reduces the flag so
-    every rank runs the same number of forwards. That check and sample_top_p's test of its candidates
-    are the only host synchronisations per token.
+    Prompts are left-padded so that every row's next token sits in the same column; padding is masked out of
+    attention and RoPE positions start at each row's first real token, so padding changes no row's result.
+    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token.
     """
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -326,43 +326,32 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     if P + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"generate: prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_seq_len {model.args.max_seq_len}")
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts], [False] * B
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
     cache = KVCache(model.args, B, P + max_new_tokens, pad, model.output.weight.dtype, device)
-    logits = model(tokens, cache)[:, -1]  # prefill, (B, V)
-    out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    nxt = sample_top_p(prefill(model, tokens, cache), temperature, top_p, generator)  # (B,)
+    out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    all_done = all_done or (lambda d: bool(d.all()))
-    n = 0
-    while n < max_new_tokens:
-        nxt = sample_top_p(logits, temperature, top_p, generator).masked_fill(done, eos_id)
-        out[:, n] = nxt
+    for n in range(max_new_tokens):
+        out[:, n] = nxt = nxt.masked_fill(done, eos_id)  # a row that has ended is fed EOS from then on
         done |= nxt == eos_id
-        n += 1
-        if n == max_new_tokens or all_done(done):
+        if n + 1 == max_new_tokens or bool(done.all()):
             break
-        logits = model(nxt[:, None], cache)[:, -1]
-    is_eos = out[:, :n] == eos_id
-    ended = is_eos.any(-1)
-    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, n).tolist()
-    rows = out[:, :n].tolist()
-    return [row[:m] for row, m in zip(rows, lengths)], ended.tolist()
+        nxt = decode_one_token(model, nxt, cache, temperature, top_p, generator)
+    return trim_at_eos(out[:, :n + 1], eos_id)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: our format, Meta's, Hugging Face's; conversions are pure functions over key maps
 
 _HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight"}
 _HF_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 _DROPPED = ("rope.freqs", "rotary_emb.inv_freq")  # precomputed RoPE tables some checkpoints carry; we recompute
@@ -375,30 +364,25 @@ def hf_key_map(args: ModelArgs) -> dict:
     return keys
 
 
-def _rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
-    """Reorder the rows of wq/wk between the two RoPE layouts.
+def _rope_permute(key: str, w: torch.Tensor, args: ModelArgs, to_hf: bool) -> torch.Tensor:
+    """Reorder the rows of wq/wk between the two RoPE layouts; other weights pass through.
 
     Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head; Hugging Face rotates halves
     (x_j, x_{j+D/2}). Moving row 2j to j and row 2j+1 to j + D/2 within each head makes q·k identical.
     wk has n_kv_heads heads, so it is permuted with n_kv_heads, not n_heads.
     """
+    if not key.endswith(("attention.wq.weight", "attention.wk.weight")):
+        return w
+    n_heads = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
     rows, dim = w.shape
     D = rows // n_heads
-    if to_hf:  # (heads, D/2 pairs, 2) -> (heads, 2 halves, D/2)
-        return w.view(n_heads, D // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-    return w.view(n_heads, 2, D // 2, dim).transpose(1, 2).reshape(rows, dim)
+    # to Hugging Face: (heads, D/2 pairs, 2) -> (heads, 2 halves, D/2); back: the reverse
+    shape = (n_heads, D // 2, 2, dim) if to_hf else (n_heads, 2, D // 2, dim)
+    return w.view(shape).transpose(1, 2).reshape(rows, dim)
 
 
 def meta_to_hf(sd: dict, args: ModelArgs) -> dict:
-    out = {}
-    for ours, theirs in hf_key_map(args).items():
-        w = sd[ours]
-        if ours.endswith("attention.wq.weight"):
-            w = _rope_permute(w, args.n_heads, to_hf=True)
-        elif ours.endswith("attention.wk.weight"):
-            w = _rope_permute(w, args.n_kv_heads, to_hf=True)
-        out[theirs] = w
-    return out
+    return {theirs: _rope_permute(ours, sd[ours], args, to_hf=True) for ours, theirs in hf_key_map(args).items()}
 
 
 def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
@@ -407,12 +391,7 @@ def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
     for ours, theirs in hf_key_map(args).items():
         if theirs not in sd:
             raise CheckpointError(f"Hugging Face checkpoint has no {theirs!r} (needed for {ours!r})")
-        w = sd.pop(theirs)
-        if ours.endswith("attention.wq.weight"):
-            w = _rope_permute(w, args.n_heads, to_hf=False)
-        elif ours.endswith("attention.wk.weight"):
-            w = _rope_permute(w, args.n_kv_heads, to_hf=False)
-        out[ours] = w
+        out[ours] = _rope_permute(ours, sd.pop(theirs), args, to_hf=False)
     if sd:
         raise CheckpointError(f"Hugging Face checkpoint has keys no LLaMA layer uses: {sorted(sd)[:5]}")
     return out
@@ -421,16 +400,15 @@ def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
 def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
     """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict.
 
-    Column-parallel layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2)
-    along columns, norms are replicated. The embedding is split along columns in LLaMA-1/2 and along rows
-    (the vocabulary) in LLaMA-3: its shard shape tells which.
+    Column-parallel layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2) along
+    columns, norms are replicated. The embedding is split along columns in LLaMA-1/2 and along rows in LLaMA-3.
     """
     if len(shards) == 1:
         return shards[0]
     merged = {}
     for key in shards[0]:
         parts = [s[key] for s in shards]
-        if key.endswith("norm.weight") or key.endswith(_DROPPED):
+        if key.endswith("norm.weight"):
             merged[key] = parts[0]
         elif key.endswith(("wo.weight", "w2.weight")):
             merged[key] = torch.cat(parts, dim=1)
@@ -456,20 +434,20 @@ def check_state_dict(sd: dict, model: nn.Module, source: str):
                                   f"expects {tuple(shape)}")
 
 
-def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None,
-                    state_dict: Optional[dict] = None):
-    """Write our checkpoint folder atomically: build it beside, then rename into place."""
+@contextlib.contextmanager
+def atomic_folder(folder: str):
+    """Yield a temporary folder beside `folder`; on success it replaces `folder` by renames, so a reader
+    (or a process killed mid-write) sees the old folder or the new one, never half of either."""
     folder = os.path.abspath(folder)
-    tmp = f"{folder}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(folder):
-        old = f"{folder}.old{os.getpid()}"
         os.rename(folder, old)
         os.rename(tmp, folder)
         shutil.rmtree(old)
@@ -477,20 +455,45 @@ def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_pa
         os.rename(tmp, folder)
 
 
-def load_model(folder: str, device="cpu", dtype=torch.float32):
-    """Load our checkpoint folder: returns (model in eval mode, Tokenizer or None).
+def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None,
+                    state_dict: Optional[dict] = None):
+    """Write our checkpoint folder atomically (atomic_folder)."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    with atomic_folder(folder) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
 
-    The model is built on the meta device and the weights are assigned from a memory-mapped file, so a
-    7B checkpoint never sits twice in host memory.
-    """
+
+def load_weights(path: str) -> dict:
+    """A memory-mapped state dict from a safetensors file or a torch.save one (.pth, .bin)."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("reading *.safetensors needs `pip install safetensors`") from e
+        return load_file(path)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def read_checkpoint(folder: str):
+    """(ModelArgs, memory-mapped state dict) of our checkpoint folder."""
     path = os.path.join(folder, "args.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no args.json; convert it first with `python model.py convert SRC {folder}`")
     with open(path) as f:
         args = ModelArgs(**json.load(f))
+    return args, load_weights(os.path.join(folder, "model.pth"))
+
+
+def load_model(folder: str, device="cpu", dtype=torch.float32):
+    """Load our checkpoint folder: (model in eval mode, Tokenizer or None). The model is built on the meta
+    device and assigned the memory-mapped weights, so a 7B checkpoint never sits twice in host memory."""
+    args, sd = read_checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(args)
-    sd = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", mmap=True, weights_only=True)
     check_state_dict(sd, model, os.path.join(folder, "model.pth"))
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
@@ -509,22 +512,10 @@ def read_meta(src: str):
     paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
     with open(os.path.join(src, "params.json")) as f:
         params = json.load(f)
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
-    shards = [{k: v for k, v in s.items() if not k.endswith(_DROPPED)} for s in shards]
-    vocab = shards[0]["tok_embeddings.weight"].shape[0]
-    args = ModelArgs.from_meta(params, vocab if params.get("vocab_size", -1) <= 0 or len(shards) == 1 else None)
+    shards = [{k: v for k, v in load_weights(p).items() if not k.endswith(_DROPPED)} for p in paths]
+    # Only LLaMA-1/2 lack vocab_size, and they split the embedding along columns: shard 0 has every row.
+    args = ModelArgs.from_meta(params, shards[0]["tok_embeddings.weight"].shape[0])
     return merge_meta_shards(shards, args), args
-
-
-def write_meta(sd: dict, args: ModelArgs, dst: str):
-    """Meta's layout, one shard (the inverse of read_meta for a single-file release)."""
-    os.makedirs(dst, exist_ok=True)
-    params = {k: v for k, v in asdict(args).items() if k not in ("hidden_dim", "max_seq_len")}
-    if args.hidden_dim != ModelArgs(**{**params, "hidden_dim": None}).hidden_dim:
-        raise CheckpointError(f"hidden_dim={args.hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier")
-    torch.save(sd, os.path.join(dst, "consolidated.00.pth"))
-    with open(os.path.join(dst, "params.json"), "w") as f:
-        json.dump(params, f, indent=2)
 
 
 def read_hf(src: str):
@@ -532,21 +523,11 @@ def read_hf(src: str):
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     args = ModelArgs.from_hf(config)
-    sd = {}
-    st_files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
-    if st_files:
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError("reading *.safetensors needs `pip install safetensors`") from e
-        for p in st_files:
-            sd.update(load_file(p))  # memory-mapped
-    else:
-        bins = sorted(glob.glob(os.path.join(src, "pytorch_model*.bin")))
-        if not bins:
-            raise CheckpointError(f"{src}: config.json but no *.safetensors or pytorch_model*.bin")
-        for p in bins:
-            sd.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+    paths = (sorted(glob.glob(os.path.join(src, "*.safetensors")))
+             or sorted(glob.glob(os.path.join(src, "pytorch_model*.bin"))))
+    if not paths:
+        raise CheckpointError(f"{src}: config.json but no *.safetensors or pytorch_model*.bin")
+    sd = {k: v for p in paths for k, v in load_weights(p).items()}
     if config.get("tie_word_embeddings") and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # LLaMA-3.2 1B/3B share them
     return hf_to_meta(sd, args), args
@@ -579,7 +560,6 @@ class Tokenizer:
 
     def __init__(self, path: str):
         import sentencepiece as spm
-        self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()

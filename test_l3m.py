@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_l3m.py
 """
 import contextlib
+import dataclasses
 import gzip
 import io
 import itertools
@@ -114,13 +115,23 @@ def test_meta_hf_round_trip_is_exact():
         assert all(torch.equal(again[k], hf_sd[k]) for k in hf_sd)
 
 
+def write_meta(sd, args, dst):
+    """Meta's layout, one shard: params.json (Meta's fields only) + consolidated.00.pth."""
+    os.makedirs(dst, exist_ok=True)
+    params = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("hidden_dim", "max_seq_len")}
+    assert M.ModelArgs(**params).hidden_dim == args.hidden_dim  # Meta's rule gives the width back
+    torch.save(sd, os.path.join(dst, "consolidated.00.pth"))
+    with open(os.path.join(dst, "params.json"), "w") as f:
+        json.dump(params, f, indent=2)
+
+
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_checkpoint_loads(tmp_path, n_shards):
     """A Meta-layout release (params.json + consolidated.NN.pth, model-parallel shards) converts exactly."""
     args = tiny_args(n_kv_heads=2)
     ref = M.Transformer(args).init_weights(6).eval()
     sd = ref.state_dict()
-    M.write_meta(sd, args, str(tmp_path / "meta"))
+    write_meta(sd, args, str(tmp_path / "meta"))
     if n_shards == 2:  # split as Meta's model parallelism does: columns for wo/w2 and LLaMA-1/2's embedding
         shards = [{}, {}]
         for k, v in sd.items():
@@ -1102,18 +1113,13 @@ def test_padded_batches_score_like_single_rows(tok, one_thread):
             assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)  # float32 sums
 
 
-def test_task_prompt_and_preference_batches(tok):
+def test_task_batches(tok):
     ex = [D.TaskExample(*D.encode_pair(tok, "Human: Hi.\n\nAssistant:", "Hello there.")),
           D.TaskExample(*D.encode_pair(tok, "Human: Tell me about the owl.\n\nAssistant:", "It hoots."))]
     tokens, mask = D.task_batch(ex)
     for i, e in enumerate(ex):
         assert tokens[i, mask[i]].tolist() == e.response.tolist()
         assert tokens[i, :len(e.prompt)].tolist() == e.prompt.tolist()
-    assert D.prompt_batch(ex) == [e.prompt.tolist() for e in ex]
-    pe = [D.PreferenceExample(e.prompt, e.response, np.array([5, tok.eos_id], dtype=np.int32)) for e in ex]
-    (tp, mp), (tm, mm) = D.preference_batch(pe)
-    assert [tp[i, mp[i]].tolist() for i in range(2)] == [e.response.tolist() for e in ex]
-    assert [tm[i, mm[i]].tolist() for i in range(2)] == [[5, tok.eos_id]] * 2
 
 
 # -----------------------------------------------------------------------------
@@ -1161,6 +1167,31 @@ def test_demo_is_deterministic_and_cached(demo, tmp_path):
     stamp = again.task.stat().st_mtime_ns
     assert D.prepare_demo(tmp_path, seed=0).task.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert D.prepare_demo(tmp_path, seed=1).task.read_bytes() != demo.task.read_bytes()
+
+
+def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
+    """Ranks call prepare_demo at once: one builds, the others wait and reuse it, nobody replaces it."""
+    monkeypatch.setattr(D, "DEMO_SIZES", {"task": 20, "preference_train": 5, "preference_test": 2})
+    builds, results, start = [], [None] * 4, threading.Barrier(4)
+    atomic_folder = M.atomic_folder
+
+    def counted_atomic_folder(folder):
+        builds.append(folder)
+        return atomic_folder(folder)
+
+    def call(i):
+        start.wait()
+        files = D.prepare_demo(tmp_path, seed=0)
+        results[i] = [getattr(files, f).read_bytes() for f in ("tokenizer", "task", "cautious_test")]
+
+    monkeypatch.setattr(M, "atomic_folder", counted_atomic_folder)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and results[0] is not None and all(r == results[0] for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_v1_seed0_vocab1024", "demo_v1_seed0_vocab1024.lock"]
 
 
 def test_demo_task_lengths_spread(demo, tok):
@@ -1312,6 +1343,18 @@ def data_dir(demo):
     return str(demo.folder.parent)
 
 
+@pytest.fixture(scope="session")
+def tiny_base(demo, tmp_path_factory):
+    """A tiny LLaMA trained (SFT, 150 steps, ~20 s) until its rollouts end with EOS at varied lengths: seen,
+    test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64 tokens. On such rollouts the
+    rows of a batch have different costs c, so Ĉ differs between a rank's batch and the global one, and the
+    EMA differs from the last batch mean: the tests below can see a dropped all-reduce or a lost Ĉ."""
+    out = tmp_path_factory.mktemp("tiny_base")
+    run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16", "--micro_batch=16",
+              "--lr=1e-2", "--test=8")
+    return str(out / "final")
+
+
 def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if nproc > 1:
@@ -1333,20 +1376,24 @@ def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "final", "model.pth"), weights_only=True)
 
 
-def test_two_processes_match_one(tmp_path, data_dir):
+def test_two_processes_match_one(tmp_path, data_dir, tiny_base):
     """Two ranks (gloo) give the losses and parameters of one process on the same global batch.
 
-    Proves the shared coin, the global Ĉ, the rollouts and the gradient averaging. Rollouts sample with
+    Proves the shared coin, the global Ĉ (the rollouts end at varied lengths, so a rank's own batch mean
+    is not the global one), the rollouts and the gradient averaging. Rollouts sample with
     one generator per row keyed by the row's global index, so they do not depend on the split over ranks.
     The two-rank run also recomputes activations (checkpointing), which must not change the numbers.
     The two runs differ only in float summation order (micro-batches of 4 rows on each rank instead of
     two on one rank; reductions over ranks), ~1e-7 relative per step: 1e-5 covers 6 Adam steps.
     """
-    flags = ["--method=l3m", "--steps=6", "--constraint=length>=6", "--constraint=length<=7"]
+    flags = ["--method=l3m", "--steps=6", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+             "--constraint=length<=30"]
     run_train(tmp_path / "one", data_dir, *flags)
     run_train(tmp_path / "two", data_dir, *flags, "--activation_checkpointing=True", nproc=2)
     one, two = ledger(tmp_path / "one"), ledger(tmp_path / "two")
     assert {r["kind"] for r in one} == {"task", "constraint"}
+    # rows of different lengths: each rank's batch mean of c differs from the global one
+    assert all(r["len_p10"] < r["len_p90"] for r in one if r["kind"] == "constraint")
     for a, b in zip(one, two):
         assert a["kind"] == b["kind"] and a.get("len_mean") == b.get("len_mean")
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
@@ -1360,14 +1407,102 @@ def test_two_processes_match_one(tmp_path, data_dir):
     assert max(((w1[k] - w2[k]).norm() / w1[k].norm()).item() for k in w1) <= 1e-4
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
-    flags = ["--method=l3m", "--steps=6", "--constraint=length>=6"]
+def test_resume_continues_exactly(tmp_path, data_dir, tiny_base):
+    """Stopped after step 3 and resumed: the same ledger and weights as one straight run. The rollouts end
+    at varied lengths, so Ĉ (an EMA) differs from the batch means after the resume point: a resume that
+    lost the multipliers' state would restart Ĉ from the first batch it sees."""
+    flags = ["--method=l3m", "--steps=8", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+             "--constraint=length<=30"]
     run_train(tmp_path / "straight", data_dir, *flags)
     run_train(tmp_path / "halves", data_dir, *flags, "--ckpt_every=3", "--stop_after=3")
+    assert not os.path.exists(tmp_path / "halves" / "final")
     run_train(tmp_path / "halves", data_dir, *flags, "--ckpt_every=3", "--resume=True")
-    assert ledger(tmp_path / "straight") == ledger(tmp_path / "halves")
+    straight = ledger(tmp_path / "straight")
+    kinds = [r["kind"] for r in straight]
+    assert "constraint" in kinds[:3] and "constraint" in kinds[3:]
+    assert any(r["C"] != r["C_hat"] for r in straight[3:] if r["kind"] == "constraint")
+    assert straight == ledger(tmp_path / "halves")
     w1, w2 = final_weights(tmp_path / "straight"), final_weights(tmp_path / "halves")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def train_in_process(monkeypatch, argv):
+    """train.main in this process, as a world of one, so that a test can spy on the functions it calls."""
+    import train
+    monkeypatch.delenv("RANK", raising=False)  # not under torchrun: train.py makes a world of one
+    train.main(argv)
+
+
+@pytest.mark.parametrize("side, band", [("above", (5, 15)), ("below", (50, 70))])
+def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data_dir, tiny_base, one_thread, side,
+                                                     band):
+    """The real loop, on the tiny base (mean length ~39 tokens), under a band above or below it.
+
+    Direction: the mean test length ends on the band's side of where it began, the violated constraint
+    satisfied. Exactness, step by step, from spies on what the loop hands to the method:
+    - c = b − r for the step's own rollouts (lo − |y| and |y| − hi), exactly;
+    - Ĉ is the EMA (α = 0.1) of the batch means of c (closed form), λ̂ = µ/(k·max(−Ĉ, µ²)) at this
+      step's µ = µ_0·(µ_T/µ_0)^(t/(T−1)), and that λ̂ is what weights the surrogate;
+    - the gradient AdamW steps on has norm ≤ --grad_clip, while the ledger's norms before clipping
+      exceed it (λ̂ reaches 1/(kµ)), so the clip is not idle.
+    """
+    import train
+    lo, hi = band
+    rollouts, observed, weights, step_norms = [], [], [], []
+    real_rollout, real_observe, real_surrogate = train.rollout, l3m.Multipliers.observe, l3m.reinforce_surrogate
+    real_step = torch.optim.AdamW.step
+
+    def rollout(*a, **k):
+        rollouts.append(real_rollout(*a, **k))
+        return rollouts[-1]
+
+    def observe(self, c, all_reduce=None):
+        observed.append((rollouts[-1], c.clone()))
+        return real_observe(self, c, all_reduce)
+
+    def surrogate(logp, c, lam):
+        weights.append((c.clone(), lam.clone()))
+        return real_surrogate(logp, c, lam)
+
+    def step(self, *a, **k):
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for g in self.param_groups for p in g["params"] if p.grad is not None]
+        step_norms.append(torch.cat([x.flatten() for x in grads]).norm().item())
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train, "rollout", rollout)
+    monkeypatch.setattr(l3m.Multipliers, "observe", observe)
+    monkeypatch.setattr(l3m, "reinforce_surrogate", surrogate)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    steps = 24
+    train_in_process(monkeypatch, [f"--init={tiny_base}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                                   "--method=l3m", f"--steps={steps}", "--batch_size=16", "--micro_batch=16",
+                                   "--lr=3e-3", "--val=8", "--test=16", "--max_new_tokens=96", "--eval_every=0",
+                                   "--ckpt_every=0", f"--constraint=length>={lo}", f"--constraint=length<={hi}"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    before, after = report["before"]["length_mean"], report["after"]["length_mean"]
+    print(f"band [{lo}, {hi}] from {side}: mean test length {before:.1f} -> {after:.1f}")
+    violated = f"length<={hi}" if side == "above" else f"length>={lo}"
+    assert not report["before"]["constraints"][violated]["satisfied"]
+    assert report["after"]["constraints"][violated]["satisfied"]
+
+    rows = ledger(tmp_path)
+    assert [r["mu"] for r in rows] == pytest.approx([mu_at(t, steps - 1) for t in range(steps)], rel=1e-12)
+    con = [r for r in rows if r["kind"] == "constraint"]
+    assert len(con) == len(observed) == len(weights) >= 6
+    C_hat = None
+    for r, (samples, c), (c_used, lam_used) in zip(con, observed, weights):
+        n = torch.tensor([len(y) - e for y, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
+        assert torch.equal(c, torch.stack([lo - n, n - hi], 1))  # c = b − r, r = (|y|, −|y|), b = (lo, −hi)
+        assert torch.equal(c_used, c)
+        mean = c.double().mean(0)
+        C_hat = mean if C_hat is None else 0.9 * C_hat + 0.1 * mean
+        assert r["C_hat"] == pytest.approx(C_hat.tolist(), rel=1e-9, abs=1e-12)
+        mu = mu_at(r["step"], steps - 1)
+        expected = mu / (2 * torch.clamp(-C_hat, min=mu ** 2))  # λ̂ (§5.2), k = 2
+        assert lam_used.double() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert len(step_norms) == steps and max(step_norms) <= 1.0 * (1 + 1e-4)
+    assert max(r["grad_norm"] for r in con) > 10.0
 
 
 def test_rollouts_of_different_lengths_do_not_hang(tmp_path):
@@ -1414,7 +1549,25 @@ def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
 
 
 def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path, data_dir):
-    run_train(tmp_path, data_dir, "--method=sft", "--steps=3", "--debug_nan_step=1", nproc=2)
+    """A NaN task loss on rank 0 only, at step 1 (injected here by wrapping l3m.task_loss): both ranks skip
+    that step together and the weights stay finite."""
+    script = tmp_path / "nan.py"
+    script.write_text(f"""
+import sys, torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+import l3m, train
+calls, task_loss = [], l3m.task_loss
+def nan_on_rank0_step1(logp):
+    calls.append(1)
+    loss = task_loss(logp)
+    return loss * float("nan") if len(calls) == 2 and dist.get_rank() == 0 else loss
+l3m.task_loss = nan_on_rank0_step1
+train.main(sys.argv[1:])
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
+           f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--method=sft", "--steps=3"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = ledger(tmp_path)
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
