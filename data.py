@@ -36,7 +36,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-import model as M
+from model import atomic_folder
 
 
 class DataError(ValueError):
@@ -455,12 +455,12 @@ def _train_tokenizer(texts: list, path: Path, vocab_size: int):
     for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2), no pad, at most vocab_size pieces. One
     thread and no output path inside the model: the file is the same byte for byte wherever it is built."""
     import sentencepiece as spm
-    model = io.BytesIO()
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
         normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    path.write_bytes(model.getvalue())
+    path.write_bytes(buf.getvalue())
 
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
@@ -484,7 +484,7 @@ def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
                  for p in ("informative", "cautious") for s in ("train", "test")}
         corpus = [render_dialogue(_ultrachat_dialogue(r)) for r in task]
         corpus += [r[k] for records in prefs.values() for r in records for k in ("chosen", "rejected")]
-        with M.atomic_folder(folder) as tmp:
+        with atomic_folder(folder) as tmp:
             for name, records in {"task": task, **prefs}.items():
                 with open(Path(tmp) / f"{name}.jsonl", "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r) + "\n" for r in records)

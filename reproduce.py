@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 import l3m
@@ -171,6 +172,189 @@ def fig3(out: str, grid, steps: int, rm_steps: int, data_dir: str, common: list)
                               "runs": results}
 
 
+# -----------------------------------------------------------------------------
+# Fig. 3 feasibility: which (informative, cautious) mean rewards can any policy reach on the test prompts?
+#
+# The demo answers are written by code (data.demo_answer), so the responses a policy could give to a test
+# prompt are known. For each prompt, sample many generator answers about its subject, score them with both
+# reward models, and take the set of mean-reward pairs a policy choosing among them per prompt reaches: the
+# Minkowski average of the per-prompt convex hulls. Its upper-right (Pareto) frontier comes from
+# scalarisation: for w in [0, 1] every prompt picks its candidate maximising w·r₁ + (1 − w)·r₂, and the
+# frontier point is the mean of the picks. The frontier is an upper bound for a policy that writes only
+# what the generator writes (the reward models were trained on nothing else).
+
+
+def demo_subject(prompt_text: str) -> str:
+    """The name (a key of data._ANIMALS or data._THINGS) the prompt's last question asks about."""
+    import data
+    last = prompt_text.rsplit("Human:", 1)[-1]
+    names = [n for n in list(data._ANIMALS) + list(data._THINGS) if f"the {n}" in last]
+    if len(names) != 1:
+        raise ValueError(f"cannot tell the subject of {last!r}")
+    return names[0]
+
+
+def demo_candidates(rng, name: str, n: int, style: str = "any") -> list:
+    """Up to n distinct demo answers about name (data.demo_answer). style "train": caution and filler shares
+    drawn as the reward models' preference data draws them (data._style); "any": any shares in [0, 1], half
+    of them pinned at 0 or 1, so that answers of only facts, only cautions or only fillers are frequent."""
+    import data
+    out, tries = {}, 0
+    while len(out) < n and tries < 20 * n:
+        tries += 1
+        n_body = rng.randint(1, data.MAX_BODY)
+        if style == "train":
+            caution, filler = data._style(rng)
+        else:
+            caution = rng.choice([0.0, 1.0, rng.random(), rng.random()])
+            filler = rng.choice([0.0, 1.0, rng.random(), rng.random()])
+        out.setdefault(data.demo_answer(rng, name, n_body, caution, filler), None)
+    return list(out)
+
+
+def score_responses(reward_models: list, prompt_ids, responses: list, eos_id: int, micro_batch: int = 64) -> np.ndarray:
+    """(n, k) rewards r_i(y|x) = ℓ̄_φᵢ(y|x) (EOS included, as rewards.LearnedReward scores a finished
+    sample) of n responses (lists of ids ending with EOS) to one prompt, under each reward model."""
+    import rewards
+    prompt_ids = list(prompt_ids)
+    order = np.argsort([len(r) for r in responses], kind="stable")  # micro-batches of similar lengths pad little
+    ordered = [list(responses[i]) for i in order]
+    samples = rewards.Samples([prompt_ids] * len(ordered), ordered, [r[-1] == eos_id for r in ordered],
+                              [""] * len(ordered), [""] * len(ordered))
+    cols = []
+    for rm in reward_models:
+        scorer = rewards.LearnedReward(rm, pad_id=eos_id, micro_batch=micro_batch)
+        cols.append(scorer(samples).double().numpy())
+    out = np.empty((len(responses), len(reward_models)))
+    out[order] = np.stack(cols, 1)
+    return out
+
+
+def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
+    """The upper-right frontier of the mean rewards reachable by choosing one candidate per prompt.
+
+    scores: one (n_p, 2) array of (r₁, r₂) per prompt. For each w in linspace(0, 1), every prompt takes the
+    candidate maximising w·r₁ + (1 − w)·r₂ (ties: the larger r₁ + r₂), and the point is the mean over prompts.
+    Returns the distinct points (m, 2), sorted by r₁ ascending (so r₂ descending): the vertices of the
+    frontier of the Minkowski average of the per-prompt convex hulls."""
+    points = []
+    for w in np.linspace(0.0, 1.0, n_weights):
+        picks = []
+        for s in scores:
+            v = w * s[:, 0] + (1 - w) * s[:, 1]
+            best = np.flatnonzero(v >= v.max() - 1e-12)
+            picks.append(s[best[np.argmax(s[best].sum(1))]])
+        points.append(np.mean(picks, 0))
+    points = np.unique(np.round(np.array(points), 12), axis=0)
+    points = points[np.argsort(points[:, 0], kind="stable")]
+    keep = [p for p in points if not any((q >= p).all() and (q > p).any() for q in points)]  # Pareto only
+    return np.array(keep)
+
+
+def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
+    """max over the reachable set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) reachable, negative
+    when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices and the
+    segments between them, on which min of two linear functions peaks at an end or where they cross)."""
+    f = np.asarray(frontier, dtype=float)
+    best = np.max(np.minimum(f[:, 0] - a, f[:, 1] - b))
+    for p, q in zip(f[:-1], f[1:]):
+        d = (p[0] - a) - (p[1] - b)  # g(t) = d + t·(dq − d) with dq the same difference at q
+        dq = (q[0] - a) - (q[1] - b)
+        if d * dq < 0:
+            t = d / (d - dq)
+            x = p + t * (q - p)
+            best = max(best, min(x[0] - a, x[1] - b))
+    return float(best)
+
+
+def feasibility(frontier: np.ndarray, grid) -> list:
+    """[(a, b, feasible, margin)] for thresholds (a, b): feasible iff a frontier point has r₁ ≥ a and r₂ ≥ b;
+    margin in nats as frontier_margin."""
+    out = []
+    for a, b in grid:
+        m = frontier_margin(frontier, a, b)
+        out.append((float(a), float(b), bool(m >= 0), m))
+    return out
+
+
+def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list, n_candidates: int = 200,
+                     n_policy: int = 8, seed: int = 0) -> dict:
+    """Score generator candidates (and the SFT model's own samples) for every test prompt with both reward
+    models; print the frontier and the feasibility of FULL_GRID. Trains the reward models and SFT if missing.
+    Writes out/fig3/feasibility.json."""
+    import random
+    import data
+    import model as M
+    import train as T
+    with ThreadPoolExecutor(2) as pool:
+        rms = {name: pool.submit(train, os.path.join(out, "fig3", f"rm_{name}"), "--method=reward",
+                                 f"--demo_reward={name}", f"--steps={rm_steps}", "--eval_every=20", "--lr=1e-3",
+                                 data_dir=data_dir) for name in ("informative", "cautious")}
+        [f.result() for f in rms.values()]
+    rm_flags = [f"--reward_model={n}={os.path.join(out, 'fig3', f'rm_{n}', 'best')}" for n in ("informative", "cautious")]
+    sft = train(os.path.join(out, "fig3", "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
+                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, data_dir=data_dir)
+    means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in ("informative", "cautious")]
+             for w in ("before", "after")}
+    torch.set_num_threads(1)
+    rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in ("informative", "cautious")]
+    policy, tok = M.load_model(os.path.join(out, "fig3", "sft", "final"))
+    cfg = T.parse_config([f"--data_dir={data_dir}", *common])
+    demo = data.prepare_demo(data_dir, cfg.seed)
+    read = data.read_ultrachat([demo.task], tok, max_tokens=cfg.max_len, seed=cfg.seed)
+    _, _, test = data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.seed)
+    rng = random.Random(seed)
+    per_prompt = {"any": [], "train": [], "policy": []}
+    policy_props, t0 = [], time.time()
+    for i, ex in enumerate(test):
+        name = demo_subject(tok.decode(ex.prompt.tolist()))
+        for style in ("any", "train"):
+            texts = demo_candidates(rng, name, n_candidates // 2, style)
+            ids = [tok.encode(t, bos=False, eos=True) for t in texts]
+            per_prompt[style].append(score_responses(rm_models, ex.prompt, ids, tok.eos_id))
+        # the SFT model's own samples (top-p 0.9, as its test evaluation), scored alike; unfinished ones as they are
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + j) for j in range(n_policy)]
+        responses, ended = M.generate(policy, [ex.prompt.tolist()] * n_policy, cfg.max_new_tokens, tok.eos_id,
+                                      1.0, cfg.top_p, gens)
+        per_prompt["policy"].append(score_responses(rm_models, ex.prompt, responses, tok.eos_id))
+        policy_props += [data.demo_properties(tok.decode(r)) for r in responses]
+    frontiers = {k: pareto_frontier(v) for k, v in per_prompt.items()}
+    frontiers["any+policy"] = pareto_frontier([np.concatenate([a, p]) for a, p in
+                                               zip(per_prompt["any"], per_prompt["policy"])])
+    grid = [(round(means["after"][0] + da, 2), round(means["after"][1] + db, 2)) for da, db in FULL_GRID]
+    pol = np.concatenate(per_prompt["policy"])
+    result = {"sft": means["after"], "base": means["before"], "minutes": (time.time() - t0) / 60,
+              "n_candidates": {k: int(sum(len(s) for s in v)) for k, v in per_prompt.items()},
+              "frontiers": {k: f.tolist() for k, f in frontiers.items()},
+              "extent": {k: {"max_informative": f[-1].tolist(), "max_cautious": f[0].tolist()}
+                         for k, f in frontiers.items()},
+              "feasibility": {k: feasibility(f, grid) for k, f in frontiers.items()},
+              "sft_margin": {k: frontier_margin(f, *means["after"]) for k, f in frontiers.items()},
+              "base_margin": {k: frontier_margin(f, *means["before"]) for k, f in frontiers.items()},
+              "policy_samples": {"mean": pol.mean(0).tolist(), "std": pol.std(0, ddof=1).tolist(),
+                                 "garbled_share": float(np.mean([1 - f - c > 0 for f, c in policy_props])),
+                                 "properties_mean": np.mean(policy_props, 0).tolist()}}
+    lines = [f"SFT mean rewards (informative, cautious) {means['after'][0]:.2f}, {means['after'][1]:.2f}; "
+             f"base {means['before'][0]:.2f}, {means['before'][1]:.2f}; SFT's own samples ({len(pol)}): "
+             f"{pol.mean(0)[0]:.2f}, {pol.mean(0)[1]:.2f}"]
+    for k, f in frontiers.items():
+        lines.append(f"frontier from {k} ({result['n_candidates'].get(k, '')} candidates): {len(f)} vertices, "
+                     f"max informative at {f[-1].round(2).tolist()}, max cautious at {f[0].round(2).tolist()}; "
+                     f"margin of SFT {result['sft_margin'][k]:+.2f}, of base {result['base_margin'][k]:+.2f}")
+    lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: feasible, margin" for k in frontiers) + " |",
+              "|---" * (len(frontiers) + 1) + "|"]
+    for j, (a, b) in enumerate(grid):
+        cells = [f"{'✓' if result['feasibility'][k][j][2] else '✗'} {result['feasibility'][k][j][3]:+.2f}"
+                 for k in frontiers]
+        lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
+    print("\n".join(lines), flush=True)
+    np.savez(os.path.join(out, "fig3", "feasibility_scores.npz"),  # per prompt, for further analysis
+             **{f"{k}_{i}": s for k, v in per_prompt.items() for i, s in enumerate(v)})
+    with open(os.path.join(out, "fig3", "feasibility.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=lambda x: bool(x) if isinstance(x, np.bool_) else float(x))
+    return result
+
+
 def pyplot():
     try:
         import matplotlib
@@ -187,8 +371,10 @@ def main():
     p.add_argument("--out", default="out/reproduce")
     p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base model")
     p.add_argument("--steps", type=int, default=200, help="steps per fine-tuning run")
+    p.add_argument("--feasibility", action="store_true",
+                   help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet (~10 minutes)")
     a = p.parse_args()
-    print(f"reproduce.py: {'about 10 minutes' if a.quick else 'about an hour'} on a 2-core CPU "
+    print(f"reproduce.py: {'about 10 minutes' if a.quick or a.feasibility else 'about an hour'} on a 2-core CPU "
           f"(runs are cached in {a.out}; delete it to start over)", flush=True)
     os.makedirs(a.out, exist_ok=True)
     start = time.time()
@@ -197,6 +383,9 @@ def main():
     subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",
                     "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}"],
                    check=True, capture_output=True)
+    if a.feasibility:
+        fig3_feasibility(a.out, a.data_dir, a.steps, 60, common)
+        return
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
     t2, r2 = fig2(a.out, QUICK_BANDS if a.quick else FULL_BANDS, a.steps, a.data_dir, common)

@@ -1,6 +1,6 @@
 """Rewards r_i(y|x) and constraints (r_i, b_i) for L3M fine-tuning, written C_i = E[b_i − r_i] ≤ 0.
 
-    rewards = {"length": length_reward, "helpful": LearnedReward.load("out/rm_helpful")}
+    rewards = {"length": length_reward, "helpful": LearnedReward(model.load_model("out/rm_helpful/best")[0])}
     constraints = parse_constraints(["length>=50", "length<=100", "P[helpful>=3]>=0.9"], rewards)
     samples = Samples.from_generate(prompts, responses, ended, tokenizer)
     c = torch.stack([con.cost(samples) for con in constraints], 1)   # (B, k), c_i = b_i − r_i
@@ -106,19 +106,6 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     return (r_chosen > r_rejected).float().mean().item()
 
 
-@torch.no_grad()
-def evaluate_pairwise_accuracy(model, examples: Sequence, batch_size: int = 32, pad_id: int = 0) -> float:
-    """Held-out pairwise accuracy of a reward model on data.PreferenceExamples, in eval mode."""
-    was_training = model.training
-    model.eval()
-    right = 0
-    for i in range(0, len(examples), batch_size):
-        r_plus, r_minus = preference_rewards(model, examples[i:i + batch_size], pad_id)
-        right += (r_plus > r_minus).sum().item()
-    model.train(was_training)
-    return right / len(examples)
-
-
 class LearnedReward:
     """A Bradley–Terry reward model used as a reward at fine-tuning time: eval mode, no gradients,
     scored in micro-batches so that the (B, T, V) logits stay small."""
@@ -126,13 +113,6 @@ class LearnedReward:
     def __init__(self, model, pad_id: int = 0, micro_batch: int = 16):
         self.model, self.pad_id, self.micro_batch = model.eval(), pad_id, micro_batch
         self.model.requires_grad_(False)
-
-    @classmethod
-    def load(cls, folder: str, device="cpu", dtype=torch.float32, **kw):
-        """From a checkpoint folder written by model.save_checkpoint."""
-        import model as M
-        rm, _ = M.load_model(folder, device=device, dtype=dtype)
-        return cls(rm, **kw)
 
     @torch.no_grad()
     def __call__(self, samples: Samples) -> torch.Tensor:
@@ -157,12 +137,9 @@ class ConstraintError(ValueError):
     """A constraint that does not parse; the message says what is accepted."""
 
 
-def _at_least(reward: RewardFn, t: float) -> RewardFn:
-    return lambda s: (reward(s) >= t).float()
-
-
-def _at_most(reward: RewardFn, t: float) -> RewardFn:
-    return lambda s: (reward(s) <= t).float()
+def _chance(reward: RewardFn, sign: float, t: float) -> RewardFn:
+    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator (l3m.chance)."""
+    return lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0]
 
 
 def _negated(reward: RewardFn) -> RewardFn:
@@ -189,8 +166,8 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         q = float(chance.group(2))
         if not 0.0 < q <= 1.0:
             raise ConstraintError(f"{text!r}: a probability must lie in (0, 1], not {q}")
-        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1)
-        return Constraint(text.strip(), _at_least(reward, t) if op == ">=" else _at_most(reward, t), q)
+        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), here with 1 − ε = q
+        return Constraint(text.strip(), _chance(reward, 1.0 if op == ">=" else -1.0, t), q)
     if text.lstrip().startswith("P["):
         raise ConstraintError(f"{text!r}: a chance constraint reads P[NAME>=NUMBER]>=PROB; expected {SYNTAX}")
     reward, op, t = _bound(text, text, rewards)

@@ -1184,7 +1184,7 @@ def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
         files = D.prepare_demo(tmp_path, seed=0)
         results[i] = [getattr(files, f).read_bytes() for f in ("tokenizer", "task", "cautious_test")]
 
-    monkeypatch.setattr(M, "atomic_folder", counted_atomic_folder)
+    monkeypatch.setattr(D, "atomic_folder", counted_atomic_folder)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -1267,6 +1267,15 @@ def test_learned_reward_is_logp_norm(tok):
             assert torch.allclose(r[i], l3m.logp_norm(model(t), t, m)[0], atol=1e-5)
 
 
+@torch.no_grad()
+def held_out_accuracy(model, examples, batch_size=32):
+    """Share of pairs a reward model ranks right, r(y⁺|x) > r(y⁻|x), in eval mode."""
+    model.eval()
+    rewards = [R.preference_rewards(model, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    model.train()
+    return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]), torch.cat([m for _, m in rewards]))
+
+
 def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok, one_thread):
     """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy.
     (Measured: 98 % informative, 99.5 % cautious, 6–10 s each on one shared core.)"""
@@ -1278,14 +1287,14 @@ def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok, one_threa
         model = tiny_lm(tok.vocab_size)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         gen = torch.Generator().manual_seed(0)
-        before = R.evaluate_pairwise_accuracy(model, test)
+        before = held_out_accuracy(model, test)
         for _ in range(30):
             idx = torch.randint(len(train), (16,), generator=gen).tolist()
             loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        acc = R.evaluate_pairwise_accuracy(model, test)
+        acc = held_out_accuracy(model, test)
         print(f"\nBradley–Terry {prop}: held-out accuracy {before:.3f} -> {acc:.3f} "
               f"({len(test)} pairs, {time.time() - start:.1f} s)")
         assert acc >= 0.9
@@ -1586,6 +1595,17 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path, flag, message):
     assert p.returncode != 0
     errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), p.stdout + p.stderr[-2000:]
+
+
+def test_every_flag_has_help(capsys):
+    """`python train.py --help` says what every flag means, not only its default."""
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also after hyphens
+    for f in dataclasses.fields(train.Config):
+        help = "".join(f.metadata["help"].split())
+        assert len(help) > 5 and f"--{f.name}" in out and help in out, f.name
 
 
 def test_demo_pipeline_end_to_end(tmp_path, data_dir):
