@@ -194,6 +194,19 @@ def demo_subject(prompt_text: str) -> str:
     return names[0]
 
 
+def demo_sentence_check(response: str, name: str) -> tuple:
+    """(sentences, unknown, off_subject) of a sampled response to a question about name: how many sentences it
+    has, how many of them the demo generator never writes (garbled), and how many it writes only about another
+    subject (a fact or caution naming the wrong animal or thing)."""
+    import re
+    import data
+    own = {t for ts in data._sentences(name).values() for t in ts}
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", response.strip()) if s]
+    known = data._sentence_kinds()
+    unknown = sum(s not in known for s in sentences)
+    return len(sentences), unknown, sum(s in known and s not in own for s in sentences)
+
+
 def demo_candidates(rng, name: str, n: int, style: str = "any") -> list:
     """Up to n distinct demo answers about name (data.demo_answer). style "train": caution and filler shares
     drawn as the reward models' preference data draws them (data._style); "any": any shares in [0, 1], half
@@ -277,52 +290,77 @@ def feasibility(frontier: np.ndarray, grid) -> list:
     return out
 
 
+def demo_test_split(tok, data_dir: str, common: list) -> list:
+    """The test split train.py evaluates on with these flags (TaskExamples)."""
+    import data
+    import train as T
+    cfg = T.parse_config([f"--data_dir={data_dir}", *common])
+    demo = data.prepare_demo(data_dir, cfg.seed)
+    read = data.read_ultrachat([demo.task], tok, max_tokens=cfg.max_len, seed=cfg.seed)
+    return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.seed)[2]
+
+
+def sample_and_score(policy, tok, test: list, rm_models: list, n: int, seed: int = 0, top_p: float = 0.9,
+                     max_new_tokens: int = 128) -> tuple:
+    """n responses per test prompt sampled from policy (top-p, temperature 1, as train.py's rollouts), scored by
+    the reward models. Returns (per-prompt (n, k) rewards, (prompts · n, 4) array of demo_sentence_check's
+    (sentences, unknown, off subject) and whether the response was cut at max_new_tokens)."""
+    import model as M
+    scores, props = [], []
+    for i, ex in enumerate(test):
+        name = demo_subject(tok.decode(ex.prompt.tolist()))
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + j) for j in range(n)]
+        responses, ended = M.generate(policy, [ex.prompt.tolist()] * n, max_new_tokens, tok.eos_id, 1.0, top_p, gens)
+        scores.append(score_responses(rm_models, ex.prompt, responses, tok.eos_id))
+        props += [demo_sentence_check(tok.decode(r), name) + (not e,) for r, e in zip(responses, ended)]
+    return scores, np.array(props, dtype=float)
+
+
+def sample_summary(scores: list, props: np.ndarray) -> dict:
+    """Mean and per-sample std of the rewards of sample_and_score, the standard error of a test mean with one
+    sample per prompt, and the shares of garbled, off-subject and cut responses."""
+    s = np.concatenate(scores)
+    std = s.std(0, ddof=1)
+    return {"n": len(s), "mean": s.mean(0).tolist(), "std": std.tolist(), "se_100": (std / 10).tolist(),
+            "unknown_sentence_share": float(props[:, 1].sum() / max(props[:, 0].sum(), 1)),
+            "responses_with_unknown": float(np.mean(props[:, 1] > 0)),
+            "off_subject_sentence_share": float(props[:, 2].sum() / max(props[:, 0].sum(), 1)),
+            "truncated_share": float(props[:, 3].mean())}
+
+
 def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list, n_candidates: int = 200,
                      n_policy: int = 8, seed: int = 0) -> dict:
     """Score generator candidates (and the SFT model's own samples) for every test prompt with both reward
     models; print the frontier and the feasibility of FULL_GRID. Trains the reward models and SFT if missing.
-    Writes out/fig3/feasibility.json."""
+    Writes out/fig3/feasibility.json and the per-prompt scores feasibility_scores.npz."""
     import random
-    import data
     import model as M
-    import train as T
     with ThreadPoolExecutor(2) as pool:
         rms = {name: pool.submit(train, os.path.join(out, "fig3", f"rm_{name}"), "--method=reward",
                                  f"--demo_reward={name}", f"--steps={rm_steps}", "--eval_every=20", "--lr=1e-3",
                                  data_dir=data_dir) for name in ("informative", "cautious")}
         [f.result() for f in rms.values()]
-    rm_flags = [f"--reward_model={n}={os.path.join(out, 'fig3', f'rm_{n}', 'best')}" for n in ("informative", "cautious")]
+    names = ("informative", "cautious")
+    rm_flags = [f"--reward_model={n}={os.path.join(out, 'fig3', f'rm_{n}', 'best')}" for n in names]
     sft = train(os.path.join(out, "fig3", "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
                 "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, data_dir=data_dir)
-    means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in ("informative", "cautious")]
-             for w in ("before", "after")}
+    means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names] for w in ("before", "after")}
     torch.set_num_threads(1)
-    rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in ("informative", "cautious")]
+    rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in names]
     policy, tok = M.load_model(os.path.join(out, "fig3", "sft", "final"))
-    cfg = T.parse_config([f"--data_dir={data_dir}", *common])
-    demo = data.prepare_demo(data_dir, cfg.seed)
-    read = data.read_ultrachat([demo.task], tok, max_tokens=cfg.max_len, seed=cfg.seed)
-    _, _, test = data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.seed)
-    rng = random.Random(seed)
-    per_prompt = {"any": [], "train": [], "policy": []}
-    policy_props, t0 = [], time.time()
-    for i, ex in enumerate(test):
+    test, rng, t0 = demo_test_split(tok, data_dir, common), random.Random(seed), time.time()
+    per_prompt = {"any": [], "train": []}
+    for ex in test:
         name = demo_subject(tok.decode(ex.prompt.tolist()))
-        for style in ("any", "train"):
-            texts = demo_candidates(rng, name, n_candidates // 2, style)
-            ids = [tok.encode(t, bos=False, eos=True) for t in texts]
+        for style in per_prompt:
+            ids = [tok.encode(t, bos=False, eos=True) for t in demo_candidates(rng, name, n_candidates // 2, style)]
             per_prompt[style].append(score_responses(rm_models, ex.prompt, ids, tok.eos_id))
-        # the SFT model's own samples (top-p 0.9, as its test evaluation), scored alike; unfinished ones as they are
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + j) for j in range(n_policy)]
-        responses, ended = M.generate(policy, [ex.prompt.tolist()] * n_policy, cfg.max_new_tokens, tok.eos_id,
-                                      1.0, cfg.top_p, gens)
-        per_prompt["policy"].append(score_responses(rm_models, ex.prompt, responses, tok.eos_id))
-        policy_props += [data.demo_properties(tok.decode(r)) for r in responses]
+    # the SFT model's own samples (top-p 0.9, as in its test evaluation): what a policy near SFT can say
+    per_prompt["policy"], props = sample_and_score(policy, tok, test, rm_models, n_policy, seed)
+    per_prompt["any+policy"] = [np.concatenate([a, p]) for a, p in zip(per_prompt["any"], per_prompt["policy"])]
     frontiers = {k: pareto_frontier(v) for k, v in per_prompt.items()}
-    frontiers["any+policy"] = pareto_frontier([np.concatenate([a, p]) for a, p in
-                                               zip(per_prompt["any"], per_prompt["policy"])])
     grid = [(round(means["after"][0] + da, 2), round(means["after"][1] + db, 2)) for da, db in FULL_GRID]
-    pol = np.concatenate(per_prompt["policy"])
+    pol = sample_summary(per_prompt["policy"], props)
     result = {"sft": means["after"], "base": means["before"], "minutes": (time.time() - t0) / 60,
               "n_candidates": {k: int(sum(len(s) for s in v)) for k, v in per_prompt.items()},
               "frontiers": {k: f.tolist() for k, f in frontiers.items()},
@@ -331,16 +369,17 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
               "feasibility": {k: feasibility(f, grid) for k, f in frontiers.items()},
               "sft_margin": {k: frontier_margin(f, *means["after"]) for k, f in frontiers.items()},
               "base_margin": {k: frontier_margin(f, *means["before"]) for k, f in frontiers.items()},
-              "policy_samples": {"mean": pol.mean(0).tolist(), "std": pol.std(0, ddof=1).tolist(),
-                                 "garbled_share": float(np.mean([1 - f - c > 0 for f, c in policy_props])),
-                                 "properties_mean": np.mean(policy_props, 0).tolist()}}
-    lines = [f"SFT mean rewards (informative, cautious) {means['after'][0]:.2f}, {means['after'][1]:.2f}; "
-             f"base {means['before'][0]:.2f}, {means['before'][1]:.2f}; SFT's own samples ({len(pol)}): "
-             f"{pol.mean(0)[0]:.2f}, {pol.mean(0)[1]:.2f}"]
+              "sft_samples": pol}
+    lines = [f"SFT test means (informative, cautious) {means['after'][0]:.2f}, {means['after'][1]:.2f}; base "
+             f"{means['before'][0]:.2f}, {means['before'][1]:.2f}. SFT's own samples ({pol['n']}): "
+             f"{pol['mean'][0]:.2f}, {pol['mean'][1]:.2f}, per-sample std {pol['std'][0]:.2f}, {pol['std'][1]:.2f} "
+             f"(standard error of a 100-prompt test mean {pol['se_100'][0]:.2f}, {pol['se_100'][1]:.2f}); "
+             f"sentences the generator never writes {pol['unknown_sentence_share']:.1%}, off subject "
+             f"{pol['off_subject_sentence_share']:.1%}, cut at max_new_tokens {pol['truncated_share']:.1%}"]
     for k, f in frontiers.items():
-        lines.append(f"frontier from {k} ({result['n_candidates'].get(k, '')} candidates): {len(f)} vertices, "
-                     f"max informative at {f[-1].round(2).tolist()}, max cautious at {f[0].round(2).tolist()}; "
-                     f"margin of SFT {result['sft_margin'][k]:+.2f}, of base {result['base_margin'][k]:+.2f}")
+        lines.append(f"frontier from {k} ({result['n_candidates'][k]} responses): {len(f)} vertices, max informative "
+                     f"at {f[-1].round(2).tolist()}, max cautious at {f[0].round(2).tolist()}; margin of SFT "
+                     f"{result['sft_margin'][k]:+.2f}, of base {result['base_margin'][k]:+.2f}")
     lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: feasible, margin" for k in frontiers) + " |",
               "|---" * (len(frontiers) + 1) + "|"]
     for j, (a, b) in enumerate(grid):
@@ -349,9 +388,9 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
         lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
     np.savez(os.path.join(out, "fig3", "feasibility_scores.npz"),  # per prompt, for further analysis
-             **{f"{k}_{i}": s for k, v in per_prompt.items() for i, s in enumerate(v)})
+             **{f"{k}_{i}": s for k in ("any", "train", "policy") for i, s in enumerate(per_prompt[k])})
     with open(os.path.join(out, "fig3", "feasibility.json"), "w") as fh:
-        json.dump(result, fh, indent=1, default=lambda x: bool(x) if isinstance(x, np.bool_) else float(x))
+        json.dump(result, fh, indent=1)
     return result
 
 
