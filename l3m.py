@@ -6,7 +6,7 @@ The problem (Eq. 5), with c_i = b_i − r_i(y|x):
 
     minimise L(θ) = E[−ℓ̄_θ(y|x)]   subject to   C_i(θ) = E_{y~π_θ}[c_i] ≤ 0,  i = 1..k
 
-One step of the procedure (§5.1, §5.4), driven by train.py:
+One step of the procedure (§5.1, §5.4); train.py writes it out as run, task_step and constraint_step:
 
     mu = mu_at(step, total_steps - 1)           # step 0 uses µ_0 = 1, the last µ_T = 1e-6
     if mult.coin(generator):                    # heads: task step

@@ -247,7 +247,7 @@ def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
     """The upper-right frontier of the mean rewards reachable by choosing one candidate per prompt.
 
     scores: one (n_p, 2) array of (r₁, r₂) per prompt. For each w in linspace(0, 1), every prompt takes the
-    candidate maximising w·r₁ + (1 − w)·r₂ (ties: the larger r₁ + r₂), and the point is the mean over prompts.
+    candidate maximising w·r₁ + (1 − w)·r₂ (ties: the larger r₁ + r₂); the point is the mean over prompts.
     Returns the distinct points (m, 2), sorted by r₁ ascending (so r₂ descending): the vertices of the
     frontier of the Minkowski average of the per-prompt convex hulls."""
     points = []
@@ -265,9 +265,9 @@ def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
 
 
 def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
-    """max over the reachable set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) reachable, negative
-    when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices and the
-    segments between them, on which min of two linear functions peaks at an end or where they cross)."""
+    """max over the reachable set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) reachable,
+    negative when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices
+    and the segments between them, on which min of two linear functions peaks at an end or where they cross)."""
     f = np.asarray(frontier, dtype=float)
     best = np.max(np.minimum(f[:, 0] - a, f[:, 1] - b))
     for p, q in zip(f[:-1], f[1:]):

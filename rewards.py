@@ -138,7 +138,8 @@ class ConstraintError(ValueError):
 
 
 def _chance(reward: RewardFn, sign: float, t: float) -> RewardFn:
-    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator (l3m.chance)."""
+    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator
+    (l3m.chance)."""
     return lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0]
 
 
