@@ -1640,9 +1640,10 @@ def test_every_flag_has_help(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also after hyphens
-    for f in dataclasses.fields(train.Config):
-        help = "".join(f.metadata["help"].split())
-        assert len(help) > 5 and f"--{f.name}" in out and help in out, f.name
+    helps = [f.metadata["help"] for f in dataclasses.fields(train.Config)]
+    assert len(set(helps)) == len(helps)  # no shared boilerplate standing in for a meaning
+    for f, help in zip(dataclasses.fields(train.Config), helps):
+        assert len(help.split()) >= 3 and f"--{f.name}" in out and "".join(help.split()) in out, f.name
 
 
 def test_demo_pipeline_end_to_end(tmp_path, data_dir):
