@@ -34,6 +34,8 @@ QUICK_BANDS = [(16, 24), (24, 32)]
 # trade-off the paper's grid walks: raise one, the other, or both a little.
 FULL_GRID = [(1.0, -0.5), (1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (-0.5, 1.0)]
 QUICK_GRID = [(1.0, 0.0)]
+FIG3_LR = 1e-4
+RM_STEPS = 60
 
 
 def train(out: str, *flags, data_dir: str) -> dict:
@@ -71,40 +73,90 @@ def fig1(out: str) -> str:
     return "\n".join(table)
 
 
-def fig2(out: str, bands, steps: int, data_dir: str, common: list) -> tuple:
-    """SFT and length-constrained L3Ms (paper Fig. 2): mean length and task perplexity on the test split."""
-    jobs = {"SFT": ["--method=sft", f"--steps={steps}"]}
-    for lo, hi in bands:
-        jobs[f"L3M [{lo}, {hi}]"] = ["--method=l3m", f"--steps={steps}", f"--constraint=length>={lo}",
-                                    f"--constraint=length<={hi}"]
+MARK = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}  # rewards.verdict
+
+
+def verdicts(report: dict, thresholds=None) -> list:
+    """Each constraint's verdict on the test split, as C ± its standard error (rewards.verdict); judged
+    against `thresholds` (one b per constraint) where a run was trained on tightened ones."""
+    import rewards
+    out = []
+    for j, c in enumerate(report["after"]["constraints"].values()):
+        C = c["C"] if thresholds is None else thresholds[j] - c["reward_mean"]
+        out.append({"C": C, "se": c["se"], "verdict": rewards.verdict(C, c["se"])})
+    return out
+
+
+def overall(vs: list) -> str:
+    """A run's verdict over all its constraints: the worst of them."""
+    order = ["satisfied", "within noise", "violated"]
+    return order[max(order.index(v["verdict"]) for v in vs)]
+
+
+def spread(xs, digits: int = 2) -> str:
+    """mean ± standard deviation over seeds (the mean alone for one seed)."""
+    xs = np.asarray(xs, dtype=float)
+    return f"{xs.mean():.{digits}f}" + (f" ± {xs.std(ddof=1):.{digits}f}" if len(xs) > 1 else "")
+
+
+def counts(runs: list, n: int) -> str:
+    """'k/n ✓' and, where any, the within-noise and violated counts."""
+    tally = [sum(overall(r["verdicts"]) == v for r in runs) for v in MARK]
+    return f"{tally[0]}/{n} ✓" + "".join(f", {t} {m}" for t, m in zip(tally[1:], list(MARK.values())[1:]) if t)
+
+
+def run_all(jobs: dict, data_dir: str) -> dict:
+    """Run the train.py jobs {out folder: flags}, two at a time; returns {out folder: report}."""
     with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(train, os.path.join(out, "fig2", name.replace(" ", "").replace(",", "-")),
-                                     *flags, *common, data_dir=data_dir) for name, flags in jobs.items()}
-        reports = {name: f.result() for name, f in futures.items()}
-    rows = [("base (demo pretraining)", None, reports["SFT"]["before"])]
-    rows += [(name, None if name == "SFT" else bands[i - 1], r["after"]) for i, (name, r) in enumerate(reports.items())]
-    table = ["| model | mean length | quartiles | task perplexity | inside the band |", "|---|---|---|---|---|"]
+        futures = {o: pool.submit(train, o, *flags, data_dir=data_dir) for o, flags in jobs.items()}
+        return {o: f.result() for o, f in futures.items()}
+
+
+def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list) -> tuple:
+    """SFT and length-constrained L3Ms (paper Fig. 2) over seeds: mean length, task perplexity, how many
+    seeds land inside each band."""
+    models = {"SFT": ["--method=sft"]}
+    models.update({f"L3M [{lo}, {hi}]": ["--method=l3m", f"--constraint=length>={lo}", f"--constraint=length<={hi}"]
+                   for lo, hi in bands})
+    folder = {(name, s): os.path.join(out, "fig2", name.replace(" ", "").replace(",", "-") + f"_s{s}")
+              for name in models for s in seeds}
+    reports = run_all({folder[k]: [*models[k[0]], f"--steps={steps}", f"--seed={k[1]}", *common] for k in folder},
+                      data_dir)
+    table = ["| model | mean length (over seeds) | quartiles (seed 0) | task perplexity | length test mean ± "
+             "std. error per seed | inside the band |", "|---|---|---|---|---|---|"]
+    base = reports[folder["SFT", seeds[0]]]["before"]
+    table.append(f"| base (demo pretraining) | {base['length_mean']:.1f} | {base['length_q1']:.0f} / "
+                 f"{base['length_median']:.0f} / {base['length_q3']:.0f} | {base['perplexity_mean']:.3f} | | |")
     results = []
-    for name, band, r in rows:
-        inside = "" if band is None else ("✓" if band[0] <= r["length_mean"] <= band[1] else "✗")
-        table.append(f"| {name} | {r['length_mean']:.1f} | {r['length_q1']:.0f} / {r['length_median']:.0f} / "
-                     f"{r['length_q3']:.0f} | {r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f} | {inside} |")
-        results.append({"model": name, "band": band, **{k: r[k] for k in (
-            "length_mean", "length_p10", "length_q1", "length_median", "length_q3", "length_p90",
-            "perplexity_mean", "perplexity_std")}})
+    for name in models:
+        runs = [{"seed": s, **reports[folder[name, s]]["after"]} for s in seeds]
+        for run in runs:
+            run["verdicts"] = list(run["constraints"].values())
+        r0 = runs[0]
+        inside = counts(runs, len(seeds)) if name != "SFT" else ""
+        table.append(f"| {name} | {spread([r['length_mean'] for r in runs])} | {r0['length_q1']:.0f} / "
+                     f"{r0['length_median']:.0f} / {r0['length_q3']:.0f} | "
+                     f"{spread([r['perplexity_mean'] for r in runs], 3)} | "
+                     + ", ".join(f"{r['length_mean']:.1f} ± {r['length_se']:.1f}" for r in runs) + f" | {inside} |")
+        results.append({"model": name, "band": None if name == "SFT" else bands[len(results) - 1], "runs": [
+            {k: r[k] for k in ("seed", "length_mean", "length_se", "length_p10", "length_q1", "length_median",
+                               "length_q3", "length_p90", "perplexity_mean", "perplexity_std", "verdicts")}
+            for r in runs]})
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 4.5))
-        stats = [{"label": r["model"].replace("L3M ", ""), "med": r["length_median"], "q1": r["length_q1"],
-                  "q3": r["length_q3"], "whislo": r["length_p10"], "whishi": r["length_p90"],
-                  "mean": r["length_mean"]} for r in results]
+        stats = [{"label": r["model"].replace("L3M ", ""), "med": r["runs"][0]["length_median"],
+                  "q1": r["runs"][0]["length_q1"], "q3": r["runs"][0]["length_q3"],
+                  "whislo": r["runs"][0]["length_p10"], "whishi": r["runs"][0]["length_p90"],
+                  "mean": r["runs"][0]["length_mean"]} for r in results]
         ax.bxp(stats, showfliers=False, showmeans=True)
         for i, r in enumerate(results, start=1):
+            ax.plot([i] * len(r["runs"]), [x["length_mean"] for x in r["runs"]], "k.", ms=4)
             if r["band"]:
                 ax.plot([i - 0.4, i + 0.4], [r["band"][0]] * 2, "r-", [i - 0.4, i + 0.4], [r["band"][1]] * 2, "r-")
         ax.set_ylabel("response length (tokens)")
-        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale): box quartiles, whiskers p10–p90, ▲ mean, "
-                     "red the band")
+        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale): seed 0's box (quartiles, p10–p90), ▲ its mean, "
+                     "• every seed's mean, red the band", fontsize=8)
         plt.xticks(rotation=30, ha="right")
         plt.tight_layout()
         plt.savefig(os.path.join(out, "fig2.png"), dpi=120)
@@ -112,64 +164,163 @@ def fig2(out: str, bands, steps: int, data_dir: str, common: list) -> tuple:
     return "\n".join(table), results
 
 
-def fig3(out: str, grid, steps: int, rm_steps: int, data_dir: str, common: list) -> tuple:
-    """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3)."""
-    with ThreadPoolExecutor(2) as pool:
-        rms = {name: pool.submit(train, os.path.join(out, "fig3", f"rm_{name}"), "--method=reward",
-                                 f"--demo_reward={name}", f"--steps={rm_steps}", "--eval_every=20", "--lr=1e-3",
-                                 data_dir=data_dir) for name in ("informative", "cautious")}
-        accuracy = {name: f.result()["test_accuracy"] for name, f in rms.items()}
-    rm_flags = [f"--reward_model={n}={os.path.join(out, 'fig3', f'rm_{n}', 'best')}" for n in accuracy]
-    # thresholds so low that they only make the report carry the SFT model's mean rewards
-    sft = train(os.path.join(out, "fig3", "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
+def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_dir: str, common: list,
+         with_feasibility: bool) -> tuple:
+    """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3), over seeds.
+
+    MM runs every η_λ in `etas` on the first seed and the best of them (most grid points met, then the
+    smallest total violation) on the others. With margin_z, L3M also trains on thresholds tightened by
+    margin_z standard errors of a test mean (the SFT model's spread of rewards / √n) and is judged against
+    the untightened ones: the recipe for a constraint that must hold on new prompts."""
+    names = ("informative", "cautious")
+    f3 = os.path.join(out, "fig3")
+    rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}", f"--steps={rm_steps}",
+                                                 "--eval_every=20", "--lr=1e-3"] for n in names}, data_dir)
+    accuracy = {n: rms[os.path.join(f3, f"rm_{n}")]["test_accuracy"] for n in names}
+    rm_flags = [f"--reward_model={n}={os.path.join(f3, f'rm_{n}', 'best')}" for n in names]
+    # thresholds so low that they only make the report carry the SFT model's mean rewards and their spread
+    sft = train(os.path.join(f3, "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
                 "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, data_dir=data_dir)
-    m1 = sft["after"]["constraints"]["informative>=-100"]["reward_mean"]
-    m2 = sft["after"]["constraints"]["cautious>=-100"]["reward_mean"]
-    jobs = {}
-    for da, db in grid:
-        a, b = round(m1 + da, 2), round(m2 + db, 2)
-        for method in ("l3m", "mm"):
-            jobs[(a, b, method)] = [f"--method={method}", f"--steps={steps}", *rm_flags,
-                                    f"--constraint=informative>={a}", f"--constraint=cautious>={b}"]
-    with ThreadPoolExecutor(2) as pool:
-        futures = {key: pool.submit(train, os.path.join(out, "fig3", f"{key[2]}_{key[0]}_{key[1]}"), *flags, *common,
-                                    data_dir=data_dir) for key, flags in jobs.items()}
-        reports = {key: f.result() for key, f in futures.items()}
-    table = [f"Reward models' held-out pairwise accuracy: informative {accuracy['informative']:.3f}, "
-             f"cautious {accuracy['cautious']:.3f}. SFT: informative {m1:.2f}, cautious {m2:.2f}, "
-             f"perplexity {sft['after']['perplexity_mean']:.3f} ± {sft['after']['perplexity_std']:.3f}.", "",
-             "| constraint (informative ≥ a, cautious ≥ b) | method | informative | cautious | satisfied | "
-             "task perplexity |", "|---|---|---|---|---|---|"]
+    m = [sft["after"]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
+    se = [sft["after"]["constraints"][f"{n}>=-100"]["se"] for n in names]
+    points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
+    feas = {}
+    if with_feasibility:
+        with ThreadPoolExecutor(1) as side:  # beside the training runs: one thread, one core
+            feas_job = side.submit(fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
+
+    def job(method, a, b, seed, eta=None, tight=False):
+        key = (method + ("+margin" if tight else ""), a, b, seed, eta)
+        ta, tb = (round(a + margin_z * se[0], 2), round(b + margin_z * se[1], 2)) if tight else (a, b)
+        name = f"{key[0]}_{a}_{b}_s{seed}" + (f"_eta{eta:g}" if eta is not None else "")
+        flags = [f"--method={method}", f"--steps={steps}", f"--seed={seed}", *rm_flags, *common,
+                 f"--constraint=informative>={ta}", f"--constraint=cautious>={tb}"] + \
+            ([f"--eta_lam={eta}"] if eta is not None else [])
+        return key, os.path.join(f3, name.replace("+", "_")), flags
+
+    jobs = [job("l3m", a, b, s) for a, b in points for s in seeds]
+    jobs += [job("mm", a, b, seeds[0], eta) for a, b in points for eta in etas]
+    if margin_z:
+        jobs += [job("l3m", a, b, s, tight=True) for a, b in points for s in seeds]
+    reports = {key: r for (key, _, _), r in zip(jobs, run_all({o: f for _, o, f in jobs}, data_dir).values())}
+
+    def score(eta):  # MM at one η_λ on the first seed: (grid points met, minus the total violation)
+        runs = [verdicts(reports["mm", a, b, seeds[0], eta]) for a, b in points]
+        return sum(overall(v) != "violated" for v in runs), -sum(max(x["C"], 0) for v in runs for x in v)
+    best = max(etas, key=score)
+    more = [job("mm", a, b, s, best) for a, b in points for s in seeds[1:]]
+    reports.update({key: r for (key, _, _), r in zip(more, run_all({o: f for _, o, f in more}, data_dir).values())})
+    if with_feasibility:
+        feas = {tuple(p[:2]): p[3] for p in feas_job.result()["feasibility"]["any+policy"]}
+
+    if with_feasibility:  # margin in nats of each grid point, and of its tightened version, from the frontier
+        frontier = np.array(feas_job.result()["frontiers"]["any+policy"])
+        feas = {(a, b): (frontier_margin(frontier, a, b), frontier_margin(frontier, a + margin_z * se[0],
+                                                                          b + margin_z * se[1])) for a, b in points}
     results = []
-    for (a, b, method), r in reports.items():
+    for (method, a, b, seed, eta), r in reports.items():
         cons = list(r["after"]["constraints"].values())
-        ok = all(c["satisfied"] for c in cons)
-        table.append(f"| ({a:.2f}, {b:.2f}) | {method.upper()} | {cons[0]['reward_mean']:.2f} | "
-                     f"{cons[1]['reward_mean']:.2f} | {'✓' if ok else '✗'} | "
-                     f"{r['after']['perplexity_mean']:.3f} ± {r['after']['perplexity_std']:.3f} |")
-        results.append({"a": a, "b": b, "method": method, "informative": cons[0]["reward_mean"],
-                        "cautious": cons[1]["reward_mean"], "satisfied": ok,
-                        "perplexity_mean": r["after"]["perplexity_mean"], "perplexity_std": r["after"]["perplexity_std"]})
+        results.append({"a": a, "b": b, "method": method, "seed": seed, "eta_lam": eta,
+                        "informative": cons[0]["reward_mean"], "cautious": cons[1]["reward_mean"],
+                        "verdicts": verdicts(r, [a, b]), "perplexity_mean": r["after"]["perplexity_mean"],
+                        "perplexity_std": r["after"]["perplexity_std"], "run": job(
+                            method.split("+")[0], a, b, seed, eta, "+margin" in method)[1]})
+    summary = {"reward_model_accuracy": accuracy, "sft": {"rewards": m, "se": se}, "best_eta_lam": best,
+               "margin_z": margin_z, "feasibility_margin": {f"{a}, {b}": v for (a, b), v in feas.items()},
+               "runs": results}
+    return fig3_tables(out, summary, points, seeds, etas), summary
+
+
+def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
+    """Fig. 3's summary over seeds, every run's verdicts, and fig3.png."""
+    runs, best, (m1, m2), se = s["runs"], s["best_eta_lam"], s["sft"]["rewards"], s["sft"]["se"]
+    pick = lambda method, a, b, eta=None: [r for r in runs if (r["method"], r["a"], r["b"]) == (method, a, b)
+                                           and (method != "mm" or r["eta_lam"] == eta)]
+    acc = s["reward_model_accuracy"]
+    lines = [f"Reward models' held-out pairwise accuracy: informative {acc['informative']:.3f}, cautious "
+             f"{acc['cautious']:.3f}. SFT on the test split: informative {m1:.2f} ± {se[0]:.2f}, cautious "
+             f"{m2:.2f} ± {se[1]:.2f} (± one standard error of the test mean). {len(seeds)} seed(s); MM's best "
+             f"η_λ of {', '.join(f'{e:g}' for e in etas)}: {best:g}."
+             + (f" L3M + margin trains on thresholds raised by {s['margin_z']:g} standard errors "
+                f"({s['margin_z'] * se[0]:.2f}, {s['margin_z'] * se[1]:.2f}) and is judged on the grid's."
+                if s["margin_z"] else ""), "",
+             "| (informative ≥ a, cautious ≥ b) | feasible by (tightened) | L3M: informative, cautious | met | "
+             "perplexity | L3M + margin: met | MM: informative, cautious | met | perplexity |",
+             "|---" * 9 + "|"]
+    for a, b in points:
+        l3, mg, mm = pick("l3m", a, b), pick("l3m+margin", a, b), pick("mm", a, b, best)
+        f = s["feasibility_margin"].get(f"{a}, {b}")
+        lines.append(f"| ({a:.2f}, {b:.2f}) | " + (f"{f[0]:+.2f} ({f[1]:+.2f})" if f else "") + " | " +
+                     f"{spread([r['informative'] for r in l3])}, {spread([r['cautious'] for r in l3])} | "
+                     f"{counts(l3, len(l3))} | {spread([r['perplexity_mean'] for r in l3], 3)} | "
+                     f"{counts(mg, len(mg)) if mg else ''} | "
+                     f"{spread([r['informative'] for r in mm])}, {spread([r['cautious'] for r in mm])} | "
+                     f"{counts(mm, len(mm))} | {spread([r['perplexity_mean'] for r in mm], 3)} |")
+    lines += ["", "Every run: C = b − (mean reward) on the test split ± its standard error; ✓ satisfied, ≈ within "
+              "two standard errors of the threshold, ✗ violated.", "",
+              "| (a, b) | method | seed | η_λ | C informative | C cautious | verdict | perplexity |",
+              "|---" * 8 + "|"]
+    for r in sorted(runs, key=lambda r: (r["a"], r["method"], r["eta_lam"] or 0, r["seed"])):
+        v = r["verdicts"]
+        lines.append(f"| ({r['a']:.2f}, {r['b']:.2f}) | {r['method'].upper()} | {r['seed']} | "
+                     f"{'' if r['eta_lam'] is None else format(r['eta_lam'], 'g')} | "
+                     + " | ".join(f"{x['C']:+.2f} ± {x['se']:.2f} {MARK[x['verdict']]}" for x in v)
+                     + f" | {overall(v)} | {r['perplexity_mean']:.3f} |")
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(6, 5))
-        for r in results:
-            color = "C0" if r["method"] == "l3m" else "C1"
-            ax.plot([r["a"], r["informative"]], [r["b"], r["cautious"]], color=color, lw=0.8)
-            ax.scatter(r["informative"], r["cautious"], color=color, marker="o" if r["satisfied"] else "x")
-            ax.scatter(r["a"], r["b"], color="k", marker="+")
+        colors = {"l3m": "C0", "l3m+margin": "C2", "mm": "C1"}
+        for r in runs:
+            if r["method"] == "mm" and r["eta_lam"] != best:
+                continue
+            ax.plot([r["a"], r["informative"]], [r["b"], r["cautious"]], color=colors[r["method"]], lw=0.6)
+            ax.scatter(r["informative"], r["cautious"], color=colors[r["method"]], s=18,
+                       marker={"satisfied": "o", "within noise": "^", "violated": "x"}[overall(r["verdicts"])])
+        ax.scatter([a for a, _ in points], [b for _, b in points], color="k", marker="+", label="thresholds")
         ax.scatter(m1, m2, color="k", marker="s", label="SFT")
-        ax.plot([], [], "C0o", label="L3M")
-        ax.plot([], [], "C1o", label="MM")
+        for method, color in colors.items():
+            ax.plot([], [], "o", color=color, label=method.upper() + (f" (η_λ = {best:g})" if method == "mm" else ""))
         ax.set_xlabel("informative reward")
         ax.set_ylabel("cautious reward")
-        ax.legend()
-        ax.set_title("Fig. 3 toy: rewards reached (● both met, × not), + the thresholds")
+        ax.legend(fontsize=8)
+        ax.set_title("Fig. 3 toy: rewards reached (● met, ▲ within noise, × violated)", fontsize=9)
         plt.tight_layout()
         plt.savefig(os.path.join(out, "fig3.png"), dpi=120)
         plt.close()
-    return "\n".join(table), {"reward_model_accuracy": accuracy, "sft": {"informative": m1, "cautious": m2},
-                              "runs": results}
+    return "\n".join(lines)
+
+
+def trajectory(run_dir: str, png: str):
+    """One constrained run's ledger drawn: µ, Ĉ_i, λ̂_i and the batch's mean reward per constraint over the
+    constraint steps, so the barrier is seen acting (needs matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    with open(os.path.join(run_dir, "ledger.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    with open(os.path.join(run_dir, "report.json")) as f:
+        cons = list(json.load(f)["after"]["constraints"].items())
+    con = [r for r in recs if r["kind"] == "constraint"]
+    steps = [r["step"] for r in con]
+    fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
+    axes[0].semilogy([r["step"] for r in recs], [r["mu"] for r in recs], "k")
+    axes[0].set_ylabel("µ")
+    for i, (name, c) in enumerate(cons):
+        axes[1].plot(steps, [r["C_hat"][i] for r in con], label=name)
+        axes[2].semilogy(steps, [r["lam"][i] for r in con], label=name)
+        axes[3].plot(steps, [c["b"] - r["C"][i] for r in con], lw=0.7, label=f"{name}: batch mean reward")
+        axes[3].axhline(c["b"], color=f"C{i}", ls="--", lw=0.8)
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_ylabel("Ĉ_i (EMA of C_i)")
+    axes[2].set_ylabel("λ̂_i")
+    axes[3].set_ylabel("reward (dashed: b_i)")
+    axes[3].set_xlabel("step")
+    for ax in axes[1:]:
+        ax.legend(fontsize=7)
+    axes[0].set_title(f"One L3M run: {os.path.basename(run_dir)}", fontsize=9)
+    plt.tight_layout()
+    plt.savefig(png, dpi=120)
+    plt.close()
 
 
 # -----------------------------------------------------------------------------
@@ -295,9 +446,9 @@ def demo_test_split(tok, data_dir: str, common: list) -> list:
     import data
     import train as T
     cfg = T.parse_config([f"--data_dir={data_dir}", *common])
-    demo = data.prepare_demo(data_dir, cfg.seed)
-    read = data.read_ultrachat([demo.task], tok, max_tokens=cfg.max_len, seed=cfg.seed)
-    return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.seed)[2]
+    demo = data.prepare_demo(data_dir, cfg.data_seed)
+    read = data.read_ultrachat([demo.task], tok, max_tokens=cfg.max_len, seed=cfg.data_seed)
+    return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)[2]
 
 
 def sample_and_score(policy, tok, test: list, rm_models: list, n: int, seed: int = 0, top_p: float = 0.9,
@@ -329,7 +480,7 @@ def sample_summary(scores: list, props: np.ndarray) -> dict:
 
 
 def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list, n_candidates: int = 200,
-                     n_policy: int = 8, seed: int = 0) -> dict:
+                     n_policy: int = 8, seed: int = 0, grid=None) -> dict:
     """Score generator candidates (and the SFT model's own samples) for every test prompt with both reward
     models; print the frontier and the feasibility of FULL_GRID. Trains the reward models and SFT if missing.
     Writes out/fig3/feasibility.json and the per-prompt scores feasibility_scores.npz."""
@@ -359,7 +510,7 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
     per_prompt["policy"], props = sample_and_score(policy, tok, test, rm_models, n_policy, seed)
     per_prompt["any+policy"] = [np.concatenate([a, p]) for a, p in zip(per_prompt["any"], per_prompt["policy"])]
     frontiers = {k: pareto_frontier(v) for k, v in per_prompt.items()}
-    grid = [(round(means["after"][0] + da, 2), round(means["after"][1] + db, 2)) for da, db in FULL_GRID]
+    grid = [(round(means["after"][0] + da, 2), round(means["after"][1] + db, 2)) for da, db in grid or FULL_GRID]
     pol = sample_summary(per_prompt["policy"], props)
     result = {"sft": means["after"], "base": means["before"], "minutes": (time.time() - t0) / 60,
               "n_candidates": {k: int(sum(len(s) for s in v)) for k, v in per_prompt.items()},
@@ -406,39 +557,49 @@ def pyplot():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two bands and one grid point (~10 minutes)")
-    p.add_argument("--out", default="out/reproduce")
+    p.add_argument("--quick", action="store_true", help="two bands, one grid point, one seed (under 10 minutes)")
+    p.add_argument("--out", default="out/reproduce", help="where the runs, tables and figures go")
     p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base model")
     p.add_argument("--steps", type=int, default=200, help="steps per fine-tuning run")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per band and grid point (--quick: 1)")
+    p.add_argument("--margin", type=float, default=2.0,
+                   help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: none; --quick: 0)")
     p.add_argument("--feasibility", action="store_true",
                    help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet (~10 minutes)")
     a = p.parse_args()
-    print(f"reproduce.py: {'about 10 minutes' if a.quick or a.feasibility else 'about an hour'} on a 2-core CPU "
-          f"(runs are cached in {a.out}; delete it to start over)", flush=True)
+    print(f"reproduce.py: {'under 10 minutes' if a.quick or a.feasibility else 'about three hours'} on a 2-core "
+          f"CPU (runs are cached in {a.out}; delete it to start over)", flush=True)
     os.makedirs(a.out, exist_ok=True)
     start = time.time()
-    common = ["--val=50", "--test=100", "--eval_every=0", "--ckpt_every=0", "--show=0"]
+    common = ["--val=50", "--test=200", "--eval_every=0", "--ckpt_every=0", "--show=0"]
+    # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the lr (README)
+    common3 = common + [f"--lr={FIG3_LR}"]
     # The demo base is pretrained once by the first train.py run that needs it; do it before the pool starts.
     subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",
                     "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}"],
                    check=True, capture_output=True)
     if a.feasibility:
-        fig3_feasibility(a.out, a.data_dir, a.steps, 60, common)
+        fig3_feasibility(a.out, a.data_dir, a.steps, RM_STEPS, common3)
         return
+    seeds = list(range(1 if a.quick else a.seeds))
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
-    t2, r2 = fig2(a.out, QUICK_BANDS if a.quick else FULL_BANDS, a.steps, a.data_dir, common)
-    print(t2, flush=True)
-    t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, a.steps, 60, a.data_dir, common)
+    t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
+                  0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3, with_feasibility=not a.quick)
     print(t3, flush=True)
+    first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
+    trajectory(first, os.path.join(a.out, "trajectory.png"))
+    t2, r2 = fig2(a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common)
+    print(t2, flush=True)
     minutes = (time.time() - start) / 60
     md = (f"# Toy-scale reproduction ({'--quick' if a.quick else 'full'}, {minutes:.0f} minutes)\n\n"
           f"## Fig. 1: the relaxed log barrier B_(µ,µ²)(z)\n\n{t1}\n\n## Fig. 2: length-constrained L3Ms\n\n{t2}\n\n"
-          f"## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n")
+          f"## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n\nOne L3M run's trajectory: {first} "
+          f"(trajectory.png with matplotlib).\n")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"quick": a.quick, "minutes": minutes, "fig2": r2, "fig3": r3}, f, indent=2)
+        json.dump({"quick": a.quick, "seeds": seeds, "minutes": minutes, "fig2": r2, "fig3": r3}, f, indent=2)
     print(f"wrote {a.out}/results.md and results.json in {minutes:.1f} minutes", flush=True)
 
 

@@ -65,6 +65,14 @@ class Constraint:
         return self.b - self.reward(samples)
 
 
+def verdict(C: float, se: float, z: float = 2.0) -> str:
+    """A constraint's estimate C = mean of b − r over n responses, with standard error se, read as
+    'satisfied' (C ≤ 0), 'within noise' (0 < C ≤ z·se) or 'violated'. An active constraint's KKT point
+    lies on its threshold, where C ~ N(0, se²): it reads 'satisfied' half the time and, at z = 2,
+    'violated' 2 % of the time."""
+    return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
+
+
 # -----------------------------------------------------------------------------
 # Length (§6.2)
 

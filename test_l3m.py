@@ -1341,6 +1341,17 @@ def test_frontier_margin_equals_its_dual_on_random_responses():
 # Constraints on the command line
 
 
+def test_verdict_reads_C_against_its_standard_error():
+    assert [R.verdict(C, 0.5) for C in (-0.1, 0.0, 1e-9, 1.0, 1.0001)] == \
+        ["satisfied", "satisfied", "within noise", "within noise", "violated"]
+    # A model exactly on its threshold: its test estimate C ~ N(0, se²) reads satisfied half the time and
+    # violated with probability 1 − Φ(2) = 0.0228. 40,000 draws: binomial std ≤ 0.0025 for either share.
+    C = np.random.default_rng(0).normal(0.0, 0.3, 40_000)
+    reads = [R.verdict(float(x), 0.3) for x in C]
+    assert reads.count("satisfied") / len(C) == pytest.approx(0.5, abs=0.01)
+    assert reads.count("violated") / len(C) == pytest.approx(0.0228, abs=0.003)
+
+
 def test_parse_constraints():
     length = R.length_reward
     helpful = lambda s: torch.tensor([2.0, 3.5])
@@ -1650,7 +1661,7 @@ def test_demo_pipeline_end_to_end(tmp_path, data_dir):
     """`python train.py` with no flags, scaled down: the demo base is pretrained once and cached, L3M runs
     from it, and the report is complete and agrees with itself (flags match the numbers they summarise)."""
     small = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--base_epochs=0.1", "--steps=6",
-             "--val=8", "--test=8", "--max_new_tokens=16", "--eval_every=0", "--ckpt_every=0", "--show=2"]
+             "--val=8", "--test=8", "--max_new_tokens=16", "--eval_every=0", "--ckpt_every=0", "--show=8"]
     cache = tmp_path / "cache"
     shutil.copytree(data_dir, cache)
     cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={cache}", *small]
@@ -1666,12 +1677,16 @@ def test_demo_pipeline_end_to_end(tmp_path, data_dir):
     assert report["config"]["constraint"] == ["length>=20", "length<=35"]
     for when in ("before", "after"):
         r = report[when]
-        assert r["n"] == 8 and len(r["samples"]) == 2
+        assert r["n"] == 8 and len(r["samples"]) == 8  # --show=8: every test response, to check the statistics
+        lengths = np.array([s["length"] for s in r["samples"]], dtype=float)
+        assert r["length_mean"] == pytest.approx(lengths.mean())
+        assert r["length_se"] == pytest.approx(lengths.std(ddof=1) / np.sqrt(8))  # of the mean over 8 responses
         assert r["length_q1"] <= r["length_median"] <= r["length_q3"]
         low, high = r["constraints"]["length>=20"], r["constraints"]["length<=35"]
         assert low["reward_mean"] == pytest.approx(r["length_mean"]) and low["b"] == 20
         assert high["reward_mean"] == pytest.approx(-r["length_mean"]) and high["b"] == -35
         for c in (low, high):
             assert c["C"] == pytest.approx(c["b"] - c["reward_mean"]) and c["satisfied"] == (c["C"] <= 0)
+            assert c["se"] == pytest.approx(r["length_se"]) and c["verdict"] == R.verdict(c["C"], c["se"])
         assert (low["satisfied"] and high["satisfied"]) == (20 <= r["length_mean"] <= 35)
     assert len(report["lam_hat"]) == 2 and all(x >= 0 for x in report["lam_hat"])

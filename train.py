@@ -104,7 +104,8 @@ class Config:
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: only the final model")
     resume: bool = flag(False, "continue from out_dir/ckpt")
     stop_after: int = flag(0, "> 0: checkpoint and stop after this step (a time slice; continue with --resume)")
-    seed: int = flag(0, "of the data order, the splits, the coin and the sampling")
+    seed: int = flag(0, "of the data order, the coin, the sampling and a scratch model's weights")
+    data_seed: int = flag(0, "of the demo data, the UltraChat turn kept and the train/val/test split")
     device: str = flag("auto", "auto | cpu | cuda")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
 
@@ -144,7 +145,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.cfg, self.device = cfg, device
         self.tok_path = os.path.join(cfg.init, "tokenizer.model") if cfg.init != "scratch" \
-            else str(data.prepare_demo(cfg.data_dir, cfg.seed).tokenizer)
+            else str(data.prepare_demo(cfg.data_dir, cfg.data_seed).tokenizer)
         self.tok = Tokenizer(self.tok_path)
         self.model, self.args = build_model(cfg, device, cfg.init, self.tok.vocab_size)
         learned = {}  # name -> rewards.LearnedReward, for constraints on learned rewards
@@ -414,13 +415,16 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
     nll, lengths, ended = (all_gather_cat(torch.cat(x))[keep] for x in (nll, lengths, ended))
     q = torch.quantile(lengths, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     report = {"split": split, "n": int(keep.sum()), "perplexity_mean": nll.mean().item(),
-              "perplexity_std": nll.std().item(), "length_mean": lengths.mean().item(), "length_p10": q[0],
+              "perplexity_std": nll.std().item(), "length_mean": lengths.mean().item(),
+              "length_se": (lengths.std() / math.sqrt(len(lengths))).item(), "length_p10": q[0],
               "length_q1": q[1], "length_median": q[2], "length_q3": q[3], "length_p90": q[4],
               "ended_share": ended.mean().item(), "constraints": {}, "samples": shown}
     if r.constraints:
-        C = all_gather_cat(torch.cat(cs))[keep].mean(0).tolist()  # C_i = E[b_i − r_i], (k,)
-        report["constraints"] = {con.name: {"b": con.b, "reward_mean": con.b - Ci, "C": Ci, "satisfied": Ci <= 0}
-                                 for con, Ci in zip(r.constraints, C)}
+        c = all_gather_cat(torch.cat(cs))[keep]  # c_i = b_i − r_i per response, (n, k)
+        C, se = c.mean(0).tolist(), (c.std(0) / math.sqrt(len(c))).tolist()  # C_i = E[b_i − r_i] ± its std. error
+        report["constraints"] = {con.name: {"b": con.b, "reward_mean": con.b - Ci, "C": Ci, "se": s,
+                                            "satisfied": Ci <= 0, "verdict": rewards.verdict(Ci, s)}
+                                 for con, Ci, s in zip(r.constraints, C, se)}
     return report
 
 
@@ -468,12 +472,15 @@ def finish(r: Run) -> dict:
     return reports
 
 
+MARK = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}  # rewards.verdict, C ± its standard error
+
+
 def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> str:
     """The test split before and after fine-tuning, side by side (the paper's Fig. 2 columns), then samples."""
     def col(r):
         rows = [f"{r['length_mean']:.1f}", f"{r['length_q1']:.0f} / {r['length_median']:.0f} / {r['length_q3']:.0f}",
                 f"{r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f}", f"{100 * r['ended_share']:.0f}%"]
-        return rows + [f"{c['C']:+.2f} {'✓' if c['satisfied'] else '✗'}" for c in r["constraints"].values()]
+        return rows + [f"{c['C']:+.2f} ± {c['se']:.2f} {MARK[c['verdict']]}" for c in r["constraints"].values()]
     names = ["mean length (tokens)", "length quartiles", "task perplexity (−ℓ̄)", "ended with EOS"]
     names += [f"C = E[b − r]  {n}" for n in before["constraints"]]
     lines = [f"{'test split (' + str(before['n']) + ' prompts)':32s} {'before':>18s} {'after (' + method + ')':>18s}"]
@@ -494,8 +501,8 @@ def format_report(r: dict) -> str:
              f"length mean {r['length_mean']:.1f} (quartiles {r['length_q1']:.0f} / {r['length_median']:.0f} / "
              f"{r['length_q3']:.0f}), ended with EOS {100 * r['ended_share']:.0f}%"]
     for name, c in r["constraints"].items():
-        lines.append(f"  {name:24s} mean reward {c['reward_mean']:9.3f}  b = {c['b']:9.3f}  "
-                     f"{'✓' if c['satisfied'] else '✗'}")
+        lines.append(f"  {name:24s} mean reward {c['reward_mean']:9.3f} ± {c['se']:.3f}  b = {c['b']:9.3f}  "
+                     f"{MARK[c['verdict']]} {c['verdict']}")
     return "\n".join(lines)
 
 
@@ -682,17 +689,17 @@ class Stream:
 
 def load_data(cfg: Config, tok) -> tuple:
     """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for --method=reward."""
-    demo = data.prepare_demo(cfg.data_dir, cfg.seed) if cfg.data == "demo" else None
+    demo = data.prepare_demo(cfg.data_dir, cfg.data_seed) if cfg.data == "demo" else None
     if cfg.method != "reward":
         read = data.read_ultrachat([demo.task] if demo else cfg.data.split(","), tok, max_tokens=cfg.max_len,
-                                   seed=cfg.seed)
+                                   seed=cfg.data_seed)
         print0(read)
-        return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.seed)
+        return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
     train_paths = [getattr(demo, f"{cfg.demo_reward}_train")] if demo else cfg.data.split(",")
     test_paths = [getattr(demo, f"{cfg.demo_reward}_test")] if demo else [p for p in cfg.data_test.split(",") if p]
     read = data.read_hh(train_paths, tok, max_tokens=cfg.max_len)
     print0(read)
-    train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.seed)  # App. A.1: 5 % held out
+    train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)  # App. A.1: 5 % held out
     return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len).examples if test_paths else []
 
 
