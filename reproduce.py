@@ -184,10 +184,9 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     m = [sft["after"]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
     se = [sft["after"]["constraints"][f"{n}>=-100"]["se"] for n in names]
     points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
-    feas = {}
-    if with_feasibility:
-        with ThreadPoolExecutor(1) as side:  # beside the training runs: one thread, one core
-            feas_job = side.submit(fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
+    feas, feas_path, side = {}, os.path.join(f3, "feasibility.json"), ThreadPoolExecutor(1)
+    if with_feasibility and not os.path.isfile(feas_path):  # beside the training runs: one thread, one core
+        side.submit(fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
 
     def job(method, a, b, seed, eta=None, tight=False):
         key = (method + ("+margin" if tight else ""), a, b, seed, eta)
@@ -213,8 +212,10 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     if with_feasibility:
         feas = {tuple(p[:2]): p[3] for p in feas_job.result()["feasibility"]["any+policy"]}
 
+    side.shutdown()  # waits for the feasibility job, if one ran
     if with_feasibility:  # margin in nats of each grid point, and of its tightened version, from the frontier
-        frontier = np.array(feas_job.result()["frontiers"]["any+policy"])
+        with open(feas_path) as f:
+            frontier = np.array(json.load(f)["frontiers"]["any+policy"])
         feas = {(a, b): (frontier_margin(frontier, a, b), frontier_margin(frontier, a + margin_z * se[0],
                                                                           b + margin_z * se[1])) for a, b in points}
     results = []
@@ -225,10 +226,23 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
                         "verdicts": verdicts(r, [a, b]), "perplexity_mean": r["after"]["perplexity_mean"],
                         "perplexity_std": r["after"]["perplexity_std"], "run": job(
                             method.split("+")[0], a, b, seed, eta, "+margin" in method)[1]})
+        results[-1].update(ledger_summary(results[-1]["run"]))
     summary = {"reward_model_accuracy": accuracy, "sft": {"rewards": m, "se": se}, "best_eta_lam": best,
                "margin_z": margin_z, "feasibility_margin": {f"{a}, {b}": v for (a, b), v in feas.items()},
                "runs": results}
     return fig3_tables(out, summary, points, seeds, etas), summary
+
+
+def ledger_summary(run_dir: str) -> dict:
+    """The second half of a constrained run's constraint steps, from its ledger: the mean batch C_i (near 0 for
+    an active constraint the run tracks, whatever its last steps did) and the share of steps in which one
+    multiplier is under 1/1000 of the other (each such step serves one constraint only)."""
+    with open(os.path.join(run_dir, "ledger.jsonl")) as f:
+        con = [r for r in map(json.loads, f) if r["kind"] == "constraint"]
+    late = con[len(con) // 2:]
+    lam = np.array([r["lam"] for r in late])  # (steps, k)
+    return {"late_C": np.mean([r["C"] for r in late], 0).tolist(),
+            "one_sided_share": float(np.mean(lam.min(1) < 1e-3 * lam.max(1)))}
 
 
 def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
@@ -257,15 +271,17 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
                      f"{spread([r['informative'] for r in mm])}, {spread([r['cautious'] for r in mm])} | "
                      f"{counts(mm, len(mm))} | {spread([r['perplexity_mean'] for r in mm], 3)} |")
     lines += ["", "Every run: C = b − (mean reward) on the test split ± its standard error; ✓ satisfied, ≈ within "
-              "two standard errors of the threshold, ✗ violated.", "",
-              "| (a, b) | method | seed | η_λ | C informative | C cautious | verdict | perplexity |",
-              "|---" * 8 + "|"]
+              "two standard errors of the threshold, ✗ violated. From the ledger's second half: the mean batch C, "
+              "and the share of constraint steps in which one multiplier is under 1/1000 of the other.", "",
+              "| (a, b) | method | seed | η_λ | C informative | C cautious | verdict | perplexity | late batch C "
+              "| one-sided steps |", "|---" * 10 + "|"]
     for r in sorted(runs, key=lambda r: (r["a"], r["method"], r["eta_lam"] or 0, r["seed"])):
         v = r["verdicts"]
         lines.append(f"| ({r['a']:.2f}, {r['b']:.2f}) | {r['method'].upper()} | {r['seed']} | "
                      f"{'' if r['eta_lam'] is None else format(r['eta_lam'], 'g')} | "
                      + " | ".join(f"{x['C']:+.2f} ± {x['se']:.2f} {MARK[x['verdict']]}" for x in v)
-                     + f" | {overall(v)} | {r['perplexity_mean']:.3f} |")
+                     + f" | {overall(v)} | {r['perplexity_mean']:.3f} | "
+                     + ", ".join(f"{x:+.2f}" for x in r["late_C"]) + f" | {r['one_sided_share']:.0%} |")
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(6, 5))

@@ -1337,6 +1337,24 @@ def test_frontier_margin_equals_its_dual_on_random_responses():
         assert dual - 1e-4 <= reproduce.frontier_margin(frontier, a, b) <= dual + 1e-12
 
 
+def test_reproduce_verdicts_and_ledger_summary(tmp_path):
+    """A run's verdicts (worst constraint wins; a margin run judged on the untightened thresholds) and the
+    ledger summary (second half of the constraint steps only), against hand computations."""
+    import reproduce
+    report = {"after": {"constraints": {"a>=1": {"C": -0.1, "se": 0.2, "reward_mean": 1.1},
+                                        "b>=2": {"C": 0.3, "se": 0.2, "reward_mean": 1.7}}}}
+    v = reproduce.verdicts(report)
+    assert [x["verdict"] for x in v] == ["satisfied", "within noise"] and reproduce.overall(v) == "within noise"
+    v = reproduce.verdicts(report, thresholds=[0.5, 2.5])  # C = b − mean reward: −0.6 and 0.8 = 4 se
+    assert [x["C"] for x in v] == pytest.approx([-0.6, 0.8]) and reproduce.overall(v) == "violated"
+    assert reproduce.counts([{"verdicts": v}, {"verdicts": v[:1]}], 3) == "1/3 ✓, 1 ✗"
+    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "lam": lam} for c, lam in
+                                  [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]), (3.0, [0.5, 1.0])]]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    summary = reproduce.ledger_summary(str(tmp_path))
+    assert summary["late_C"] == pytest.approx([2.0, -2.0]) and summary["one_sided_share"] == 0.5
+
+
 # -----------------------------------------------------------------------------
 # Constraints on the command line
 
