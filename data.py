@@ -9,22 +9,19 @@ and the small built-in demo data with its tokenizer.
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
-- Chat template (the paper names none). One template for every source, the HH-RLHF one without
-  its leading blank line: "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:".
-  The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece
-  puts the space in front of its first word) and followed by the EOS *id*, not by text, so the
-  response boundary is exact. Reward models read the same template as the policy.
-- UltraChat: the assistant turn kept as the response is drawn with a seed per line, so a
-  dialogue's pair does not depend on the rest of the file. Pairs over max_tokens (prompt with
-  BOS + response with EOS) are dropped, not truncated.
-- HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the
-  paper's text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
+- Chat template (the paper names none): one for every source, HH-RLHF's without its leading blank line,
+  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:", read by policy and reward models
+  alike. The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece puts
+  the space in front of its first word) and followed by the EOS *id*, not text: the boundary is exact.
+- UltraChat: the assistant turn kept as the response is drawn with a seed per line, so a dialogue's pair
+  does not depend on the rest of the file. Pairs over max_tokens (BOS and EOS included) are dropped, not truncated.
+- HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's
+  text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
 - The demo data stands in for UltraChat and HH on a CPU; see "Demo data" below.
 """
 import fcntl
 import functools
 import gzip
-import io
 import json
 import random
 import re
@@ -47,9 +44,7 @@ class _Malformed(ValueError):
     """Raised inside the readers with a short reason; turned into a skip count or a DataError."""
 
 
-# -----------------------------------------------------------------------------
-# Chat template
-
+# Chat template ------------------------------------------------------------------------------------
 ROLES = {"user": "Human", "assistant": "Assistant"}
 
 
@@ -67,9 +62,8 @@ def render_prompt(dialogue: Sequence[tuple]) -> str:
 
 def encode_pair(tokenizer, prompt: str, response: str) -> tuple:
     """Prompt ids (BOS first) and response ids (EOS last), tokenised separately: int32 arrays."""
-    p = tokenizer.encode(prompt, bos=True, eos=False)
-    r = tokenizer.encode(response.strip(), bos=False, eos=True)
-    return np.asarray(p, dtype=np.int32), np.asarray(r, dtype=np.int32)
+    return (np.asarray(tokenizer.encode(prompt, bos=True, eos=False), dtype=np.int32),
+            np.asarray(tokenizer.encode(response.strip(), bos=False, eos=True), dtype=np.int32))
 
 
 @dataclass
@@ -85,10 +79,7 @@ class PreferenceExample:
     rejected: np.ndarray  # (R⁻,) int32 y⁻, EOS last
 
 
-# -----------------------------------------------------------------------------
-# Readers
-
-
+# Readers ------------------------------------------------------------------------------------------
 @dataclass
 class ReadResult:
     """What a reader kept, and an account of what it did not."""
@@ -102,18 +93,7 @@ class ReadResult:
     def __str__(self):
         why = "; ".join(f"{n} {reason}" for reason, n in self.malformed.most_common())
         return (f"{self.source}: kept {len(self.examples)} of {self.lines} lines, dropped {self.too_long} over "
-                f"{self.max_tokens} tokens, skipped {sum(self.malformed.values())} malformed"
-                + (f" ({why})" if why else ""))
-
-
-def _record(line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Malformed("not JSON") from e
-    if not isinstance(record, dict):
-        raise _Malformed("not a JSON object")
-    return record
+                f"{self.max_tokens} tokens, skipped {self.malformed.total()} malformed" + (f" ({why})" if why else ""))
 
 
 def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
@@ -126,11 +106,15 @@ def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
             for lineno, line in enumerate(f, start=1):
                 result.lines += 1
                 try:
-                    example = parse(_record(line), path, lineno)
-                except _Malformed as e:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise _Malformed("not a JSON object")
+                    example = parse(record, path, lineno)
+                except (json.JSONDecodeError, _Malformed) as e:
+                    reason = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
                     if strict:
-                        raise DataError(f"{path}:{lineno}: {e}") from None
-                    result.malformed[str(e)] += 1
+                        raise DataError(f"{path}:{lineno}: {reason}") from None
+                    result.malformed[reason] += 1
                     continue
                 if example is None:
                     result.too_long += 1
@@ -151,14 +135,12 @@ def _ultrachat_dialogue(record: dict) -> list:
     """[(role, text), …] from either public UltraChat format: {"id", "data": [user, assistant, …]}
     or {"messages": [{"role", "content"}, …]}. Roles must alternate, starting with the user."""
     if "data" in record:
-        turns = record["data"]
-        if not isinstance(turns, list):
+        if not isinstance(record["data"], list):
             raise _Malformed("'data' is not a list")
-        dialogue = [("user" if i % 2 == 0 else "assistant", _text(t)) for i, t in enumerate(turns)]
+        dialogue = [("user" if i % 2 == 0 else "assistant", _text(t)) for i, t in enumerate(record["data"])]
     elif "messages" in record:
         turns = record["messages"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and {"role", "content"} <= t.keys()
-                                                  for t in turns):
+        if not (isinstance(turns, list) and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns)):
             raise _Malformed("'messages' is not a list of {role, content}")
         dialogue = [(t["role"], _text(t["content"])) for t in turns]
         if any(role != ("user" if i % 2 == 0 else "assistant") for i, (role, _) in enumerate(dialogue)):
@@ -210,10 +192,9 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -
         if [(r, t.strip()) for r, t in chosen[:-1]] != [(r, t.strip()) for r, t in rejected[:-1]]:
             raise _Malformed("'chosen' and 'rejected' have different prompts")
         prompt, y_plus = encode_pair(tokenizer, render_prompt(chosen[:-1]), chosen[-1][1])
-        y_minus = tokenizer.encode(rejected[-1][1].strip(), bos=False, eos=True)
-        if len(prompt) + max(len(y_plus), len(y_minus)) > max_tokens:
-            return None
-        return PreferenceExample(prompt, y_plus, np.asarray(y_minus, dtype=np.int32))
+        y_minus = np.asarray(tokenizer.encode(rejected[-1][1].strip(), bos=False, eos=True), dtype=np.int32)
+        fits = len(prompt) + max(len(y_plus), len(y_minus)) <= max_tokens
+        return PreferenceExample(prompt, y_plus, y_minus) if fits else None
 
     return _read(paths, parse, max_tokens, strict)
 
@@ -225,33 +206,25 @@ def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, f
     n_val, n_test = (round(s * n) if isinstance(s, float) and s < 1 else int(s) for s in (val, test))
     if n_val + n_test > n:
         raise ValueError(f"cannot take val={n_val} + test={n_test} from {n} examples")
-    perm = np.random.default_rng(seed).permutation(n)
-    pick = lambda idx: [items[i] for i in idx]
-    return pick(perm[n_val + n_test:]), pick(perm[:n_val]), pick(perm[n_val:n_val + n_test])
+    val_idx, test_idx, train_idx = np.split(np.random.default_rng(seed).permutation(n), [n_val, n_val + n_test])
+    return tuple([items[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
 
 
-# -----------------------------------------------------------------------------
-# Batches
-
-
+# Batches ------------------------------------------------------------------------------------------
 def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
-    """Right-padded prompt + response rows: tokens (B, T) int64 and mask (B, T) bool, True exactly at the
-    response tokens (EOS included); for task data and for sampled responses (the REINFORCE surrogate).
-
-    The mask comes from lengths, never from `tokens != pad_id`, so any pad_id works (EOS included), and
-    so does a prompt that contains the EOS id. Right padding is harmless: under causal attention no
-    scored position sees the padding after it.
-    """
+    """Right-padded prompt + response rows: tokens (B, T) int64 and mask (B, T) bool, True exactly at the response
+    tokens (EOS included); for task data and for sampled responses (the REINFORCE surrogate). The mask comes from
+    lengths, never from `tokens != pad_id`, so any pad_id works (EOS included), and so does a prompt that contains
+    the EOS id. Right padding is harmless: under causal attention no scored position sees the padding after it."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
     T = max(len(p) + len(r) for p, r in zip(prompts, responses))
     tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(prompts), T), dtype=torch.bool)  # (B, T)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        P, R = len(p), len(r)
-        tokens[i, :P] = torch.as_tensor(np.asarray(p, dtype=np.int64))
-        tokens[i, P:P + R] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-        mask[i, P:P + R] = True
+        row = np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)])  # prompt + response
+        tokens[i, :len(row)] = torch.as_tensor(row)
+        mask[i, len(p):len(row)] = True
     return tokens, mask
 
 
@@ -267,12 +240,10 @@ def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   start_batch: int = 0) -> Iterator[np.ndarray]:
-    """Index arrays (batch_size,) for this rank's batches of one epoch, from batch start_batch on.
-
-    The epoch's order is a permutation seeded by (seed, epoch); global batch b is its slice [b·G, (b+1)·G),
-    G = batch_size·world_size, and rank r takes the r-th part. Ranks are disjoint and all have num_batches
-    batches (equal collectives under FSDP); a run resumed at batch b sees exactly the batches it would have.
-    """
+    """Index arrays (batch_size,) for this rank's batches of one epoch, from batch start_batch on. The epoch's
+    order is a permutation seeded by (seed, epoch); global batch b is its slice [b·G, (b+1)·G), G =
+    batch_size·world_size, and rank r takes the r-th part. Ranks are disjoint and all have num_batches batches
+    (equal collectives under FSDP); a run resumed at batch b sees exactly the batches it would have."""
     nb = num_batches(n, batch_size, world_size)
     if nb == 0:
         raise ValueError(f"{n} examples do not fill one global batch of {batch_size} × {world_size} ranks")
@@ -283,9 +254,7 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
     return (grid[b, rank] for b in range(start_batch, nb))
 
 
-# -----------------------------------------------------------------------------
-# Demo data
-#
+# Demo data ----------------------------------------------------------------------------------------
 # Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a
 # closer: the length of an answer is a free choice, not fixed by the question (the same question
 # gets answers of 10 to ~150 tokens), which a length constraint can move at little cost to the
@@ -296,7 +265,6 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
 # Two properties, the analogues of helpful and harmless: informative = share of the sentences
 # that are facts, cautious = share that are cautions. Cautions take the place of facts, so the
 # two are negatively correlated, but fillers let a response lack both.
-
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
 _ANIMALS = {  # name: colour; home; food; size; skill; group
     "owl": "brown and white; old forests; mice and insects; half a metre; seeing in the dark; a parliament",
@@ -310,7 +278,8 @@ _ANIMALS = {  # name: colour; home; food; size; skill; group
     "shark": "grey with a pale belly; warm seas; fish and seals; four metres; smelling blood in the water; a shiver",
     "bear": "brown or black; forests and mountains; berries, roots and fish; two metres; climbing trees; a sloth",
     "penguin": "black and white; icy southern coasts; fish and krill; one metre; swimming under water; a waddle",
-    "snail": "brown with a spiral shell; damp gardens; leaves and soft plants; three centimetres; climbing walls; a walk",
+    "snail": "brown with a spiral shell; damp gardens; leaves and soft plants; three centimetres; climbing walls; "
+             "a walk",
 }
 _THINGS = {  # name: material; use; parts; weight; first made; kept
     "hammer": "steel and wood; drive nails into wood; a heavy head and a long handle; half a kilogram; "
@@ -450,19 +419,6 @@ DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
 _DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 
-def _train_tokenizer(texts: list, path: Path, vocab_size: int):
-    """A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept, bytes
-    for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2), no pad, at most vocab_size pieces. One
-    thread and no output path inside the model: the file is the same byte for byte wherever it is built."""
-    import sentencepiece as spm
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    path.write_bytes(buf.getvalue())
-
-
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
     """Build the demo data and its tokenizer under out_dir once, deterministic in seed; later calls reuse
     them. Suggested split of the task data: split_dataset(..., val=200, test=200, seed=seed)."""
@@ -486,7 +442,14 @@ def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
         corpus += [r[k] for records in prefs.values() for r in records for k in ("chosen", "rejected")]
         with atomic_folder(folder) as tmp:
             for name, records in {"task": task, **prefs}.items():
-                with open(Path(tmp) / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
-            _train_tokenizer(corpus, Path(tmp) / "tokenizer.model", vocab_size)
+                Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            # A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept, bytes
+            # for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2), no pad, at most vocab_size pieces. One
+            # thread and no output path inside the model: the file is the same byte for byte wherever it is built.
+            import sentencepiece as spm
+            with open(Path(tmp, "tokenizer.model"), "wb") as f:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(corpus), model_writer=f, vocab_size=vocab_size, model_type="unigram",
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
     return files

@@ -32,10 +32,7 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
 
 
-# -----------------------------------------------------------------------------
-# Configuration
-
-
+# Configuration ------------------------------------------------------------------------------------
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -56,8 +53,7 @@ class ModelArgs:
         if self.hidden_dim is None:
             # Meta's rule: 2/3 of 4·dim (SwiGLU has three matrices instead of two), scaled, rounded up.
             hidden = int(2 * 4 * self.dim / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden = int(self.ffn_dim_multiplier * hidden)
+            hidden = hidden if self.ffn_dim_multiplier is None else int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"ModelArgs: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} "
@@ -80,8 +76,7 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, config: dict) -> "ModelArgs":
         """From a Hugging Face LlamaConfig (config.json)."""
-        rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or {}
+        rope, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         if rope_type != "default":
             raise CheckpointError(f"config.json asks for rope_type={rope_type!r}; only the default RoPE is implemented")
@@ -95,10 +90,7 @@ class ModelArgs:
                    max_seq_len=config.get("max_position_embeddings", 2048))
 
 
-# -----------------------------------------------------------------------------
-# The model
-
-
+# The model ----------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -144,8 +136,7 @@ class KVCache:
     def mask(self, T: int) -> torch.Tensor:
         """Which filled slots the next T queries may see: causal and not padding. (B, 1, T, S)"""
         S = self.length + T
-        keys = self.slots[:S]
-        queries = self.slots[self.length:S][:, None]
+        keys, queries = self.slots[:S], self.slots[self.length:S][:, None]
         causal = keys[None, :] <= queries  # (T, S)
         # A padding slot's query sees only itself: a row of all -inf would make NaN values in the cache.
         real = (keys[None, None, :] >= self.pad[:, None, None]) | (keys == queries)[None]  # (B, T, S)
@@ -163,16 +154,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:  # training: the whole sequence at once, causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # sampling: append to the cache, attend over everything filled so far
             S = cache.length + T
-            cache.k[layer][:, :, cache.length:S] = k
-            cache.v[layer][:, :, cache.length:S] = v
+            cache.k[layer][:, :, cache.length:S], cache.v[layer][:, :, cache.length:S] = k, v
             y = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
                                                attn_mask=cache.mask(T), enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -195,8 +184,7 @@ class TransformerBlock(nn.Module):
         self.layer = layer
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rope, cache: Optional[KVCache] = None):
         h = x + self.attention(self.attention_norm(x), rope, cache, self.layer)
@@ -215,20 +203,15 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int = 0):
         """Random weights for a model trained from scratch: N(0, 0.02), output layers scaled by 1/sqrt(2·n_layers)."""
         g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if p.ndim == 1:
-                nn.init.ones_(p)
-            else:
-                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                p.data.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, p in self.named_parameters():  # norms (the 1-d weights): ones
+            std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            p.data.copy_(torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std)
         return self
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits (B, T, V) for tokens (B, T); logits[:, t] score token t + 1.
-
-        Training passes no cache (causal attention, positions 0..T-1); sampling passes a KVCache and only the
-        new tokens. Both go through forward so that FSDP2's hooks, which wrap it, gather the weights.
-        """
+        """Logits (B, T, V) for tokens (B, T); logits[:, t] score token t + 1. Training passes no cache (causal
+        attention, positions 0..T-1); sampling passes a KVCache and only the new tokens. Both go through forward
+        so that FSDP2's hooks, which wrap it, gather the weights."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None] if cache is None else cache.positions(T)  # (1|B, T)
         rope = rope_table(self.args.head_dim, positions, self.args.rope_theta)
@@ -240,16 +223,11 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
 
-# -----------------------------------------------------------------------------
-# Sampling: prefill, decode_one_token and trim_at_eos, put together by generate
-
-
+# Sampling: prefill, decode, generate --------------------------------------------------------------
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing order (B, K), unnormalised.
-
     The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept when
-    the mass of the tokens before it is still below top_p.
-    """
+    the mass of the tokens before it is still below top_p."""
     return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
 
 
@@ -264,13 +242,11 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
                  candidates: int = 128) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
-
     temperature == 0 means greedy. generator: one torch.Generator, or a list of one per row (train.py keys
     them by the row's global index, so a run samples the same responses whatever its number of ranks).
     Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked for
     among the `candidates` most likely tokens (a partial sort); the batch falls back to the full sort only
-    when they hold less than top_p. The draw is an inverse-CDF lookup.
-    """
+    when they hold less than top_p. The draw is an inverse-CDF lookup."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
@@ -282,10 +258,9 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
             sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
         sorted_probs = nucleus(sorted_probs, top_p)
     cdf = sorted_probs.cumsum(-1)  # (B, K)
-    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draw ignores its batch-mates
-        u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
-    else:
-        u = torch.rand(B, generator=generator, device=cdf.device)
+    # one generator per row: a row's draw ignores its batch-mates
+    u = (torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
+         if isinstance(generator, (list, tuple)) else torch.rand(B, generator=generator, device=cdf.device))
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     return (j if order is None else order.gather(-1, j)).squeeze(-1)
 
@@ -298,8 +273,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.T
 def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, temperature: float, top_p: float,
                      generator) -> torch.Tensor:
     """Feed the last sampled token (B,) and sample the one after it (B,)."""
-    logits = model(token[:, None], cache)[:, -1]  # (B, V)
-    return sample_top_p(logits, temperature, top_p, generator)
+    return sample_top_p(model(token[:, None], cache)[:, -1], temperature, top_p, generator)
 
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
@@ -314,11 +288,9 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
              top_p: float = 0.9, generator=None):
     """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result.
-
     Prompts are left-padded so that every row's next token sits in the same column; padding is masked out of
     attention and RoPE positions start at each row's first real token, so padding changes no row's result.
-    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token.
-    """
+    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token."""
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -343,34 +315,26 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     return trim_at_eos(out[:, :n + 1], eos_id)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: our format, Meta's, Hugging Face's; conversions are pure functions over key maps
-
-_HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight"}
-_HF_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
+# Checkpoints: ours, Meta's and HF's ---------------------------------------------------------------
+_HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer, without the ".weight" that all end with
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_HF_TOP_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _DROPPED = ("rope.freqs", "rotary_emb.inv_freq")  # precomputed RoPE tables some checkpoints carry; we recompute
 
 
 def hf_key_map(args: ModelArgs) -> dict:
-    keys = dict(_HF_TOP_KEYS)
-    for i in range(args.n_layers):
-        keys.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in _HF_LAYER_KEYS.items()})
-    return keys
+    """Every key of ours -> Hugging Face's; the conversions below are pure functions over this map."""
+    pairs = [*_HF_TOP_KEYS.items()] + [(f"layers.{i}.{k}", f"model.layers.{i}.{v}")
+                                       for i in range(args.n_layers) for k, v in _HF_LAYER_KEYS.items()]
+    return {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in pairs}
 
 
 def _rope_permute(key: str, w: torch.Tensor, args: ModelArgs, to_hf: bool) -> torch.Tensor:
-    """Reorder the rows of wq/wk between the two RoPE layouts; other weights pass through.
-
-    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head; Hugging Face rotates halves
-    (x_j, x_{j+D/2}). Moving row 2j to j and row 2j+1 to j + D/2 within each head makes q·k identical.
-    wk has n_kv_heads heads, so it is permuted with n_kv_heads, not n_heads.
-    """
+    """Reorder the rows of wq/wk (wk: n_kv_heads heads) between the two RoPE layouts; other weights pass through.
+    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head; Hugging Face rotates halves (x_j, x_{j+D/2}).
+    Moving row 2j to j and row 2j+1 to j + D/2 within each head makes q·k identical."""
     if not key.endswith(("attention.wq.weight", "attention.wk.weight")):
         return w
     n_heads = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
@@ -398,32 +362,24 @@ def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
 
 
 def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
-    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict.
-
-    Column-parallel layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2) along
-    columns, norms are replicated. The embedding is split along columns in LLaMA-1/2 and along rows in LLaMA-3.
-    """
+    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict. Column-parallel
+    layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2) along columns, norms
+    are replicated. The embedding is split along columns in LLaMA-1/2 and along rows in LLaMA-3."""
     if len(shards) == 1:
         return shards[0]
     merged = {}
     for key in shards[0]:
         parts = [s[key] for s in shards]
-        if key.endswith("norm.weight"):
-            merged[key] = parts[0]
-        elif key.endswith(("wo.weight", "w2.weight")):
-            merged[key] = torch.cat(parts, dim=1)
-        elif key == "tok_embeddings.weight":
-            merged[key] = torch.cat(parts, dim=1 if parts[0].shape[1] != args.dim else 0)
-        else:
-            merged[key] = torch.cat(parts, dim=0)
+        by_columns = key.endswith(("wo.weight", "w2.weight")) or (key == "tok_embeddings.weight"
+                                                                  and parts[0].shape[1] != args.dim)
+        merged[key] = parts[0] if key.endswith("norm.weight") else torch.cat(parts, dim=1 if by_columns else 0)
     return merged
 
 
 def check_state_dict(sd: dict, model: nn.Module, source: str):
     """Raise one CheckpointError naming the first missing/unexpected key or wrong shape."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     if unexpected:
@@ -484,8 +440,7 @@ def read_checkpoint(folder: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no args.json; convert it first with `python model.py convert SRC {folder}`")
     with open(path) as f:
-        args = ModelArgs(**json.load(f))
-    return args, load_weights(os.path.join(folder, "model.pth"))
+        return ModelArgs(**json.load(f)), load_weights(os.path.join(folder, "model.pth"))
 
 
 def load_model(folder: str, device="cpu", dtype=torch.float32):
@@ -497,13 +452,11 @@ def load_model(folder: str, device="cpu", dtype=torch.float32):
     check_state_dict(sd, model, os.path.join(folder, "model.pth"))
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = None
     tok_path = os.path.join(folder, "tokenizer.model")
-    if os.path.isfile(tok_path):
-        tokenizer = Tokenizer(tok_path)
-        if tokenizer.vocab_size != args.vocab_size:
-            raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
-                                  f"{args.vocab_size}: the tokenizer belongs to another model")
+    tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
+        raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
+                              f"{args.vocab_size}: the tokenizer belongs to another model")
     return model, tokenizer
 
 
@@ -544,17 +497,13 @@ def convert(src: str, dst: str):
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, src)
-    tok = os.path.join(src, "tokenizer.model")
-    if not os.path.isfile(tok):  # Meta's releases keep it one folder up
-        tok = os.path.join(os.path.dirname(os.path.abspath(src)), "tokenizer.model")
-    save_checkpoint(model, dst, args, tok if os.path.isfile(tok) else None, state_dict=sd)
+    # the tokenizer: beside the weights, or one folder up, where Meta's releases keep it
+    toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
+    save_checkpoint(model, dst, args, next((t for t in toks if os.path.isfile(t)), None), state_dict=sd)
     return args
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
+# Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
     """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id."""
 
@@ -573,10 +522,7 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i != self.eos_id])
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-
+# Command line -------------------------------------------------------------------------------------
 def main(argv: list):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -587,22 +533,18 @@ def main(argv: list):
     s = sub.add_parser("sample", help="sample from our checkpoint folder")
     s.add_argument("checkpoint")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    s.add_argument("--max_new_tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top_p", type=float, default=0.9)
-    s.add_argument("--seed", type=int, default=0)
+    for name, default in (("max_new_tokens", 64), ("temperature", 1.0), ("top_p", 0.9), ("seed", 0)):
+        s.add_argument(f"--{name}", type=type(default), default=default)
     a = parser.parse_args(argv)
     if a.cmd == "convert":
-        args = convert(a.src, a.dst)
-        print(f"wrote {a.dst}: {args}")
+        print(f"wrote {a.dst}: {convert(a.src, a.dst)}")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(a.checkpoint, device, torch.bfloat16 if device == "cuda" else torch.float32)
     if tok is None:
         raise SystemExit(f"{a.checkpoint} has no tokenizer.model: copy the model's tokenizer.model into it")
-    gen = torch.Generator(device).manual_seed(a.seed)
     outs, ended = generate(model, [tok.encode(p) for p in a.prompt], a.max_new_tokens, tok.eos_id,
-                           a.temperature, a.top_p, gen)
+                           a.temperature, a.top_p, torch.Generator(device).manual_seed(a.seed))
     for p, o, e in zip(a.prompt, outs, ended):
         print(f"{p!r} -> {tok.decode(o)!r}{'' if e else ' [no EOS]'}")
 

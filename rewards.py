@@ -10,16 +10,16 @@ Constraints on the command line (one --constraint each):
     NAME<=NUMBER              E[r] ≤ NUMBER, i.e. reward −r, b = −NUMBER
     P[NAME>=NUMBER]>=PROB     chance constraint (§4.1): reward 1{r ≥ NUMBER}, b = PROB
     P[NAME<=NUMBER]>=PROB     reward 1{r ≤ NUMBER}, b = PROB
-NAME is a known reward ("length", or a learned reward model's name). Strict < and > are not
-accepted: for an average constraint they would mean the same as ≤ and ≥.
+NAME is a known reward ("length", or a learned reward model's name). Strict < and > are not accepted: for an
+average constraint they would mean the same as ≤ and ≥.
 
 Where this departs from the paper, or fixes what it leaves open:
-- Length (§6.2) is |y| = the number of response tokens, *excluding* the EOS (a response that
-  hit max_new_tokens has no EOS and counts all its tokens). "length>=l_low" gives r = |y|,
-  b = l_low where §6.2 writes r₁ = |y| − l_low, b₁ = 0: the constant moves from r to b, the cost
-  c = b − r = l_low − |y| and the constraint are the same (and likewise for l_high).
-- Learned rewards (App. A.1) are the reward model's ℓ̄_φ(y|x) *including* the EOS when the
-  response ended with one, as in its Bradley–Terry training on full responses.
+- Length (§6.2) is |y| = the number of response tokens, *excluding* the EOS (a response that hit
+  max_new_tokens has no EOS and counts all its tokens). "length>=l_low" gives r = |y|, b = l_low where §6.2
+  writes r₁ = |y| − l_low, b₁ = 0: the constant moves from r to b, the cost c = b − r = l_low − |y| and the
+  constraint are the same (and likewise for l_high).
+- Learned rewards (App. A.1) are the reward model's ℓ̄_φ(y|x) *including* the EOS when the response ended
+  with one, as in its Bradley–Terry training on full responses.
 - Every reward returns float32 (B,) on the CPU; train.py moves it where it needs it.
 """
 import re
@@ -73,22 +73,16 @@ def verdict(C: float, se: float, z: float = 2.0) -> str:
     return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
 
 
-# -----------------------------------------------------------------------------
-# Length (§6.2)
-
-
+# Length (§6.2) ------------------------------------------------------------------------------------
 def length_reward(samples: Samples) -> torch.Tensor:
     """|y| in tokens, excluding the EOS."""
     return torch.tensor([len(r) - e for r, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
 
 
-# -----------------------------------------------------------------------------
-# Learned preference rewards (App. A.1)
-
-
+# Learned preference rewards (App. A.1) ------------------------------------------------------------
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head),
-    differentiable: the Bradley–Terry training calls it with gradients, scoring under no_grad."""
+    """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head), differentiable:
+    the Bradley–Terry training calls it with gradients, scoring under no_grad."""
     device = next(model.parameters()).device
     tokens, mask = tokens.to(device), mask.to(device)
     return l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
@@ -115,8 +109,8 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
 
 
 class LearnedReward:
-    """A Bradley–Terry reward model used as a reward at fine-tuning time: eval mode, no gradients,
-    scored in micro-batches so that the (B, T, V) logits stay small."""
+    """A Bradley–Terry reward model used as a reward at fine-tuning time: eval mode, no gradients, scored in
+    micro-batches so that the (B, T, V) logits stay small."""
 
     def __init__(self, model, pad_id: int = 0, micro_batch: int = 16):
         self.model, self.pad_id, self.micro_batch = model.eval(), pad_id, micro_batch
@@ -132,9 +126,7 @@ class LearnedReward:
         return torch.cat(out)  # (B,)
 
 
-# -----------------------------------------------------------------------------
-# Constraints from text
-
+# Constraints from text ----------------------------------------------------------------------------
 SYNTAX = "NAME>=NUMBER, NAME<=NUMBER, P[NAME>=NUMBER]>=PROB or P[NAME<=NUMBER]>=PROB"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BOUND = re.compile(rf"\s*(\w+)\s*(>=|<=)\s*({_NUMBER})\s*")
@@ -146,13 +138,8 @@ class ConstraintError(ValueError):
 
 
 def _chance(reward: RewardFn, sign: float, t: float) -> RewardFn:
-    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator
-    (l3m.chance)."""
+    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator (l3m.chance)."""
     return lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0]
-
-
-def _negated(reward: RewardFn) -> RewardFn:
-    return lambda s: -reward(s)
 
 
 def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
@@ -180,7 +167,7 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
     if text.lstrip().startswith("P["):
         raise ConstraintError(f"{text!r}: a chance constraint reads P[NAME>=NUMBER]>=PROB; expected {SYNTAX}")
     reward, op, t = _bound(text, text, rewards)
-    return Constraint(text.strip(), reward, t) if op == ">=" else Constraint(text.strip(), _negated(reward), -t)
+    return Constraint(text.strip(), reward, t) if op == ">=" else Constraint(text.strip(), lambda s: -reward(s), -t)
 
 
 def parse_constraints(texts: Sequence[str], rewards: Mapping[str, RewardFn]) -> list:

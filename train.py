@@ -131,10 +131,7 @@ def parse_config(argv) -> Config:
     return cfg
 
 
-# -----------------------------------------------------------------------------
-# The run: set-up, then the loop
-
-
+# The run: set-up, then the loop -------------------------------------------------------------------
 class Run:
     """Everything the steps share, built once: tokenizer, sharded model, constraints, data, AdamW."""
 
@@ -212,10 +209,7 @@ def run(cfg: Config, device) -> dict:
     return finish(r)
 
 
-# -----------------------------------------------------------------------------
-# The three kinds of step
-
-
+# The three kinds of step --------------------------------------------------------------------------
 def step_kind(cfg: Config, step: int) -> str:
     """'task' or 'constraint' by this step's fair coin (§5.4); always 'task' for SFT, 'reward' for a reward model.
 
@@ -313,10 +307,7 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-# -----------------------------------------------------------------------------
-# Rollouts and their costs
-
-
+# Rollouts and their costs -------------------------------------------------------------------------
 def row_generators(seed: int, step: int, rows, evaluation: bool = False):
     """One generator per row, keyed by (seed, step, the row's global index): ranks sample independently.
     Evaluations reuse the same keys every time, so before/after comparisons share their sampling noise."""
@@ -348,10 +339,7 @@ def rollout_stats(samples) -> dict:
     return {"len_mean": both[:, 0].mean().item(), "len_p10": p10, "len_p90": p90, "truncated": both[:, 1].mean().item()}
 
 
-# -----------------------------------------------------------------------------
-# Ledger, evaluation, reports
-
-
+# Ledger, evaluation, reports ----------------------------------------------------------------------
 def open_ledger(r: Run, start: int):
     """The ledger keeps exactly the steps before `start` (all of a resumed run's, none of a new run's)."""
     if dist.get_rank() == 0:
@@ -506,10 +494,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: sharded model + optimiser (torch.distributed.checkpoint) and a small state file
-
-
+# Checkpoints: sharded model + optimiser (torch.distributed.checkpoint) and a small state file -----
 def save_train_state(r: Run, steps_done: int):
     """Every rank writes its shards into rank 0's temporary folder, which then replaces out_dir/ckpt
     (model.atomic_folder): a run killed while writing leaves the previous checkpoint whole."""
@@ -559,10 +544,7 @@ def save_final(r: Run, name: str):
     dist.barrier()
 
 
-# -----------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK/WORLD_SIZE; a plain process is a world of one
-
-
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; a plain process is a world of one -------------
 _COMM_DEVICE = torch.device("cpu")  # NCCL reduces CUDA tensors only, gloo CPU ones
 
 
@@ -604,10 +586,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-# -----------------------------------------------------------------------------
-# Model: meta-device init, activation checkpointing, FSDP2, strict load
-
-
+# Model: meta-device init, activation checkpointing, FSDP2, strict load ----------------------------
 def apply_ac(model: Transformer):
     """Recompute each block's activations in the backward pass instead of storing them."""
     from torch.utils.checkpoint import checkpoint
@@ -668,10 +647,7 @@ def gathered(model):
             m.reshard()
 
 
-# -----------------------------------------------------------------------------
-# Data
-
-
+# Data ---------------------------------------------------------------------------------------------
 class Stream:
     """Global batches of one split, epoch after epoch; `position` (batches taken) is all a resume needs."""
 
@@ -703,10 +679,7 @@ def load_data(cfg: Config, tok) -> tuple:
     return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len).examples if test_paths else []
 
 
-# -----------------------------------------------------------------------------
-# Entry point
-
-
+# Entry point --------------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A flag that cannot work."""
 
