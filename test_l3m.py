@@ -1687,8 +1687,10 @@ def test_demo_pipeline_end_to_end(tmp_path, data_dir):
     first = subprocess.run(cmd + [f"--out_dir={tmp_path / 'a'}"], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pretraining the demo base model" in first.stdout and (cache / "demo_base" / "args.json").is_file()
-    again = subprocess.run(cmd + [f"--out_dir={tmp_path / 'b'}"], capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(cmd + [f"--out_dir={tmp_path / 'b'}", "--eval_before=False"], capture_output=True,
+                           text=True, env=env, timeout=300)
     assert again.returncode == 0 and "pretraining the demo base model" not in again.stdout  # cached
+    assert "before" not in json.loads((tmp_path / "b" / "report.json").read_text())  # the test split only after
     assert "before" in first.stdout and "after (l3m)" in first.stdout and "prompt: " in first.stdout
 
     report = json.loads((tmp_path / "a" / "report.json").read_text())

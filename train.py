@@ -14,21 +14,20 @@ steps: `task_step` (heads), `constraint_step` (tails: Eq. 11 with Eq. 12) and `r
 `python train.py --help` explains every flag.
 
 Where this departs from, or pins down, the paper:
-- "One epoch": the coin makes half the steps task steps, so a constrained run takes 2 × (task batches
-  per epoch) steps; task and prompt batches are drawn from the training split by two independent
-  streams, each continuing into its next epoch when it runs out.
-- The coin and the sampling noise are functions of (seed, step) and of (seed, step, global row), not
-  stateful generators: every rank flips the same coin, a row's response does not depend on how rows
-  are split over ranks, and a resumed run needs no RNG state to continue exactly.
-- Rollouts, evaluation and reward scoring run on gathered (unsharded) weights: no collective inside
-  the decode loop, so a rank whose rows all stopped early simply waits at the next all-reduce. The
-  alternative, lock-step sharded decoding, all-gathers every block's weights at every token; gathering
-  once costs one copy of the weights per rank for the length of the rollout (14 GB in bf16 at 7B).
-- The learning-rate schedule is a pure function of the step (linear warm-up, cosine to 0), shared by
-  both kinds of step, as is the AdamW state.
-- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the
-  optimiser, schedule, clipping, checkpoints and resume are the same, and a second loop would only
-  repeat them.
+- "One epoch": the coin makes half the steps task steps, so a constrained run takes 2 × (task batches per
+  epoch) steps; task and prompt batches are drawn from the training split by two independent streams, each
+  continuing into its next epoch when it runs out.
+- The coin and the sampling noise are functions of (seed, step) and of (seed, step, global row), not stateful
+  generators: every rank flips the same coin, a row's response does not depend on how rows are split over
+  ranks, and a resumed run needs no RNG state to continue exactly.
+- Rollouts, evaluation and reward scoring run on gathered (unsharded) weights: no collective inside the decode
+  loop, so a rank whose rows all stopped early simply waits at the next all-reduce. The alternative, lock-step
+  sharded decoding, all-gathers every block's weights at every token; gathering once costs one copy of the
+  weights per rank for the length of the rollout (14 GB in bf16 at 7B).
+- The learning-rate schedule is a pure function of the step (linear warm-up, cosine to 0), shared by both
+  kinds of step, as is the AdamW state.
+- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the optimiser,
+  schedule, clipping, checkpoints and resume are the same, and a second loop would only repeat them.
 """
 import contextlib
 import dataclasses
@@ -101,6 +100,7 @@ class Config:
     show: int = flag(3, "sampled test responses printed before and after")
     # run
     eval_every: int = flag(100, "validate every this many steps; 0: only before and after")
+    eval_before: bool = flag(True, "evaluate on the test split before training too (the 'before' column)")
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: only the final model")
     resume: bool = flag(False, "continue from out_dir/ckpt")
     stop_after: int = flag(0, "> 0: checkpoint and stop after this step (a time slice; continue with --resume)")
@@ -173,7 +173,7 @@ def run(cfg: Config, device) -> dict:
     r = Run(cfg, device)
     start = load_train_state(r) if cfg.resume else 0
     open_ledger(r, start)
-    if start == 0:
+    if start == 0 and cfg.eval_before:
         report_before(r)
     bar = tqdm(range(start, r.total), initial=start, total=r.total, disable=dist.get_rank() != 0, dynamic_ncols=True)
     for step in bar:
