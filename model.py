@@ -1,6 +1,7 @@
 """A self-contained LLaMA (1, 2 and 3 shapes): the model, fast sampling, checkpoints, tokenizer.
 
     python model.py convert SRC DST        # Meta consolidated.*.pth or Hugging Face folder -> ours
+    python model.py export OURS HF_DIR     # ours -> Hugging Face folder (transformers, vLLM, llama.cpp)
     python model.py sample DST --prompt "Hello"
 
 Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key
@@ -454,6 +455,9 @@ def load_model(folder: str, device="cpu", dtype=torch.float32):
     model = model.to(device=device, dtype=dtype).eval()
     tok_path = os.path.join(folder, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise CheckpointError(f"{folder} has tokenizer.json (Hugging Face tokenizers: byte-level BPE, tiktoken) but "
+                              "no tokenizer.model; supported: sentencepiece tokenizers (LLaMA-1/2, TinyLlama, Mistral)")
     if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
         raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
                               f"{args.vocab_size}: the tokenizer belongs to another model")
@@ -499,9 +503,47 @@ def convert(src: str, dst: str):
     check_state_dict(sd, model, src)
     # the tokenizer: beside the weights, or one folder up, where Meta's releases keep it
     toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
-    save_checkpoint(model, dst, args, next((t for t in toks if os.path.isfile(t)), None), state_dict=sd)
+    tok = next((t for t in toks if os.path.isfile(t)), None)
+    save_checkpoint(model, dst, args, tok, state_dict=sd)
+    if tok is None and os.path.isfile(os.path.join(src, "tokenizer.json")):  # load_model then says it is unsupported
+        shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
     return args
 
+
+
+def export_hf(src: str, dst: str) -> dict:
+    """Our checkpoint folder -> a Hugging Face LLaMA folder (what transformers' LlamaForCausalLM.from_pretrained,
+    vLLM and llama.cpp's converter read): config.json, the weights in Hugging Face's names and RoPE layout
+    (model.safetensors, or pytorch_model.bin without safetensors) and tokenizer.model. Returns the config.
+    Written atomically (atomic_folder); the weights keep their dtype."""
+    args, sd = read_checkpoint(src)
+    hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
+    # One matrix for input and output (LLaMA-3.2 1B/3B, as converted): stored once and marked tied again.
+    tied = torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"])
+    if tied:
+        del hf["lm_head.weight"]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+              "rope_theta": args.rope_theta,  # transformers < 5 reads this, ≥ 5 the dict below
+              "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+              "tie_word_embeddings": tied, "torch_dtype": str(hf["model.norm.weight"].dtype).removeprefix("torch.")}
+    tok = os.path.join(src, "tokenizer.model")
+    if os.path.isfile(tok):
+        t = Tokenizer(tok)
+        config.update(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
+    with atomic_folder(dst) as tmp:
+        try:
+            from safetensors.torch import save_file
+            save_file(hf, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        except ImportError:
+            torch.save(hf, os.path.join(tmp, "pytorch_model.bin"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
+            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
+    return config
 
 # Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
@@ -509,7 +551,11 @@ class Tokenizer:
 
     def __init__(self, path: str):
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:  # e.g. LLaMA-3's tokenizer.model, which is tiktoken BPE
+            raise CheckpointError(f"{path} is not a sentencepiece model ({e}); supported: sentencepiece tokenizers "
+                                  "(LLaMA-1/2, TinyLlama, Mistral), not tiktoken (LLaMA-3) or byte-level BPE") from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -530,14 +576,17 @@ def main(argv: list):
     c = sub.add_parser("convert", help="Meta or Hugging Face checkpoint folder -> our checkpoint folder")
     c.add_argument("src")
     c.add_argument("dst")
+    e = sub.add_parser("export", help="our checkpoint folder -> a Hugging Face LLaMA folder (transformers, vLLM)")
+    e.add_argument("src")
+    e.add_argument("dst")
     s = sub.add_parser("sample", help="sample from our checkpoint folder")
     s.add_argument("checkpoint")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     for name, default in (("max_new_tokens", 64), ("temperature", 1.0), ("top_p", 0.9), ("seed", 0)):
         s.add_argument(f"--{name}", type=type(default), default=default)
     a = parser.parse_args(argv)
-    if a.cmd == "convert":
-        print(f"wrote {a.dst}: {convert(a.src, a.dst)}")
+    if a.cmd in ("convert", "export"):
+        print(f"wrote {a.dst}: {(convert if a.cmd == 'convert' else export_hf)(a.src, a.dst)}")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(a.checkpoint, device, torch.bfloat16 if device == "cuda" else torch.float32)

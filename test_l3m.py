@@ -115,6 +115,66 @@ def test_meta_hf_round_trip_is_exact():
         assert all(torch.equal(again[k], hf_sd[k]) for k in hf_sd)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_export_then_convert_is_exact(tmp_path, tied):
+    """ours -> Hugging Face -> ours gives back every weight bit for bit and the shape; a tied embedding (one
+    matrix for input and output, as LLaMA-3.2 1B/3B) is written once and marked tied."""
+    pytest.importorskip("transformers")  # convert reads config.json the way from_hf expects it
+    args = tiny_args(n_kv_heads=2, rope_theta=500000.0)
+    model = M.Transformer(args).init_weights(6)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    M.save_checkpoint(model, str(tmp_path / "ours"), args)
+    config = M.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
+    assert config["tie_word_embeddings"] == tied and config["rope_parameters"]["rope_theta"] == 500000.0
+    M.convert(str(tmp_path / "hf"), str(tmp_path / "back"))
+    back_args, back = M.read_checkpoint(str(tmp_path / "back"))
+    sd = model.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+              "max_seq_len")
+    assert [getattr(back_args, f) for f in fields] == [getattr(args, f) for f in fields]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_exported_training_output_loads_in_transformers(tmp_path, tiny_base, fmt, monkeypatch):
+    """train.py's final/ -> `python model.py export` -> transformers' LlamaForCausalLM gives our logits; without
+    safetensors installed the weights go to pytorch_model.bin."""
+    transformers = pytest.importorskip("transformers")
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+        subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "export", tiny_base, str(tmp_path / "hf")],
+                       check=True, capture_output=True)
+    else:
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # `from safetensors.torch import` fails
+        M.export_hf(tiny_base, str(tmp_path / "hf"))
+    weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(["config.json", "tokenizer.model", weights])
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ours, tok = M.load_model(tiny_base)
+    x = torch.tensor([tok.encode("Human: Tell me about the owl.\n\nAssistant: The owl")])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= ATOL
+    assert hf.config.eos_token_id == tok.eos_id and hf.config.bos_token_id == tok.bos_id
+
+
+def test_tokenizers_that_are_not_sentencepiece_are_named(tmp_path):
+    """A folder with only a Hugging Face tokenizer.json, or a tokenizer.model that is tiktoken BPE (LLaMA-3's
+    release), stops with one CheckpointError that says what is there and what is supported."""
+    args = tiny_args()
+    M.save_checkpoint(M.Transformer(args).init_weights(0), str(tmp_path / "json"), args)
+    (tmp_path / "json" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(M.CheckpointError, match="has tokenizer.json .* no tokenizer.model; supported: sentencepiece"):
+        M.load_model(str(tmp_path / "json"))
+    shutil.copytree(tmp_path / "json", tmp_path / "tiktoken")
+    (tmp_path / "tiktoken" / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # tiktoken's format: base64 rank
+    with pytest.raises(M.CheckpointError, match="is not a sentencepiece model .* not tiktoken"):
+        M.load_model(str(tmp_path / "tiktoken"))
+    import train
+    with pytest.raises(train.ConfigError, match="--init checkpoint's sentencepiece tokenizer .* does not exist"):
+        train.check_config(train.parse_config([f"--init={tmp_path / 'json'}"]))  # before any work is done
+
+
 def write_meta(sd, args, dst):
     """Meta's layout, one shard: params.json (Meta's fields only) + consolidated.00.pth."""
     os.makedirs(dst, exist_ok=True)

@@ -692,6 +692,8 @@ def check_config(cfg: Config):
             raise ConfigError(f"{what} {path!r} does not exist")
     if cfg.init not in ("demo", "scratch"):
         need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
+        need(os.path.join(cfg.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
+             "tokenizer.model into the folder):")
     if cfg.data != "demo":
         tests = [p for p in cfg.data_test.split(",") if p] if cfg.method == "reward" else []
         for path in cfg.data.split(",") + tests:
