@@ -85,7 +85,7 @@ class ConstraintEMA:
         self.batch_mean = None  # (k,) float64, the last global batch mean of c
 
     def update(self, c, all_reduce=None):
-        """Fold in one batch of per-sample c (B, k); returns Ĉ (k,).
+        """Fold in one batch of per-sample c (B, k); returns Ĉ (k,), or None if the batch has a non-finite c.
 
         all_reduce: optional in-place sum over ranks, e.g. torch.distributed.all_reduce. It sums [Σ_b c_b, B]
         (k+1,), so the mean is that of the global batch even when ranks hold different numbers of samples
@@ -98,6 +98,8 @@ class ConstraintEMA:
         stats = torch.cat([c.sum(0), c.new_tensor([B])])  # (k+1,)
         if all_reduce is not None:
             all_reduce(stats)
+        if not torch.isfinite(stats).all():  # a non-finite cost on any rank makes every rank's sums non-finite:
+            return None  # Ĉ stays as it was, and every rank can skip the step alike
         if stats[k] == 0:
             raise ValueError("no samples in the (global) batch: Ĉ cannot be updated")
         mean = self.batch_mean = stats[:k] / stats[k]  # (k,)
@@ -163,9 +165,10 @@ class Multipliers:
         return bool(torch.rand((), generator=generator) < 0.5)
 
     def observe(self, c, all_reduce=None):
-        """Update Ĉ with a constraint batch c (B, k); for MM then λ ← max(0, λ + η_λ·Ĉ)."""
+        """Update Ĉ with a constraint batch c (B, k); for MM then λ ← max(0, λ + η_λ·Ĉ). None, and nothing
+        updated, if the batch holds a non-finite c."""
         C_hat = self.ema.update(c, all_reduce)
-        if self.method == "mm":
+        if self.method == "mm" and C_hat is not None:
             self.lam_mm = torch.clamp(self.lam_mm.to(C_hat) + self.eta_lam * C_hat, min=0.0)
         return C_hat
 

@@ -42,7 +42,8 @@ def train(out: str, *flags, data_dir: str) -> dict:
     """Run train.py once (skipped when its report exists) and return its report."""
     report = os.path.join(out, "report.json")
     if not os.path.isfile(report):
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}", *flags]
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}",
+               "--overwrite=True", *flags]  # a run without its report was cut short: start it again
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
@@ -239,7 +240,7 @@ def ledger_summary(run_dir: str) -> dict:
     an active constraint the run tracks, whatever its last steps did) and the share of steps in which one
     multiplier is under 1/1000 of the other (each such step serves one constraint only)."""
     with open(os.path.join(run_dir, "ledger.jsonl")) as f:
-        con = [r for r in map(json.loads, f) if r["kind"] == "constraint"]
+        con = [r for r in map(json.loads, f) if "C_hat" in r]  # constraint steps not skipped
     late = con[len(con) // 2:]
     lam = np.array([r["lam"] for r in late])  # (steps, k)
     return {"late_C": np.mean([r["C"] for r in late], 0).tolist(),
@@ -317,7 +318,7 @@ def trajectory(run_dir: str, png: str):
         recs = [json.loads(line) for line in f]
     with open(os.path.join(run_dir, "report.json")) as f:
         cons = list(json.load(f)["after"]["constraints"].items())
-    con = [r for r in recs if r["kind"] == "constraint"]
+    con = [r for r in recs if "C_hat" in r]  # constraint steps not skipped
     steps = [r["step"] for r in con]
     fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
     axes[0].semilogy([r["step"] for r in recs], [r["mu"] for r in recs], "k")

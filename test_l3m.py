@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1408,8 +1409,9 @@ def test_reproduce_verdicts_and_ledger_summary(tmp_path):
     v = reproduce.verdicts(report, thresholds=[0.5, 2.5])  # C = b − mean reward: −0.6 and 0.8 = 4 se
     assert [x["C"] for x in v] == pytest.approx([-0.6, 0.8]) and reproduce.overall(v) == "violated"
     assert reproduce.counts([{"verdicts": v}, {"verdicts": v[:1]}], 3) == "1/3 ✓, 1 ✗"
-    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "lam": lam} for c, lam in
+    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "C_hat": [0, 0], "lam": lam} for c, lam in
                                   [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]), (3.0, [0.5, 1.0])]]
+    steps.append({"kind": "constraint", "skipped": True})  # a non-finite reward: no C, not counted
     (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     summary = reproduce.ledger_summary(str(tmp_path))
     assert summary["late_C"] == pytest.approx([2.0, -2.0]) and summary["one_sided_share"] == 0.5
@@ -1706,6 +1708,96 @@ train.main(sys.argv[1:])
     rows = ledger(tmp_path)
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
+
+
+def test_nonfinite_reward_is_skipped_on_every_rank(tmp_path, data_dir):
+    """A NaN reward for one sample on rank 0 only, at the first constraint step (injected by wrapping
+    train.costs): both ranks skip that step, Ĉ is not poisoned (later steps have a finite Ĉ), weights stay
+    finite."""
+    script = tmp_path / "nan.py"
+    script.write_text(f"""
+import sys, torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+import train
+calls, costs = [], train.costs
+def nan_on_rank0_first(*a):
+    calls.append(1)
+    c = costs(*a)
+    if len(calls) == 1 and dist.get_rank() == 0:
+        c[0, 0] = float("nan")
+    return c
+train.costs = nan_on_rank0_first
+train.main(sys.argv[1:])
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
+           f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--method=l3m", "--steps=8",
+           "--constraint=length>=4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    con = [r for r in ledger(tmp_path / "run") if r["kind"] == "constraint"]
+    assert len(con) >= 2 and con[0]["skipped"] and "C_hat" not in con[0]
+    assert all(not r["skipped"] and math.isfinite(r["C_hat"][0]) for r in con[1:])
+    assert con[1]["C_hat"] == pytest.approx(con[1]["C"])  # the first Ĉ is the first finite batch's mean
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data_dir):
+    """µ falling 1 -> 1e-6 in 4 steps is warned about at the start; a constraint no response can meet
+    (length >= 1000 with 8 new tokens) runs to the end, reports itself violated with its C, and λ̂ stays finite."""
+    out = run_train(tmp_path, data_dir, "--method=l3m", "--steps=4", "--constraint=length>=1000")
+    assert "warning: µ falls from 1 to 1e-06 in 4 steps" in out and "raise --mu_T" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    c = report["after"]["constraints"]["length>=1000"]
+    assert c["C"] >= 1000 - 8 and c["verdict"] == "violated"
+    assert all(math.isfinite(x) and x > 0 for x in report["lam_hat"])
+    assert "warning" not in run_train(tmp_path / "long", data_dir, "--method=l3m", "--steps=120", "--test=2",
+                                      "--constraint=length>=2", timeout=300)  # ×1/1.12 per step: no warning
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr=-1"], "--lr=-1.0 must be > 0"),
+    (["--batch_size=0"], "--batch_size=0 must be > 0"),
+    (["--micro_batch=0"], "--micro_batch=0 must be > 0"),
+    (["--batch_size=16", "--micro_batch=5"], "--batch_size=16 must be a multiple of --micro_batch=5"),
+    (["--top_p=1.5"], r"--top_p=1.5 must be in \(0, 1\]"),
+    (["--temperature=-0.5"], "--temperature=-0.5 must be >= 0"),
+    (["--mu_T=2"], r"--mu_T=2.0 must be in \(0, --mu_0=1.0\): µ decays"),
+    (["--ema_alpha=0"], "--ema_alpha=0.0 must be in"),
+    (["--method=mm", "--eta_lam=0"], "--eta_lam=0.0 must be > 0"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 must be > 0"),
+    (["--warmup=1.5"], r"--warmup=1.5 must be in \[0, 1\)"),
+    (["--epochs=0"], "--epochs=0.0 must be > 0 \\(or --steps > 0\\)"),
+    (["--method=ppo"], "--method=ppo must be sft, l3m, mm or reward"),
+    (["--device=tpu"], "--device=tpu must be auto, cpu or cuda"),
+    (["--constraint=length>=inf"], "cannot read"),
+    (["--resume=True"], "--resume: the checkpoint .*state.pt' does not exist"),
+])
+def test_bad_flag_is_one_error_line_and_nothing_written(tmp_path, capsys, flags, message):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main([f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}", *flags])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.err == "" and re.fullmatch(f"error: .*{message}.*\n", out.out), out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_finished_run_not_clobbered_and_resume_with_other_flags_refused(tmp_path):
+    """A run already in --out_dir is refused unless --resume or --overwrite; resuming with a flag that shapes
+    the run changed (the constraints, the batch) is refused, naming each difference."""
+    import train
+    (tmp_path / "ledger.jsonl").write_text("")
+    argv = [f"--out_dir={tmp_path}", "--constraint=length>=5", "--batch_size=8", "--micro_batch=8"]
+    with pytest.raises(train.ConfigError, match="holds a run: continue it with --resume=True, replace it with "):
+        train.check_config(train.parse_config(argv))
+    train.check_config(train.parse_config(argv + ["--overwrite=True"]))
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"config": dataclasses.asdict(train.parse_config(argv))}, tmp_path / "ckpt" / "state.pt")
+    train.check_config(train.parse_config(argv + ["--resume=True", "--stop_after=9", "--micro_batch=4"]))
+    with pytest.raises(train.ConfigError) as e:
+        train.check_config(train.parse_config(argv[:1] + ["--constraint=length>=6", "--batch_size=16",
+                                                          "--micro_batch=8", "--resume=True"]))
+    assert str(e.value) == ("--resume with flags other than the checkpoint's: --constraint=['length>=6'] (the "
+                            "checkpoint's: ['length>=5']), --batch_size=16 (the checkpoint's: 8)")
 
 
 @pytest.mark.parametrize("flag, message", [

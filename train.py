@@ -103,6 +103,7 @@ class Config:
     eval_before: bool = flag(True, "evaluate on the test split before training too (the 'before' column)")
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: only the final model")
     resume: bool = flag(False, "continue from out_dir/ckpt")
+    overwrite: bool = flag(False, "replace a run already in out_dir (without it, such a run is refused)")
     stop_after: int = flag(0, "> 0: checkpoint and stop after this step (a time slice; continue with --resume)")
     seed: int = flag(0, "of the data order, the coin, the sampling and a scratch model's weights")
     data_seed: int = flag(0, "of the demo data, the UltraChat turn kept and the train/val/test split")
@@ -123,12 +124,7 @@ def parse_config(argv) -> Config:
                            help="True/False: " + help)
         else:
             p.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
-    cfg = Config(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-    if cfg.method not in ("sft", "l3m", "mm", "reward"):
-        p.error(f"--method must be sft, l3m, mm or reward, not {cfg.method!r}")
-    if cfg.batch_size % cfg.micro_batch:
-        p.error(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch={cfg.micro_batch}")
-    return cfg
+    return Config(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
 
 # The run: set-up, then the loop -------------------------------------------------------------------
@@ -159,6 +155,12 @@ class Run:
         self.total = cfg.steps or max(1, round(cfg.epochs * self.task_stream.per_epoch * (1 + constrained)))
         self.mult = l3m.Multipliers(len(self.constraints), cfg.method, cfg.eta_lam if cfg.method == "mm" else None,
                                     cfg.ema_alpha) if constrained else None  # Ĉ and λ̂ (MM: λ)
+        per_step = (cfg.mu_0 / cfg.mu_T) ** (1 / max(1, self.total - 1))  # µ's fall per step (§5.1)
+        if cfg.method == "l3m" and per_step > 1.15:  # 1 -> 1e-6 in fewer than ~100 steps
+            print0(f"warning: µ falls from {cfg.mu_0:g} to {cfg.mu_T:g} in {self.total} steps, ×1/{per_step:.3g} per "
+                   f"step: λ̂ of an active constraint, 1/(kµ), grows faster than Ĉ can follow it (to "
+                   f"{1 / (max(1, len(self.constraints)) * cfg.mu_T):.2g} at the end). Train for more steps "
+                   "(--steps, --epochs) or raise --mu_T.")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
         self.reports, self.best = {}, None  # evaluations so far; a reward model's best validation accuracy
@@ -246,6 +248,8 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
     c = costs(r.constraints, r.reward_models, samples).to(r.device)  # (B, k)
     # Ĉ_i ← (1 − α)·Ĉ_i + α·(mean of c_i over the global batch), one all-reduce (§5.4)
     C_hat = r.mult.observe(c, all_reduce_sum)  # (k,)
+    if C_hat is None:  # a non-finite reward on some rank: every rank skips the step, Ĉ and λ untouched
+        return {"loss": math.nan, "grad_norm": math.nan, "skipped": True, **rollout_stats(samples)}
     # λ̂_i = µ / (k·max(−Ĉ_i, µ²)) = B'_{µ,µ²}(Ĉ_i)/k (§5.2); MM: its learned λ_i
     lam = r.mult.lam(mu).to(r.device)  # (k,) float32, detached
     t_sample = time.perf_counter() - t0
@@ -519,9 +523,7 @@ def load_train_state(r: Run) -> int:
     """Restore the model, AdamW, the data positions, the multipliers and the reports; returns the step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    folder = os.path.join(r.cfg.out_dir, "ckpt")
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        raise ConfigError(f"--resume: no checkpoint at {folder}; run without --resume=True first")
+    folder = os.path.join(r.cfg.out_dir, "ckpt")  # check_config made sure it is there
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=folder)
@@ -565,7 +567,7 @@ def setup_distributed(device: str):
 
 
 def print0(*a, **k):
-    if dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank, also before the process group exists
         print(*a, **k, flush=True)
 
 
@@ -690,6 +692,40 @@ def check_config(cfg: Config):
     def need(path, what):
         if not os.path.exists(path):
             raise ConfigError(f"{what} {path!r} does not exist")
+    c = cfg
+    for ok, name, allowed in [
+            (c.method in ("sft", "l3m", "mm", "reward"), "method", "sft, l3m, mm or reward"),
+            (c.batch_size > 0, "batch_size", "> 0"), (c.micro_batch > 0, "micro_batch", "> 0"),
+            (c.batch_size % max(c.micro_batch, 1) == 0, "batch_size", f"a multiple of --micro_batch={c.micro_batch}"),
+            (c.lr > 0, "lr", "> 0"), (c.weight_decay >= 0, "weight_decay", ">= 0"),
+            (c.grad_clip > 0, "grad_clip", "> 0"),
+            (0 <= c.warmup < 1, "warmup", "in [0, 1): a share of the steps"), (c.steps >= 0, "steps", ">= 0"),
+            (c.epochs > 0 or c.steps > 0, "epochs", "> 0 (or --steps > 0)"), (c.max_len > 0, "max_len", "> 0"),
+            (c.max_new_tokens > 0, "max_new_tokens", "> 0"), (0 < c.top_p <= 1, "top_p", "in (0, 1]"),
+            (c.temperature >= 0, "temperature", ">= 0 (0: greedy)"), (c.mu_0 > 0, "mu_0", "> 0"),
+            (0 < c.mu_T < c.mu_0, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays"),
+            (0 < c.ema_alpha <= 1, "ema_alpha", "in (0, 1]"), (c.eta_lam > 0, "eta_lam", "> 0"),
+            (c.val >= 0 and c.test >= 0, "val" if c.val < 0 else "test", ">= 0"),
+            (min(c.eval_every, c.ckpt_every, c.stop_after, c.show) >= 0,
+             "eval_every, --ckpt_every, --stop_after and --show", ">= 0"),
+            (min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0,
+             "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0"),
+            (c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")]:
+        if not ok:
+            value = getattr(c, name, None)
+            raise ConfigError(f"--{name}" + ("" if value is None else f"={value}") + f" must be {allowed}")
+    if c.resume:  # the flags that shape the run must be the checkpoint's; the rest may change
+        need(os.path.join(c.out_dir, "ckpt", "state.pt"), "--resume: the checkpoint")
+        saved = torch.load(os.path.join(c.out_dir, "ckpt", "state.pt"), weights_only=False)["config"]
+        free = {"init", "resume", "overwrite", "stop_after", "eval_every", "ckpt_every", "show", "device",
+                "micro_batch", "activation_checkpointing"}
+        changed = [f"--{k}={v!r} (the checkpoint's: {saved.get(k)!r})" for k, v in dataclasses.asdict(c).items()
+                   if k not in free and saved.get(k) != v]
+        if changed:
+            raise ConfigError(f"--resume with flags other than the checkpoint's: {', '.join(changed)}")
+    elif not c.overwrite and any(os.path.exists(os.path.join(c.out_dir, f)) for f in ("ledger.jsonl", "ckpt")):
+        raise ConfigError(f"--out_dir={c.out_dir} holds a run: continue it with --resume=True, replace it with "
+                          "--overwrite=True, or choose another --out_dir")
     if cfg.init not in ("demo", "scratch"):
         need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
         need(os.path.join(cfg.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
@@ -714,7 +750,7 @@ def demo_base(cfg: Config, device) -> str:
         print0(f"pretraining the demo base model once, cached in {folder}")
         base = dataclasses.replace(cfg, method="sft", init="scratch", out_dir=folder + "_run", epochs=cfg.base_epochs,
                                    steps=0, lr=cfg.base_lr, constraint=[], reward_model=[], resume=False,
-                                   eval_every=0, ckpt_every=0)
+                                   overwrite=True, eval_every=0, ckpt_every=0)
         run(base, device)
         if dist.get_rank() == 0:
             os.rename(os.path.join(base.out_dir, "final"), folder)
@@ -724,9 +760,9 @@ def demo_base(cfg: Config, device) -> str:
 
 def main(argv):
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed(cfg.device)
     try:
         check_config(cfg)
+        rank, world, device = setup_distributed(cfg.device)
         if cfg.init == "demo":
             cfg = dataclasses.replace(cfg, init=demo_base(cfg, device))
         run(cfg, device)
@@ -734,7 +770,8 @@ def main(argv):
         print0(f"error: {e}")
         raise SystemExit(2)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
