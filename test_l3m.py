@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -1492,14 +1493,20 @@ def tiny_base(demo, tmp_path_factory):
     return str(out / "final")
 
 
-def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
+def train_cmd(out_dir, data_dir, *flags, nproc=1):
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(HERE, "train.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *flags], env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    return cmd + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *flags]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
+    p = subprocess.run(train_cmd(out_dir, data_dir, *flags, nproc=nproc), env=ONE_THREAD, capture_output=True,
+                       text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -1560,6 +1567,64 @@ def test_resume_continues_exactly(tmp_path, data_dir, tiny_base):
     assert any(r["C"] != r["C_hat"] for r in straight[3:] if r["kind"] == "constraint")
     assert straight == ledger(tmp_path / "halves")
     w1, w2 = final_weights(tmp_path / "straight"), final_weights(tmp_path / "halves")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, nproc):
+    """SIGTERM in the middle of a run (to the process, or to torchrun, which passes it on to every rank): the
+    run finishes its step, checkpoints, says how to resume and exits non-zero; resumed, its ledger and
+    weights equal those of a run never interrupted."""
+    flags = ["--method=l3m", "--steps=16", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+             "--constraint=length<=30"]
+    run_train(tmp_path / "straight", data_dir, *flags, nproc=nproc)
+    p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc), env=ONE_THREAD,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (os.path.isfile(tmp_path / "cut" / "ledger.jsonl") and len(ledger(tmp_path / "cut")) >= 3):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "continue with the same flags and --resume=True" in out, out[-2000:] + err[-2000:]
+    cut = len(ledger(tmp_path / "cut"))
+    assert 3 <= cut < 16 and not os.path.exists(tmp_path / "cut" / "final")
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
+    assert ledger(tmp_path / "straight") == ledger(tmp_path / "cut")
+    w1, w2 = final_weights(tmp_path / "straight"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, nproc):
+    """SIGKILL on rank 0 while it writes its second checkpoint (shards written, state file not yet): the first
+    checkpoint is whole, the resumed run drops the ledger lines after it and ends equal to a straight run."""
+    script = tmp_path / "kill.py"
+    script.write_text(f"""
+import os, signal, sys, torch
+sys.path.insert(0, {HERE!r})
+import train
+saves, save = [], torch.save
+def killed_at_second_state(obj, path, *a, **k):
+    saves.append(str(path)) if str(path).endswith("state.pt") else None
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, path, *a, **k)
+torch.save = killed_at_second_state
+train.main(sys.argv[1:])
+""")
+    flags = ["--method=l3m", "--steps=9", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+             "--constraint=length<=30", "--ckpt_every=3"]
+    run_train(tmp_path / "straight", data_dir, *flags, nproc=nproc)
+    cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc)
+    cmd[cmd.index(os.path.join(HERE, "train.py"))] = str(script)
+    p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0 and len(ledger(tmp_path / "cut")) == 6  # killed after step 6, saving it
+    assert torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
+    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt", "final", "ledger.jsonl", "report.json"]  # no stale tmp
+    assert ledger(tmp_path / "straight") == ledger(tmp_path / "cut")
+    w1, w2 = final_weights(tmp_path / "straight"), final_weights(tmp_path / "cut")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
@@ -1798,6 +1863,10 @@ def test_finished_run_not_clobbered_and_resume_with_other_flags_refused(tmp_path
                                                           "--micro_batch=8", "--resume=True"]))
     assert str(e.value) == ("--resume with flags other than the checkpoint's: --constraint=['length>=6'] (the "
                             "checkpoint's: ['length>=5']), --batch_size=16 (the checkpoint's: 8)")
+    # killed between atomic_folder's two renames: ckpt is gone, the previous checkpoint whole beside it
+    os.rename(tmp_path / "ckpt", tmp_path / "ckpt.old123")
+    with pytest.raises(train.ConfigError, match="ckpt was being replaced .* whole in .*ckpt.old123: rename it"):
+        train.check_config(train.parse_config(argv + ["--resume=True"]))
 
 
 @pytest.mark.parametrize("flag, message", [

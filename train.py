@@ -31,9 +31,12 @@ Where this departs from, or pins down, the paper:
 """
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -173,6 +176,7 @@ class Run:
 def run(cfg: Config, device) -> dict:
     """One training run as configured. Returns the final report (the same on every rank)."""
     r = Run(cfg, device)
+    signal.signal(signal.SIGTERM, on_sigterm)  # preemption: finish the step, checkpoint, exit
     start = load_train_state(r) if cfg.resume else 0
     open_ledger(r, start)
     if start == 0 and cfg.eval_before:
@@ -195,6 +199,7 @@ def run(cfg: Config, device) -> dict:
         else:
             rec = reward_step(r)
         rec["t_train"] = time.perf_counter() - t0 - rec.get("t_sample", 0.0)
+        preempted = rec.pop("preempted", False)  # a SIGTERM on any rank, agreed on in clip_and_step
         # one ledger line, the progress bar
         log_step(r, bar, {"step": step, "kind": kind, "mu": mu, "lr": lr, **rec})
         # validate, checkpoint, or stop after this step (a time slice)
@@ -202,11 +207,15 @@ def run(cfg: Config, device) -> dict:
         if cfg.eval_every and steps_done % cfg.eval_every == 0 and steps_done < r.total:
             validate(r, f"val @ {steps_done}")
         stop = steps_done == cfg.stop_after
-        if (cfg.ckpt_every and steps_done % cfg.ckpt_every == 0 or stop) and steps_done < r.total:
+        if (cfg.ckpt_every and steps_done % cfg.ckpt_every == 0 or stop or preempted) and steps_done < r.total:
             save_train_state(r, steps_done)
         if stop:
             print0(f"stopped after step {steps_done}; continue with --resume=True")
             return r.reports
+        if preempted and steps_done < r.total:
+            print0(f"SIGTERM: checkpointed after step {steps_done} in {cfg.out_dir}/ckpt; continue with the same "
+                   "flags and --resume=True")
+            raise SystemExit(143)
     bar.close()
     return finish(r)
 
@@ -292,15 +301,25 @@ def clip_and_step(r: Run, loss: float) -> dict:
     """Clip the accumulated gradient at --grad_clip (§5.4), take the AdamW step, clear the gradient.
 
     Loss and gradient norm are all-reduced, so every rank decides alike: a non-finite one (a NaN on any
-    rank makes the sums NaN) skips the step on every rank together."""
-    loss = all_reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / dist.get_world_size()
+    rank makes the sums NaN) skips the step on every rank together. The loss's all-reduce also carries
+    whether a rank has received SIGTERM, so that all ranks stop after the same step."""
+    loss, sigterms = all_reduce_sum(torch.tensor([loss, float(_SIGTERM)], dtype=torch.float64)).tolist()
+    loss /= dist.get_world_size()
     norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg.grad_clip)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # before clipping
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if not skipped:
         r.optimizer.step()
     r.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": norm, "skipped": skipped}
+    return {"loss": loss, "grad_norm": norm, "skipped": skipped, "preempted": sigterms > 0}
+
+
+_SIGTERM = False  # set by on_sigterm; read at the end of each step (clip_and_step)
+
+
+def on_sigterm(signum, frame):
+    global _SIGTERM
+    _SIGTERM = True
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -508,8 +527,10 @@ def save_train_state(r: Run, steps_done: int):
     state = {"step": steps_done, "task_pos": r.task_stream.position, "prompt_pos": r.prompt_stream.position,
              "best": r.best, "reports": r.reports, "config": dataclasses.asdict(r.cfg),
              "multipliers": r.mult.state_dict() if r.mult is not None else None}
-    rank0 = dist.get_rank() == 0
-    with atomic_folder(os.path.join(r.cfg.out_dir, "ckpt")) if rank0 else contextlib.nullcontext() as tmp:
+    rank0, ckpt = dist.get_rank() == 0, os.path.join(r.cfg.out_dir, "ckpt")
+    for stale in glob.glob(f"{ckpt}.tmp*") if rank0 else []:  # the half-written folder of a killed save
+        shutil.rmtree(stale)
+    with atomic_folder(ckpt) if rank0 else contextlib.nullcontext() as tmp:
         folder = [tmp]
         dist.broadcast_object_list(folder, src=0)  # rank 0's temporary folder, for every rank
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder[0])
@@ -715,7 +736,11 @@ def check_config(cfg: Config):
             value = getattr(c, name, None)
             raise ConfigError(f"--{name}" + ("" if value is None else f"={value}") + f" must be {allowed}")
     if c.resume:  # the flags that shape the run must be the checkpoint's; the rest may change
-        need(os.path.join(c.out_dir, "ckpt", "state.pt"), "--resume: the checkpoint")
+        ckpt = os.path.join(c.out_dir, "ckpt")
+        for old in [] if os.path.isdir(ckpt) else glob.glob(f"{ckpt}.old*/state.pt"):  # killed between renames
+            raise ConfigError(f"{ckpt} was being replaced when the run stopped; the previous checkpoint is whole in "
+                              f"{os.path.dirname(old)}: rename it to {ckpt}, then resume")
+        need(os.path.join(ckpt, "state.pt"), "--resume: the checkpoint")
         saved = torch.load(os.path.join(c.out_dir, "ckpt", "state.pt"), weights_only=False)["config"]
         free = {"init", "resume", "overwrite", "stop_after", "eval_every", "ckpt_every", "show", "device",
                 "micro_batch", "activation_checkpointing"}
