@@ -1521,7 +1521,8 @@ def final_weights(out_dir):
 
 
 def test_two_processes_match_one(tmp_path, data_dir, tiny_base):
-    """Two ranks (gloo) give the losses and parameters of one process on the same global batch.
+    """Two ranks (gloo) give the losses and parameters of one process on the same global batch, and so does
+    a run stopped on two ranks and resumed on one.
 
     Proves the shared coin, the global Ĉ (the rollouts end at varied lengths, so a rank's own batch mean
     is not the global one), the rollouts and the gradient averaging. Rollouts sample with
@@ -1549,6 +1550,15 @@ def test_two_processes_match_one(tmp_path, data_dir, tiny_base):
     # Seen: ≤ 1.2e-5 relative (the embedding), ≤ 1e-5 elsewhere.
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert max(((w1[k] - w2[k]).norm() / w1[k].norm()).item() for k in w1) <= 1e-4
+    # Stopped on two ranks, resumed on one: the sharded checkpoint is resharded on load, and the data
+    # positions, coin and sampling keys are global, so the run continues as the one-process run does.
+    run_train(tmp_path / "two_then_one", data_dir, *flags, "--ckpt_every=3", "--stop_after=3", nproc=2)
+    run_train(tmp_path / "two_then_one", data_dir, *flags, "--ckpt_every=3", "--resume=True")
+    assert len(ledger(tmp_path / "two_then_one")) == len(one)
+    for a, b in zip(one, ledger(tmp_path / "two_then_one")):
+        assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    w3 = final_weights(tmp_path / "two_then_one")
+    assert max(((w1[k] - w3[k]).norm() / w1[k].norm()).item() for k in w1) <= 1e-4
 
 
 def test_resume_continues_exactly(tmp_path, data_dir, tiny_base):
