@@ -13,8 +13,9 @@ Where this departs from the paper, or fixes what it leaves open:
   "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:", read by policy and reward models
   alike. The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece puts
   the space in front of its first word) and followed by the EOS *id*, not text: the boundary is exact.
-- UltraChat: the assistant turn kept as the response is drawn with a seed per line, so a dialogue's pair
-  does not depend on the rest of the file. Pairs over max_tokens (BOS and EOS included) are dropped, not truncated.
+- UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text, so a
+  dialogue gives the same pair in any file, compressed or not, at any line. Pairs over max_tokens (BOS and EOS
+  included) are dropped, not truncated.
 - HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's
   text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
 - The demo data stands in for UltraChat and HH on a CPU; see "Demo data" below.
@@ -154,12 +155,13 @@ def _ultrachat_dialogue(record: dict) -> list:
 
 def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False) -> ReadResult:
     """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples, one per dialogue: an assistant turn
-    drawn with the seed (seed, file name, line number) is the response, the dialogue before it the prompt
+    drawn with the seed (seed, the dialogue's text) is the response, the dialogue before it the prompt
     (App. A). strict=False skips malformed lines and counts them by reason (print the result);
     strict=True raises DataError naming file:line."""
     def parse(record, path, lineno):
         dialogue = _ultrachat_dialogue(record)
-        rng = random.Random(f"{seed}:{path.name}:{lineno}")
+        # keyed by the dialogue's text: the same pair whatever the file's name, compression or line order
+        rng = random.Random(f"{seed}:{json.dumps(dialogue)}")
         k = rng.randrange(1, len(dialogue), 2)  # index of an assistant turn
         prompt, response = encode_pair(tokenizer, render_prompt(dialogue[:k]), dialogue[k][1])
         return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None

@@ -1051,31 +1051,29 @@ def test_template_and_exact_boundary(tok):
         D.render_prompt([("user", "a"), ("assistant", "b")])
 
 
-def test_ultrachat_both_formats_gz_and_seeded_turn(tok, tmp_path):
+def test_ultrachat_turn_keyed_by_the_dialogue(tok, tmp_path):
+    """Which assistant turn a dialogue gives is drawn with (seed, the dialogue's text): both UltraChat formats,
+    a gzipped copy, a renamed file and one with its lines reordered give the same set of pairs."""
     n = 40
-    data_recs = [{"id": str(i), "data": DIALOGUE} for i in range(n)]
-    messages = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(DIALOGUE)]
-    msg_recs = [{"messages": messages} for _ in range(n)]
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    # same file name, so the same per-line seeds: both formats must give the same pairs
-    r1 = D.read_ultrachat(write_jsonl(tmp_path / "a" / "u.jsonl", data_recs), tok, seed=3)
-    r2 = D.read_ultrachat(write_jsonl(tmp_path / "b" / "u.jsonl", msg_recs), tok, seed=3)
-    gz = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl.gz", data_recs), tok, seed=3)
-    assert len(r1.examples) == len(r2.examples) == len(gz.examples) == n and r1.lines == n
-    for a, b in zip(r1.examples, r2.examples):
-        assert np.array_equal(a.prompt, b.prompt) and np.array_equal(a.response, b.response)
+    dialogues = [[f"{DIALOGUE[0]} ({i})"] + DIALOGUE[1:] for i in range(n)]  # 40 different dialogues
+    data_recs = [{"id": str(i), "data": d} for i, d in enumerate(dialogues)]
+    msg_recs = [{"messages": [{"role": "user" if j % 2 == 0 else "assistant", "content": t}
+                              for j, t in enumerate(d)]} for d in dialogues]
+    pairs = lambda r: sorted((a.prompt.tobytes(), a.response.tobytes()) for a in r.examples)
+    r1 = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl", data_recs), tok, seed=3)
+    assert len(r1.examples) == n and r1.lines == n
+    for other in (write_jsonl(tmp_path / "messages.jsonl", msg_recs), write_jsonl(tmp_path / "u.jsonl.gz", data_recs),
+                  write_jsonl(tmp_path / "renamed.jsonl", data_recs[::-1])):
+        assert pairs(D.read_ultrachat(other, tok, seed=3)) == pairs(r1), other
     chosen = []
-    for e in r1.examples:
-        k = DIALOGUE.index(text(tok, e.response))  # the response is an assistant turn, whole
+    for e, d in zip(r1.examples, dialogues):
+        k = d.index(text(tok, e.response))  # the response is an assistant turn, whole
         assert k % 2 == 1
-        expected = D.render_prompt([("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(DIALOGUE[:k])])
+        expected = D.render_prompt([("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(d[:k])])
         assert text(tok, e.prompt) == expected  # the prompt is exactly the dialogue before it
         chosen.append(k)
     assert set(chosen) == {1, 3, 5}  # 40 draws of 3 turns: all appear (misses one with prob. < 1e-6)
-    again = D.read_ultrachat(tmp_path / "a" / "u.jsonl", tok, seed=3)
-    assert all(np.array_equal(a.response, b.response) for a, b in zip(r1.examples, again.examples))
-    other = D.read_ultrachat(tmp_path / "a" / "u.jsonl", tok, seed=4)
-    assert any(not np.array_equal(a.response, b.response) for a, b in zip(r1.examples, other.examples))
+    assert pairs(D.read_ultrachat(tmp_path / "u.jsonl", tok, seed=4)) != pairs(r1)  # the seed matters
 
 
 def test_ultrachat_token_limit(tok, tmp_path):
@@ -1917,7 +1915,8 @@ def test_demo_pipeline_end_to_end(tmp_path, data_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd + [f"--out_dir={tmp_path / 'a'}"], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "pretraining the demo base model" in first.stdout and (cache / "demo_base" / "args.json").is_file()
+    import train
+    assert "pretraining the demo base model" in first.stdout and (cache / train.DEMO_BASE / "args.json").is_file()
     again = subprocess.run(cmd + [f"--out_dir={tmp_path / 'b'}", "--eval_before=False"], capture_output=True,
                            text=True, env=env, timeout=300)
     assert again.returncode == 0 and "pretraining the demo base model" not in again.stdout  # cached

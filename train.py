@@ -768,9 +768,12 @@ def check_config(cfg: Config):
     rewards.parse_constraints(cfg.constraint, known)
 
 
+DEMO_BASE = "demo_base_v2"  # v2: UltraChat turns drawn by the dialogue's text (data.read_ultrachat)
+
+
 def demo_base(cfg: Config, device) -> str:
     """The demo's 'pretrained LLaMA': SFT from random weights on the demo data, run once and cached."""
-    folder = os.path.join(cfg.data_dir, "demo_base")
+    folder = os.path.join(cfg.data_dir, DEMO_BASE)
     if not os.path.isfile(os.path.join(folder, "args.json")):
         print0(f"pretraining the demo base model once, cached in {folder}")
         base = dataclasses.replace(cfg, method="sft", init="scratch", out_dir=folder + "_run", epochs=cfg.base_epochs,
