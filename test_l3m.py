@@ -1892,6 +1892,27 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path, flag, message):
     assert len(errors) == 1 and re.search(message, errors[0]), p.stdout + p.stderr[-2000:]
 
 
+def test_weight_decay_spares_the_norms():
+    """AdamW's groups (transformers' Trainer rule): decay on every matrix, embedding and output included, none
+    on the RMSNorm weights. With zero gradients a step is the decoupled decay alone: matrices shrink by exactly
+    (1 − lr·wd), norms do not move."""
+    import train
+    model = tiny_model()
+    groups = train.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in groups[0]["params"])
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and "tok_embeddings.weight" in decayed
+    assert "output.weight" in decayed and not any("norm" in n for n in decayed)
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(n for n in names.values() if "norm" in n)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, lr=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, before[n] * (1 - 0.5 * 0.1 if "norm" not in n else 1.0), rtol=0, atol=1e-7), n
+
+
 def test_every_flag_has_help(capsys):
     """`python train.py --help` says what every flag means, not only its default."""
     import train

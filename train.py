@@ -89,7 +89,7 @@ class Config:
     batch_size: int = flag(16, "global mini-batch, reached by accumulating micro-batches (App. A: 64)")
     micro_batch: int = flag(16, "rows per rank and forward")
     lr: float = flag(2e-4, "peak learning rate of AdamW (App. A: 1e-6 at 7B)")
-    weight_decay: float = flag(0.1, "AdamW weight decay (App. A: 0.1)")
+    weight_decay: float = flag(0.1, "AdamW weight decay of the matrices; none on norms (App. A: 0.1)")
     warmup: float = flag(0.05, "linear warm-up, as a share of the steps, then cosine to 0 (App. A: 0.05)")
     grad_clip: float = flag(1.0, "gradient-norm clip, applied to each kind of step on its own (§5.4)")
     # L3M (§5)
@@ -164,13 +164,21 @@ class Run:
                    f"step: λ̂ of an active constraint, 1/(kµ), grows faster than Ĉ can follow it (to "
                    f"{1 / (max(1, len(self.constraints)) * cfg.mu_T):.2g} at the end). Train for more steps "
                    "(--steps, --epochs) or raise --mu_T.")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
         self.reports, self.best = {}, None  # evaluations so far; a reward model's best validation accuracy
         os.makedirs(cfg.out_dir, exist_ok=True)
         print0(f"config: {json.dumps(dataclasses.asdict(cfg))}\nmodel: {self.args}\n{self.total} steps, "
                f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test, global batch "
                f"{cfg.batch_size} = {world} rank(s) × {cfg.batch_size // world}")
+
+
+def param_groups(model, weight_decay: float) -> list:
+    """AdamW's groups as transformers' Trainer makes them (App. A: its defaults): weight decay on the matrices,
+    the embedding and the output layer included; none on the RMSNorm weights (LLaMA has no biases)."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def run(cfg: Config, device) -> dict:
