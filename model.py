@@ -241,10 +241,12 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
-                 candidates: int = 128) -> torch.Tensor:
+                 candidates: int = 128, top_k: int = 0) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
-    temperature == 0 means greedy. generator: one torch.Generator, or a list of one per row (train.py keys
-    them by the row's global index, so a run samples the same responses whatever its number of ranks).
+    top_k > 0 first keeps the k most likely tokens and takes the nucleus of their renormalised probabilities
+    (transformers' order: top-k, then top-p). temperature == 0 means greedy. generator: one torch.Generator,
+    or a list of one per row (train.py keys them by the row's global index, so a run samples the same
+    responses whatever its number of ranks).
     Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked for
     among the `candidates` most likely tokens (a partial sort); the batch falls back to the full sort only
     when they hold less than top_p. The draw is an inverse-CDF lookup."""
@@ -253,7 +255,10 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     B, V = probs.shape
     sorted_probs, order = probs, None
-    if top_p < 1.0:
+    if 0 < top_k < V:
+        sorted_probs, order = probs.topk(top_k, dim=-1)  # (B, k), decreasing
+        sorted_probs = nucleus(sorted_probs / sorted_probs.sum(-1, keepdim=True), top_p)
+    elif top_p < 1.0:
         sorted_probs, order = probs.topk(min(candidates, V), dim=-1)  # (B, K), decreasing
         if not bool((sorted_probs.sum(-1) >= top_p).all()):
             sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
@@ -272,9 +277,9 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.T
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, temperature: float, top_p: float,
-                     generator) -> torch.Tensor:
+                     generator, top_k: int = 0) -> torch.Tensor:
     """Feed the last sampled token (B,) and sample the one after it (B,)."""
-    return sample_top_p(model(token[:, None], cache)[:, -1], temperature, top_p, generator)
+    return sample_top_p(model(token[:, None], cache)[:, -1], temperature, top_p, generator, top_k=top_k)
 
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
@@ -287,7 +292,7 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-             top_p: float = 0.9, generator=None):
+             top_p: float = 0.9, generator=None, top_k: int = 0):
     """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result.
     Prompts are left-padded so that every row's next token sits in the same column; padding is masked out of
     attention and RoPE positions start at each row's first real token, so padding changes no row's result.
@@ -304,7 +309,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
     cache = KVCache(model.args, B, P + max_new_tokens, pad, model.output.weight.dtype, device)
-    nxt = sample_top_p(prefill(model, tokens, cache), temperature, top_p, generator)  # (B,)
+    nxt = sample_top_p(prefill(model, tokens, cache), temperature, top_p, generator, top_k=top_k)  # (B,)
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for n in range(max_new_tokens):
@@ -312,7 +317,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         done |= nxt == eos_id
         if n + 1 == max_new_tokens or bool(done.all()):
             break
-        nxt = decode_one_token(model, nxt, cache, temperature, top_p, generator)
+        nxt = decode_one_token(model, nxt, cache, temperature, top_p, generator, top_k)
     return trim_at_eos(out[:, :n + 1], eos_id)
 
 
@@ -582,7 +587,7 @@ def main(argv: list):
     s = sub.add_parser("sample", help="sample from our checkpoint folder")
     s.add_argument("checkpoint")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    for name, default in (("max_new_tokens", 64), ("temperature", 1.0), ("top_p", 0.9), ("seed", 0)):
+    for name, default in (("max_new_tokens", 64), ("temperature", 1.0), ("top_p", 0.9), ("top_k", 0), ("seed", 0)):
         s.add_argument(f"--{name}", type=type(default), default=default)
     a = parser.parse_args(argv)
     if a.cmd in ("convert", "export"):
@@ -593,7 +598,7 @@ def main(argv: list):
     if tok is None:
         raise SystemExit(f"{a.checkpoint} has no tokenizer.model: copy the model's tokenizer.model into it")
     outs, ended = generate(model, [tok.encode(p) for p in a.prompt], a.max_new_tokens, tok.eos_id,
-                           a.temperature, a.top_p, torch.Generator(device).manual_seed(a.seed))
+                           a.temperature, a.top_p, torch.Generator(device).manual_seed(a.seed), a.top_k)
     for p, o, e in zip(a.prompt, outs, ended):
         print(f"{p!r} -> {tok.decode(o)!r}{'' if e else ' [no EOS]'}")
 

@@ -255,6 +255,20 @@ def test_top_p_keeps_only_the_nucleus():
     assert torch.allclose(full, probs[0].double(), atol=0.015)
 
 
+def test_top_k_then_top_p_as_transformers_orders_them():
+    """top_k = 3 keeps 0.4, 0.3, 0.15; renormalised (÷ 0.85) the mass before each is 0, 0.47, 0.82, so the 0.8
+    nucleus is the first two: [0.4, 0.3] / 0.7. (Top-p on the raw probabilities would keep all three, mass
+    before 0.7 < 0.8: the renormalisation is what transformers' top-k-then-top-p does.)"""
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log().expand(20000, 5)
+    for top_p, expected in [(0.8, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0]), (1.0, [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85])]:
+        draws = M.sample_top_p(logits, 1.0, top_p, torch.Generator().manual_seed(0), top_k=3)
+        freq = torch.bincount(draws, minlength=5).double() / 20000
+        assert all(freq[i] == 0 for i, e in enumerate(expected) if e == 0)  # never outside
+        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015)  # 4 binomial s.e.
+    assert torch.equal(M.sample_top_p(logits[:3], 0, 0.8, top_k=3), torch.tensor([1, 1, 1]))  # greedy ignores it
+
+
 def test_top_p_on_a_flat_distribution_uses_the_full_sort():
     """A nucleus larger than the candidate set: the fallback still samples exactly the nucleus."""
     probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens

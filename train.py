@@ -26,6 +26,10 @@ Where this departs from, or pins down, the paper:
   weights per rank for the length of the rollout (14 GB in bf16 at 7B).
 - The learning-rate schedule is a pure function of the step (linear warm-up, cosine to 0), shared by both
   kinds of step, as is the AdamW state.
+- Sampling: top-p 0.9 alone, as App. A states; transformers' generate, whose defaults the paper otherwise
+  used, would also apply top-k 50. --top_k=50 does that; it binds only where the 0.9-nucleus holds more than
+  50 tokens. Weight decay 0.1 falls on the matrices only (embedding and output included), as in transformers'
+  Trainer, not on the RMSNorm weights.
 - Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the optimiser,
   schedule, clipping, checkpoints and resume are the same, and a second loop would only repeat them.
 """
@@ -98,6 +102,7 @@ class Config:
     ema_alpha: float = flag(0.1, "smoothing factor α of the EMA Ĉ of each constraint (§5.4)")
     eta_lam: float = flag(0.1, "step size η_λ of the multipliers, --method=mm only")
     top_p: float = flag(0.9, "nucleus of the rollouts' sampling (App. A: 0.9)")
+    top_k: int = flag(0, "> 0: sample among the k likeliest tokens, then their nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs then at temperature 1)")
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
     show: int = flag(3, "sampled test responses printed before and after")
@@ -349,7 +354,7 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False):
 def rollout(model, tok, prompts, cfg: Config, generators):
     """Sample responses with top-p (App. A); call inside `gathered(model)`."""
     responses, ended = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, cfg.temperature, cfg.top_p,
-                                generators)
+                                generators, cfg.top_k)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
 
 
@@ -731,6 +736,7 @@ def check_config(cfg: Config):
             (0 <= c.warmup < 1, "warmup", "in [0, 1): a share of the steps"), (c.steps >= 0, "steps", ">= 0"),
             (c.epochs > 0 or c.steps > 0, "epochs", "> 0 (or --steps > 0)"), (c.max_len > 0, "max_len", "> 0"),
             (c.max_new_tokens > 0, "max_new_tokens", "> 0"), (0 < c.top_p <= 1, "top_p", "in (0, 1]"),
+            (c.top_k >= 0, "top_k", ">= 0 (0: no top-k)"),
             (c.temperature >= 0, "temperature", ">= 0 (0: greedy)"), (c.mu_0 > 0, "mu_0", "> 0"),
             (0 < c.mu_T < c.mu_0, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays"),
             (0 < c.ema_alpha <= 1, "ema_alpha", "in (0, 1]"), (c.eta_lam > 0, "eta_lam", "> 0"),
