@@ -1765,8 +1765,11 @@ def test_methods_run_end_to_end(tmp_path, data_dir, method):
 
 
 def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
-    run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=10", "--batch_size=16",
-              "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
+    out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1", "--batch_size=16",
+                    "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
+    # App. A.1's "validate every 10 % of an epoch": 1,900 training pairs (5 % held out of 2,000) are 118
+    # batches of 16, so every ⌈11.8⌉ = 12 steps
+    assert "val @ 12" in out and "val @ 24" in out and "val @ 11" not in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["val_best_accuracy"] > report["val_accuracy_before"] + 0.1
     assert os.path.isfile(tmp_path / "best" / "model.pth")

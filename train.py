@@ -6,8 +6,10 @@
         --batch_size=64 --micro_batch=8 --lr=1e-6 --max_len=512 --max_new_tokens=512 \\
         --constraint="length>=50" --constraint="length<=100" --activation_checkpointing=True
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-    python train.py --method=reward --init=ckpt/llama-7b --data=hh/helpful-base/train.jsonl.gz \\
-        --data_test=hh/helpful-base/test.jsonl.gz --epochs=2 --warmup=0.1 --out_dir=out/rm_helpful
+    torchrun --standalone --nproc_per_node=8 train.py --method=reward --init=ckpt/llama-7b \\
+        --data=hh/helpful-base/train.jsonl.gz,hh/helpful-online/train.jsonl.gz,... --data_test=... \\
+        --epochs=2 --batch_size=64 --micro_batch=8 --lr=1e-6 --warmup=0.1 --max_len=1024 --eval_every=0.1 \\
+        --activation_checkpointing=True --out_dir=out/rm_helpful      # App. A.1; README: every value, both RMs
 
 Read `run` first (set-up, then the loop: µ, lr, the coin, one step, log, evaluate, checkpoint), then the
 steps: `task_step` (heads), `constraint_step` (tails: Eq. 11 with Eq. 12) and `reward_step` (App. A.1).
@@ -107,7 +109,7 @@ class Config:
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
     show: int = flag(3, "sampled test responses printed before and after")
     # run
-    eval_every: int = flag(100, "validate every this many steps; 0: only before and after")
+    eval_every: float = flag(100.0, "validate every this many steps; < 1: this share of an epoch; 0: never")
     eval_before: bool = flag(True, "evaluate on the test split before training too (the 'before' column)")
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: only the final model")
     resume: bool = flag(False, "continue from out_dir/ckpt")
@@ -160,7 +162,9 @@ class Run:
         self.task_stream = Stream(len(self.train), cfg.batch_size // world, cfg.seed, rank, world)  # heads
         self.prompt_stream = Stream(len(self.train), cfg.batch_size // world, cfg.seed + 1, rank, world)  # tails
         constrained = cfg.method in ("l3m", "mm")
-        self.total = cfg.steps or max(1, round(cfg.epochs * self.task_stream.per_epoch * (1 + constrained)))
+        per_epoch = self.task_stream.per_epoch * (1 + constrained)  # steps; the coin gives half to the task
+        self.total = cfg.steps or max(1, round(cfg.epochs * per_epoch))
+        self.eval_every = round(cfg.eval_every) if cfg.eval_every >= 1 else math.ceil(cfg.eval_every * per_epoch)
         self.mult = l3m.Multipliers(len(self.constraints), cfg.method, cfg.eta_lam if cfg.method == "mm" else None,
                                     cfg.ema_alpha) if constrained else None  # Ĉ and λ̂ (MM: λ)
         per_step = (cfg.mu_0 / cfg.mu_T) ** (1 / max(1, self.total - 1))  # µ's fall per step (§5.1)
@@ -217,7 +221,7 @@ def run(cfg: Config, device) -> dict:
         log_step(r, bar, {"step": step, "kind": kind, "mu": mu, "lr": lr, **rec})
         # validate, checkpoint, or stop after this step (a time slice)
         steps_done = step + 1
-        if cfg.eval_every and steps_done % cfg.eval_every == 0 and steps_done < r.total:
+        if r.eval_every and steps_done % r.eval_every == 0 and steps_done < r.total:
             validate(r, f"val @ {steps_done}")
         stop = steps_done == cfg.stop_after
         if (cfg.ckpt_every and steps_done % cfg.ckpt_every == 0 or stop or preempted) and steps_done < r.total:
