@@ -167,10 +167,9 @@ class Run:
         self.eval_every = round(cfg.eval_every) if cfg.eval_every >= 1 else math.ceil(cfg.eval_every * per_epoch)
         self.mult = l3m.Multipliers(len(self.constraints), cfg.method, cfg.eta_lam if cfg.method == "mm" else None,
                                     cfg.ema_alpha) if constrained else None  # Ĉ and λ̂ (MM: λ)
-        per_step = (cfg.mu_0 / cfg.mu_T) ** (1 / max(1, self.total - 1))  # µ's fall per step (§5.1)
-        if cfg.method == "l3m" and per_step > 1.15:  # 1 -> 1e-6 in fewer than ~100 steps
-            print0(f"warning: µ falls from {cfg.mu_0:g} to {cfg.mu_T:g} in {self.total} steps, ×1/{per_step:.3g} per "
-                   f"step: λ̂ of an active constraint, 1/(kµ), grows faster than Ĉ can follow it (to "
+        if cfg.method == "l3m" and schedule_too_short(cfg, self.total):
+            print0(f"warning: µ falls from {cfg.mu_0:g} to {cfg.mu_T:g} in {self.total} steps: λ̂ of an active "
+                   f"constraint, 1/(kµ), grows faster than Ĉ can follow it (to "
                    f"{1 / (max(1, len(self.constraints)) * cfg.mu_T):.2g} at the end). Train for more steps "
                    "(--steps, --epochs) or raise --mu_T.")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
@@ -180,6 +179,11 @@ class Run:
         print0(f"config: {json.dumps(dataclasses.asdict(cfg))}\nmodel: {self.args}\n{self.total} steps, "
                f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test, global batch "
                f"{cfg.batch_size} = {world} rank(s) × {cfg.batch_size // world}")
+
+
+def schedule_too_short(cfg: Config, total: int) -> bool:
+    """Whether µ falls by more than ×1/1.15 per step (§5.1): 1 -> 1e-6 in fewer than ~100 steps."""
+    return (cfg.mu_0 / cfg.mu_T) ** (1 / max(1, total - 1)) > 1.15
 
 
 def param_groups(model, weight_decay: float) -> list:
