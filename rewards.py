@@ -146,7 +146,8 @@ def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
     """NAME>=NUMBER or NAME<=NUMBER -> (reward, op, threshold)."""
     m = _BOUND.fullmatch(inner)
     if m is None:
-        hint = " (use >= or <=, not > or < or =)" if re.search(r"[<>=]", inner) else ""
+        hint = (" (the threshold must be a finite number)" if re.fullmatch(r"\s*\w+\s*(>=|<=)\s*\S+\s*", inner)
+                else " (use >= or <=, not > or < or =)" if re.search(r"[<>=]", inner) else "")
         raise ConstraintError(f"{text!r}: cannot read {inner.strip()!r}{hint}; expected {SYNTAX}")
     name, op, number = m.groups()
     if name not in rewards:
