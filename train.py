@@ -109,7 +109,7 @@ class Config:
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
     show: int = flag(3, "sampled test responses printed before and after")
     # run
-    eval_every: float = flag(100.0, "validate every this many steps; < 1: this share of an epoch; 0: never")
+    eval_every: float = flag(100.0, "validate every this many steps; < 1: this share of an epoch; 0: not at all")
     eval_before: bool = flag(True, "evaluate on the test split before training too (the 'before' column)")
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: only the final model")
     resume: bool = flag(False, "continue from out_dir/ckpt")
