@@ -166,6 +166,24 @@ def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list) -> tup
     return "\n".join(table), results
 
 
+REWARDS = ("informative", "cautious")
+
+
+def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: list) -> tuple:
+    """The two reward models (trained if missing) and the SFT model every Fig. 3 run is compared with:
+    (held-out accuracy per reward model, the --reward_model flags, SFT's report)."""
+    f3 = os.path.join(out, "fig3")
+    rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}", f"--steps={rm_steps}",
+                                                 "--eval_every=20", "--lr=1e-3"] for n in REWARDS}, data_dir)
+    accuracy = {n: rms[os.path.join(f3, f"rm_{n}")]["test_accuracy"] for n in REWARDS}
+    rm_flags = [f"--reward_model={n}={os.path.join(f3, f'rm_{n}', 'best')}" for n in REWARDS]
+    # thresholds so low that they only make the report carry the SFT model's mean rewards and their spread
+    sft = train(os.path.join(f3, "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
+                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, "--eval_before=True",
+                data_dir=data_dir)
+    return accuracy, rm_flags, sft
+
+
 def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_dir: str, common: list,
          with_feasibility: bool) -> tuple:
     """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3), over seeds.
@@ -174,16 +192,8 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     smallest total violation) on the others. With margin_z, L3M also trains on thresholds tightened by
     margin_z standard errors of a test mean (the SFT model's spread of rewards / √n) and is judged against
     the untightened ones: the recipe for a constraint that must hold on new prompts."""
-    names = ("informative", "cautious")
-    f3 = os.path.join(out, "fig3")
-    rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}", f"--steps={rm_steps}",
-                                                 "--eval_every=20", "--lr=1e-3"] for n in names}, data_dir)
-    accuracy = {n: rms[os.path.join(f3, f"rm_{n}")]["test_accuracy"] for n in names}
-    rm_flags = [f"--reward_model={n}={os.path.join(f3, f'rm_{n}', 'best')}" for n in names]
-    # thresholds so low that they only make the report carry the SFT model's mean rewards and their spread
-    sft = train(os.path.join(f3, "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
-                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, "--eval_before=True",
-                data_dir=data_dir)
+    names, f3 = REWARDS, os.path.join(out, "fig3")
+    accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common)
     m = [sft["after"]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
     se = [sft["after"]["constraints"][f"{n}>=-100"]["se"] for n in names]
     points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
@@ -212,9 +222,6 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     best = max(etas, key=score)
     more = [job("mm", a, b, s, best) for a, b in points for s in seeds[1:]]
     reports.update({key: r for (key, _, _), r in zip(more, run_all({o: f for _, o, f in more}, data_dir).values())})
-    if with_feasibility:
-        feas = {tuple(p[:2]): p[3] for p in feas_job.result()["feasibility"]["any+policy"]}
-
     side.shutdown()  # waits for the feasibility job, if one ran
     if with_feasibility:  # margin in nats of each grid point, and of its tightened version, from the frontier
         with open(feas_path) as f:
@@ -505,16 +512,8 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
     Writes out/fig3/feasibility.json and the per-prompt scores feasibility_scores.npz."""
     import random
     import model as M
-    with ThreadPoolExecutor(2) as pool:
-        rms = {name: pool.submit(train, os.path.join(out, "fig3", f"rm_{name}"), "--method=reward",
-                                 f"--demo_reward={name}", f"--steps={rm_steps}", "--eval_every=20", "--lr=1e-3",
-                                 data_dir=data_dir) for name in ("informative", "cautious")}
-        [f.result() for f in rms.values()]
-    names = ("informative", "cautious")
-    rm_flags = [f"--reward_model={n}={os.path.join(out, 'fig3', f'rm_{n}', 'best')}" for n in names]
-    sft = train(os.path.join(out, "fig3", "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
-                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, "--eval_before=True",
-                data_dir=data_dir)
+    names = REWARDS
+    _, _, sft = fig3_references(out, steps, rm_steps, data_dir, common)
     means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names] for w in ("before", "after")}
     torch.set_num_threads(1)
     rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in names]

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -1409,6 +1411,43 @@ def test_frontier_margin_equals_its_dual_on_random_responses():
     for a, b in [(0.0, 0.0), (1.0, -0.5), (-1.0, 1.0), (3.0, 3.0)]:
         dual = (h - w[:, 0] * a - (1 - w[:, 0]) * b).min()
         assert dual - 1e-4 <= reproduce.frontier_margin(frontier, a, b) <= dual + 1e-12
+
+
+def test_reproduce_fig3_picks_mm_best_eta_and_judges_margin_runs_on_the_grid(tmp_path, monkeypatch):
+    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags: MM's best
+    η_λ is the one that meets its points (then runs on every seed), a margin run trains on raised thresholds
+    but is judged on the grid's, and the tables are written."""
+    import reproduce
+
+    def fake_train(out, *flags, data_dir):
+        os.makedirs(out, exist_ok=True)
+        f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
+        if f["method"] == "reward":
+            return {"test_accuracy": 0.9}
+        cons = [x.split("=", 1)[1] for x in flags if x.startswith("--constraint")]
+        # SFT at (-5, -10); L3M lands on its (possibly raised) thresholds; MM meets them only at η_λ = 1
+        got = {"sft": [-5.0, -10.0]}.get(f["method"]) or [float(c.split(">=")[1]) - 0.1 * (
+            f["method"] == "mm" and f.get("eta_lam") != "1.0") for c in cons]
+        (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0], "C_hat": [0, 0],
+                                                            "lam": [1, 1]}) + "\n")
+        return {"after": {"perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
+            c: {"b": float(c.split(">=")[1]), "reward_mean": g, "C": float(c.split(">=")[1]) - g, "se": 0.01}
+            for c, g in zip(cons, got)}}}
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
+    (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
+    table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
+                                    with_feasibility=True)
+    # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
+    assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
+    assert summary["best_eta_lam"] == 1.0 and summary["sft"]["rewards"] == [-5.0, -10.0]
+    runs = {(r["method"], r["seed"], r["eta_lam"]): r for r in summary["runs"]}
+    assert set(runs) == {("l3m", 0, None), ("l3m", 1, None), ("mm", 0, 0.1), ("mm", 0, 1.0), ("mm", 1, 1.0),
+                         ("l3m+margin", 0, None), ("l3m+margin", 1, None)}
+    margin = runs["l3m+margin", 0, None]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
+    assert (margin["informative"], margin["a"]) == (pytest.approx(-3.98), -4.0)
+    assert [v["C"] for v in margin["verdicts"]] == pytest.approx([-0.02, -0.02])
+    assert "| (−4.00, −9.50) |" not in table and "| (-4.00, -9.50) |" in table and "2/2 ✓" in table
 
 
 def test_reproduce_verdicts_and_ledger_summary(tmp_path):
