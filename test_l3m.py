@@ -1353,27 +1353,26 @@ def held_out_accuracy(model, examples, batch_size=32):
 
 
 def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok, one_thread):
-    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy.
-    (Measured: 98 % informative, 99.5 % cautious, 6–10 s each on one shared core.)"""
+    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy on the
+    cautious preferences (measured: 99.5 %; the informative ones are learnt through train.py below)."""
     torch.manual_seed(0)
-    for prop in ("informative", "cautious"):
-        start = time.time()
-        train = D.read_hh(getattr(demo, f"{prop}_train"), tok).examples
-        test = D.read_hh(getattr(demo, f"{prop}_test"), tok).examples
-        model = tiny_lm(tok.vocab_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(0)
-        before = held_out_accuracy(model, test)
-        for _ in range(30):
-            idx = torch.randint(len(train), (16,), generator=gen).tolist()
-            loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        acc = held_out_accuracy(model, test)
-        print(f"\nBradley–Terry {prop}: held-out accuracy {before:.3f} -> {acc:.3f} "
-              f"({len(test)} pairs, {time.time() - start:.1f} s)")
-        assert acc >= 0.9
+    start = time.time()
+    train = D.read_hh(demo.cautious_train, tok).examples
+    test = D.read_hh(demo.cautious_test, tok).examples
+    model = tiny_lm(tok.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    before = held_out_accuracy(model, test)
+    for _ in range(30):
+        idx = torch.randint(len(train), (16,), generator=gen).tolist()
+        loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = held_out_accuracy(model, test)
+    print(f"\nBradley–Terry cautious: held-out accuracy {before:.3f} -> {acc:.3f} "
+          f"({len(test)} pairs, {time.time() - start:.1f} s)")
+    assert acc >= 0.9
 
 
 # -----------------------------------------------------------------------------
@@ -1556,10 +1555,24 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
-    p = subprocess.run(train_cmd(out_dir, data_dir, *flags, nproc=nproc), env=ONE_THREAD, capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    """train.py with TINY and these flags, one thread per rank; returns what it printed. On two ranks under
+    torchrun; on one, as train.main in this process (a new interpreter would spend ~4 s importing torch)."""
+    if nproc > 1:
+        p = subprocess.run(train_cmd(out_dir, data_dir, *flags, nproc=nproc), env=ONE_THREAD, capture_output=True,
+                           text=True, timeout=timeout)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout
+    import train
+    assert "RANK" not in os.environ  # not under torchrun: train.py makes a world of one
+    threads, sigterm, printed = torch.get_num_threads(), signal.getsignal(signal.SIGTERM), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.main(train_cmd(out_dir, data_dir, *flags)[2:])
+    finally:  # run() installs its SIGTERM handler in this process: give pytest its own back
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, sigterm)
+    return printed.getvalue()
 
 
 def ledger(out_dir, drop=("t_sample", "t_train")):
@@ -1651,13 +1664,12 @@ def test_resume_continues_exactly(tmp_path, data_dir, tiny_base, straight):
     assert_same_run(straight(1), tmp_path / "halves")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, straight, nproc):
-    """SIGTERM in the middle of a run (to the process, or to torchrun, which passes it on to every rank): the
-    run finishes its step, checkpoints, says how to resume and exits non-zero; resumed, its ledger and
-    weights equal those of a run never interrupted."""
-    flags = resume_flags(tiny_base, nproc)
-    p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc), env=ONE_THREAD,
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, straight):
+    """SIGTERM in the middle of a two-rank run (to torchrun, which passes it on to every rank's process: the
+    handler a single process runs too): the run finishes its step on both ranks, checkpoints, says how to
+    resume and exits non-zero; resumed, its ledger and weights equal those of a run never interrupted."""
+    flags = resume_flags(tiny_base, 2)
+    p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *flags, nproc=2), env=ONE_THREAD,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (os.path.isfile(tmp_path / "cut" / "ledger.jsonl") and len(ledger(tmp_path / "cut")) >= 3):
@@ -1668,12 +1680,11 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, 
     assert p.returncode != 0 and "continue with the same flags and --resume=True" in out, out[-2000:] + err[-2000:]
     cut = len(ledger(tmp_path / "cut"))
     assert 3 <= cut < 8 and not os.path.exists(tmp_path / "cut" / "final")
-    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
-    assert_same_run(straight(nproc), tmp_path / "cut")
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=2)
+    assert_same_run(straight(2), tmp_path / "cut")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, straight, nproc):
+def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, straight):
     """SIGKILL on rank 0 while it writes its second checkpoint (shards written, state file not yet): the first
     checkpoint is whole, the resumed run drops the ledger lines after it and ends equal to a straight run."""
     script = tmp_path / "kill.py"
@@ -1690,15 +1701,15 @@ def killed_at_second_state(obj, path, *a, **k):
 torch.save = killed_at_second_state
 train.main(sys.argv[1:])
 """)
-    flags = resume_flags(tiny_base, nproc) + ["--ckpt_every=3"]
-    cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc)
+    flags = resume_flags(tiny_base, 2) + ["--ckpt_every=3"]
+    cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=2)
     cmd[cmd.index(os.path.join(HERE, "train.py"))] = str(script)
     p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
     assert p.returncode != 0 and len(ledger(tmp_path / "cut")) == 6  # killed after step 6, saving it
     assert torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
-    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=2)
     assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt", "final", "ledger.jsonl", "report.json"]  # no stale tmp
-    assert_same_run(straight(nproc), tmp_path / "cut")
+    assert_same_run(straight(2), tmp_path / "cut")
 
 
 def train_in_process(monkeypatch, argv):
@@ -1801,7 +1812,7 @@ loss.backward()
 dist.destroy_process_group()
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=120)
+                        str(script)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "0 [1, 1]" in p.stdout and "1 [40, 40]" in p.stdout
 
@@ -1822,62 +1833,46 @@ def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
     # batches of 16, so every ⌈11.8⌉ = 12 steps
     assert "val @ 12" in out and "val @ 24" in out and "val @ 11" not in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["val_best_accuracy"] > report["val_accuracy_before"] + 0.1
+    # the demo's informative preferences, from a random init (measured: 0.41 -> 0.96 on the 100 held-out pairs)
+    assert report["val_accuracy_before"] < 0.6 and report["val_best_accuracy"] >= 0.9
     assert os.path.isfile(tmp_path / "best" / "model.pth")
 
 
-def test_nonfinite_loss_is_skipped_on_every_rank(tmp_path, data_dir):
-    """A NaN task loss on rank 0 only, at step 1 (injected here by wrapping l3m.task_loss): both ranks skip
-    that step together and the weights stay finite."""
+def test_nonfinite_loss_or_reward_is_skipped_on_every_rank(tmp_path, data_dir):
+    """A NaN task loss at the first task step and a NaN reward for one sample at the first constraint step,
+    both on rank 0 only (injected by wrapping l3m.task_loss and train.costs): both ranks skip those two steps
+    together, Ĉ is not poisoned (the next constraint step's Ĉ is its own finite batch mean, as a first Ĉ
+    is), the other steps run and the weights stay finite."""
     script = tmp_path / "nan.py"
     script.write_text(f"""
 import sys, torch.distributed as dist
 sys.path.insert(0, {HERE!r})
 import l3m, train
-calls, task_loss = [], l3m.task_loss
-def nan_on_rank0_step1(logp):
-    calls.append(1)
-    loss = task_loss(logp)
-    return loss * float("nan") if len(calls) == 2 and dist.get_rank() == 0 else loss
-l3m.task_loss = nan_on_rank0_step1
-train.main(sys.argv[1:])
-""")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
-           f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--method=sft", "--steps=3"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = ledger(tmp_path)
-    assert [r["skipped"] for r in rows] == [False, True, False]
-    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path).values())
-
-
-def test_nonfinite_reward_is_skipped_on_every_rank(tmp_path, data_dir):
-    """A NaN reward for one sample on rank 0 only, at the first constraint step (injected by wrapping
-    train.costs): both ranks skip that step, Ĉ is not poisoned (later steps have a finite Ĉ), weights stay
-    finite."""
-    script = tmp_path / "nan.py"
-    script.write_text(f"""
-import sys, torch.distributed as dist
-sys.path.insert(0, {HERE!r})
-import train
-calls, costs = [], train.costs
-def nan_on_rank0_first(*a):
-    calls.append(1)
-    c = costs(*a)
-    if len(calls) == 1 and dist.get_rank() == 0:
-        c[0, 0] = float("nan")
+def first_call_on_rank0(f, poison):
+    calls = []
+    def wrapped(*a):
+        out = f(*a)
+        calls.append(1)
+        return poison(out) if len(calls) == 1 and dist.get_rank() == 0 else out
+    return wrapped
+def nan_cost(c):
+    c[0, 0] = float("nan")
     return c
-train.costs = nan_on_rank0_first
+l3m.task_loss = first_call_on_rank0(l3m.task_loss, lambda loss: loss * float("nan"))
+train.costs = first_call_on_rank0(train.costs, nan_cost)
 train.main(sys.argv[1:])
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
            f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--method=l3m", "--steps=8",
            "--constraint=length>=4"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ONE_THREAD)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    con = [r for r in ledger(tmp_path / "run") if r["kind"] == "constraint"]
-    assert len(con) >= 2 and con[0]["skipped"] and "C_hat" not in con[0]
-    assert all(not r["skipped"] and math.isfinite(r["C_hat"][0]) for r in con[1:])
+    rows = ledger(tmp_path / "run")
+    task, con = ([r for r in rows if r["kind"] == kind] for kind in ("task", "constraint"))
+    assert len(task) >= 2 and len(con) >= 2
+    assert [r["skipped"] for r in task] == [True] + [False] * (len(task) - 1)
+    assert [r["skipped"] for r in con] == [True] + [False] * (len(con) - 1) and "C_hat" not in con[0]
+    assert all(math.isfinite(r["C_hat"][0]) for r in con[1:])
     assert con[1]["C_hat"] == pytest.approx(con[1]["C"])  # the first Ĉ is the first finite batch's mean
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
 
@@ -1954,7 +1949,7 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path):
     every kind of bad flag are tested in-process, below)."""
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}", "--init=/no/such/ckpt"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert p.returncode != 0
     errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search("--init checkpoint .* '/no/such/ckpt/args.json' does not exist", errors[0])
