@@ -595,9 +595,11 @@ def main():
     # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the lr (README)
     common3 = common + ["--test=200", f"--lr={FIG3_LR}"]
     # The demo base is pretrained once by the first train.py run that needs it; do it before the pool starts.
-    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",
-                    "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}"],
-                   check=True, capture_output=True)
+    warmup = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",
+                             "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}",
+                             "--overwrite=True"], capture_output=True, text=True)
+    if warmup.returncode != 0:
+        raise SystemExit(f"reproduce.py: the demo base could not be made:\n{warmup.stdout[-2000:]}{warmup.stderr[-2000:]}")
     if a.feasibility:
         fig3_feasibility(a.out, a.data_dir, a.steps, RM_STEPS, common3)
         return
