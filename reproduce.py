@@ -599,7 +599,8 @@ def main():
                              "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}",
                              "--overwrite=True"], capture_output=True, text=True)
     if warmup.returncode != 0:
-        raise SystemExit(f"reproduce.py: the demo base could not be made:\n{warmup.stdout[-2000:]}{warmup.stderr[-2000:]}")
+        raise SystemExit(f"reproduce.py: the demo base could not be made:\n{warmup.stdout[-2000:]}"
+                         f"{warmup.stderr[-2000:]}")
     if a.feasibility:
         fig3_feasibility(a.out, a.data_dir, a.steps, RM_STEPS, common3)
         return
