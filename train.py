@@ -13,26 +13,19 @@
 
 Read `run` first (set-up, then the loop: µ, lr, the coin, one step, log, evaluate, checkpoint), then the
 steps: `task_step` (heads), `constraint_step` (tails: Eq. 11 with Eq. 12) and `reward_step` (App. A.1).
-`python train.py --help` explains every flag.
-
-Where this departs from, or pins down, the paper:
-- "One epoch": the coin makes half the steps task steps, so a constrained run takes 2 × (task batches per
-  epoch) steps; task and prompt batches are drawn from the training split by two independent streams, each
-  continuing into its next epoch when it runs out.
-- The coin and the sampling noise are functions of (seed, step) and of (seed, step, global row), not stateful
-  generators: every rank flips the same coin, a row's response does not depend on how rows are split over
-  ranks, and a resumed run needs no RNG state to continue exactly.
+`python train.py --help` explains every flag. Where this departs from, or pins down, the paper:
+- "One epoch": the coin gives half the steps to the task, so a constrained run takes 2 × (task batches per
+  epoch) steps; task and prompt batches come from two independent streams over the training split.
+- The coin and the sampling noise are functions of (seed, step) and of (seed, step, global row): every rank
+  flips the same coin, a row's response does not depend on how rows are split over ranks, and a resumed run
+  needs no RNG state to continue exactly.
 - Rollouts, evaluation and reward scoring run on gathered (unsharded) weights: no collective inside the decode
-  loop, so a rank whose rows all stopped early simply waits at the next all-reduce. The alternative, lock-step
-  sharded decoding, all-gathers every block's weights at every token; gathering once costs one copy of the
-  weights per rank for the length of the rollout (14 GB in bf16 at 7B).
-- The learning-rate schedule is a pure function of the step (linear warm-up, cosine to 0), shared by both
-  kinds of step, as is the AdamW state.
-- Sampling: top-p 0.9 alone, as App. A states; transformers' generate, whose defaults the paper otherwise
-  used, would also apply top-k 50. --top_k=50 does that; it binds only where the 0.9-nucleus holds more than
-  50 tokens. Weight decay 0.1 falls on the matrices only (embedding and output included), as in transformers'
-  Trainer, not on the RMSNorm weights.
-- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the optimiser,
+  loop, so a rank whose rows all stopped early waits at the next all-reduce. Lock-step sharded decoding would
+  all-gather every block at every token; gathering once costs one copy of the weights per rank (14 GB at 7B).
+- The learning rate (linear warm-up, cosine to 0) is a function of the step, shared by both kinds of step, as
+  is the AdamW state. Weight decay falls on the matrices only, as in transformers' Trainer.
+- Sampling: top-p 0.9 alone, as App. A states (transformers' generate would also apply top-k 50: --top_k=50).
+- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: optimiser,
   schedule, clipping, checkpoints and resume are the same, and a second loop would only repeat them.
 """
 import contextlib
@@ -631,27 +624,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 # Model: meta-device init, activation checkpointing, FSDP2, strict load ----------------------------
-def apply_ac(model: Transformer):
-    """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.layers:
-        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
-    print0(f"activation checkpointing on {len(model.layers)} blocks")
-
-
-def apply_fsdp(model: Transformer, param_dtype, reduce_dtype):
-    """Shard each block, then the root (embedding, final norm, output), over all ranks (FSDP2)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    print0(f"FSDP2 over {dist.get_world_size()} rank(s): {len(model.layers)} blocks + root, "
-           f"params {param_dtype}, reductions {reduce_dtype}")
-
-
 def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
     """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.utils.checkpoint import checkpoint
     if init == "scratch":
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                          vocab_size=tokenizer_vocab, multiple_of=32, max_seq_len=cfg.max_len + cfg.max_new_tokens)
@@ -663,9 +639,15 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, init)
-    if train and cfg.activation_checkpointing:
-        apply_ac(model)
-    apply_fsdp(model, torch.bfloat16 if device.type == "cuda" else torch.float32, torch.float32)
+    if train and cfg.activation_checkpointing:  # recompute each block's activations in the backward pass
+        for block in model.layers:
+            block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
+    # FSDP2: shard each block, then the root (embedding, final norm, output), over all ranks
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
     return model.train(train), args
