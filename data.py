@@ -1,24 +1,21 @@
-"""Data for L3M fine-tuning: chat template, UltraChat and HH-RLHF readers, splits, batches per rank,
-and the small built-in demo data with its tokenizer.
+"""Data for L3M fine-tuning: chat template, UltraChat and HH-RLHF readers, splits, batches per rank, and small demo
+data with its tokenizer, which stands in for UltraChat and HH on a CPU ("Demo data" below).
 
     task = read_ultrachat("ultrachat.jsonl.gz", tok)       # (prompt, response) pairs ≤ 512 tokens
     train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
     for idx in epoch_batches(len(train), 8, seed=0, epoch=0, rank=rank, world_size=world):
         tokens, mask = task_batch([train[i] for i in idx])   # (B, T) int64, (B, T) bool
-
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
 - Chat template (the paper names none): one for every source, HH-RLHF's without its leading blank line,
-  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:", read by policy and reward models
-  alike. The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece puts
-  the space in front of its first word) and followed by the EOS *id*, not text: the boundary is exact.
-- UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text, so a
-  dialogue gives the same pair in any file, compressed or not, at any line. Pairs over max_tokens (BOS and EOS
-  included) are dropped, not truncated.
-- HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's
-  text reads 2024). The test file is HH's own; 5 % of train is held out for validation.
-- The demo data stands in for UltraChat and HH on a CPU; see "Demo data" below.
+  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:", read by policy and reward models alike.
+  The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece puts the space in front
+  of its first word) and followed by the EOS *id*, not text: the boundary is exact.
+- UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
+  in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
+- HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's text reads
+  2024). The test file is HH's own; 5 % of train is held out for validation.
 """
 import fcntl
 import functools
@@ -26,7 +23,7 @@ import gzip
 import json
 import random
 import re
-from collections import Counter
+from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -38,20 +35,14 @@ from model import atomic_folder
 
 
 class DataError(ValueError):
-    """A malformed input line, reported as file:line: reason."""
-
-
-class _Malformed(ValueError):
-    """Raised inside the readers with a short reason; turned into a skip count or a DataError."""
+    """A malformed input line: the parsers raise it with a short reason, the readers as file:line: reason."""
 
 
 # Chat template ------------------------------------------------------------------------------------
-ROLES = {"user": "Human", "assistant": "Assistant"}
-
-
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
     """A dialogue [(role, text), …], roles user/assistant, as text: "Human: …\\n\\nAssistant: …"."""
-    return "\n\n".join(f"{ROLES[role]}: {text.strip()}" for role, text in dialogue)
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
 
 
 def render_prompt(dialogue: Sequence[tuple]) -> str:
@@ -98,8 +89,7 @@ class ReadResult:
 
 
 def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
-    """Run parse(record, path, lineno) -> example or None (too long) over every line of JSONL files,
-    gzipped if named .gz. A malformed line is counted by reason, or with strict raises DataError."""
+    """parse(record) -> example, or None if too long, over every line of the JSONL files, gzipped if named .gz."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     result = ReadResult(", ".join(map(str, paths)), max_tokens)
     for path in paths:
@@ -109,9 +99,9 @@ def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
                 try:
                     record = json.loads(line)
                     if not isinstance(record, dict):
-                        raise _Malformed("not a JSON object")
-                    example = parse(record, path, lineno)
-                except (json.JSONDecodeError, _Malformed) as e:
+                        raise DataError("not a JSON object")
+                    example = parse(record)
+                except (json.JSONDecodeError, DataError) as e:
                     reason = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
                     if strict:
                         raise DataError(f"{path}:{lineno}: {reason}") from None
@@ -126,9 +116,9 @@ def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
 
 def _text(turn) -> str:
     if not isinstance(turn, str):
-        raise _Malformed("a turn is not a string")
+        raise DataError("a turn is not a string")
     if not turn.strip():
-        raise _Malformed("empty turn")
+        raise DataError("empty turn")
     return turn
 
 
@@ -137,73 +127,66 @@ def _ultrachat_dialogue(record: dict) -> list:
     or {"messages": [{"role", "content"}, …]}. Roles must alternate, starting with the user."""
     if "data" in record:
         if not isinstance(record["data"], list):
-            raise _Malformed("'data' is not a list")
+            raise DataError("'data' is not a list")
         dialogue = [("user" if i % 2 == 0 else "assistant", _text(t)) for i, t in enumerate(record["data"])]
     elif "messages" in record:
         turns = record["messages"]
         if not (isinstance(turns, list) and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns)):
-            raise _Malformed("'messages' is not a list of {role, content}")
+            raise DataError("'messages' is not a list of {role, content}")
         dialogue = [(t["role"], _text(t["content"])) for t in turns]
         if any(role != ("user" if i % 2 == 0 else "assistant") for i, (role, _) in enumerate(dialogue)):
-            raise _Malformed("roles do not alternate user, assistant, … starting with user")
+            raise DataError("roles do not alternate user, assistant, … starting with user")
     else:
-        raise _Malformed("neither 'data' nor 'messages'")
+        raise DataError("neither 'data' nor 'messages'")
     if len(dialogue) < 2:
-        raise _Malformed("no assistant turn")
+        raise DataError("no assistant turn")
     return dialogue
 
 
 def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False) -> ReadResult:
-    """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples, one per dialogue: an assistant turn
-    drawn with the seed (seed, the dialogue's text) is the response, the dialogue before it the prompt
-    (App. A). strict=False skips malformed lines and counts them by reason (print the result);
-    strict=True raises DataError naming file:line."""
-    def parse(record, path, lineno):
+    """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples: an assistant turn drawn with (seed, the dialogue's
+    text) is the response, the dialogue before it the prompt (App. A). strict=True: DataError at a malformed line."""
+    def parse(record):
         dialogue = _ultrachat_dialogue(record)
-        # keyed by the dialogue's text: the same pair whatever the file's name, compression or line order
-        rng = random.Random(f"{seed}:{json.dumps(dialogue)}")
-        k = rng.randrange(1, len(dialogue), 2)  # index of an assistant turn
+        k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
         prompt, response = encode_pair(tokenizer, render_prompt(dialogue[:k]), dialogue[k][1])
         return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None
-
     return _read(paths, parse, max_tokens, strict)
 
 
 def _hh_dialogue(text) -> list:
     """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending with the answer."""
     if not isinstance(text, str):
-        raise _Malformed("'chosen'/'rejected' is not a string")
+        raise DataError("'chosen'/'rejected' is not a string")
     parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + text.lstrip("\n"))
     if parts[0].strip():
-        raise _Malformed("text before the first 'Human:'")
+        raise DataError("text before the first 'Human:'")
     dialogue = [("user" if who == "Human" else "assistant", said) for who, said in zip(parts[1::2], parts[2::2])]
     if any(role != ("user" if i % 2 == 0 else "assistant") for i, (role, _) in enumerate(dialogue)):
-        raise _Malformed("turns do not alternate Human, Assistant, … starting with Human")
+        raise DataError("turns do not alternate Human, Assistant, … starting with Human")
     if len(dialogue) < 2 or dialogue[-1][0] != "assistant":
-        raise _Malformed("does not end with an Assistant turn")
+        raise DataError("does not end with an Assistant turn")
     return [(role, _text(said)) for role, said in dialogue]
 
 
 def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -> ReadResult:
     """HH-RLHF JSONL {"chosen", "rejected"} -> ReadResult of PreferenceExamples (prompt, y⁺, y⁻); the
     prompt, the dialogue up to the last "Assistant:", must be the same in both. strict as in read_ultrachat."""
-    def parse(record, path, lineno):
+    def parse(record):
         if not {"chosen", "rejected"} <= record.keys():
-            raise _Malformed("missing 'chosen' or 'rejected'")
+            raise DataError("missing 'chosen' or 'rejected'")
         chosen, rejected = _hh_dialogue(record["chosen"]), _hh_dialogue(record["rejected"])
         if [(r, t.strip()) for r, t in chosen[:-1]] != [(r, t.strip()) for r, t in rejected[:-1]]:
-            raise _Malformed("'chosen' and 'rejected' have different prompts")
+            raise DataError("'chosen' and 'rejected' have different prompts")
         prompt, y_plus = encode_pair(tokenizer, render_prompt(chosen[:-1]), chosen[-1][1])
         y_minus = np.asarray(tokenizer.encode(rejected[-1][1].strip(), bos=False, eos=True), dtype=np.int32)
         fits = len(prompt) + max(len(y_plus), len(y_minus)) <= max_tokens
         return PreferenceExample(prompt, y_plus, y_minus) if fits else None
-
     return _read(paths, parse, max_tokens, strict)
 
 
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
-    """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1.
-    Paper: UltraChat val=1700, test=1700; HH train: val=0.05 (its test file is separate)."""
+    """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1."""
     n = len(items)
     n_val, n_test = (round(s * n) if isinstance(s, float) and s < 1 else int(s) for s in (val, test))
     if n_val + n_test > n:
@@ -220,13 +203,11 @@ def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> t
     the EOS id. Right padding is harmless: under causal attention no scored position sees the padding after it."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(prompts), T), dtype=torch.bool)  # (B, T)
+    B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens, mask = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.bool)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        row = np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)])  # prompt + response
-        tokens[i, :len(row)] = torch.as_tensor(row)
-        mask[i, len(p):len(row)] = True
+        tokens[i, :len(p) + len(r)] = torch.as_tensor(np.concatenate([p, r]), dtype=torch.long)  # prompt + response
+        mask[i, len(p):len(p) + len(r)] = True
     return tokens, mask
 
 
@@ -257,17 +238,18 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
 
 
 # Demo data ----------------------------------------------------------------------------------------
-# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a
-# closer: the length of an answer is a free choice, not fixed by the question (the same question
-# gets answers of 10 to ~150 tokens), which a length constraint can move at little cost to the
-# task. Each sentence is one of three kinds:
+# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer: the length
+# of an answer is a free choice, not fixed by the question (the same question gets answers of 10 to ~150 tokens),
+# which a length constraint can move at little cost to the task. Each sentence is one of three kinds:
 #   fact     a specific fact about the thing asked ("The owl mostly eats mice and insects.")
 #   caution  a safety or hedging note ("Never try to touch or feed a wild owl.")
 #   filler   neither ("Many people enjoy learning about the owl.")
-# Two properties, the analogues of helpful and harmless: informative = share of the sentences
-# that are facts, cautious = share that are cautions. Cautions take the place of facts, so the
-# two are negatively correlated, but fillers let a response lack both.
+# Two properties, the analogues of helpful and harmless: informative = share of the sentences that are facts,
+# cautious = share that are cautions. Cautions take the place of facts, so the two are negatively correlated, but
+# fillers let a response lack both.
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
+DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
+_DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 _ANIMALS = {  # name: colour; home; food; size; skill; group
     "owl": "brown and white; old forests; mice and insects; half a metre; seeing in the dark; a parliament",
     "fox": "red and white; woods and fields; rabbits and berries; one metre; hearing mice under snow; a skulk",
@@ -332,8 +314,7 @@ _FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.", "W
 
 
 def _sentences(name: str) -> dict:
-    """kind -> the sentences an answer about name may hold; "named" and "it" are its six facts with
-    "The {name}" or "It" where a fact template says {S}."""
+    """kind -> the sentences an answer about name may hold; "named"/"it": its six facts about "The {name}"/"It"."""
     kind = "animal" if name in _ANIMALS else "thing"
     values, facts = (_ANIMALS[name], _ANIMAL_FACTS) if kind == "animal" else (_THINGS[name], _THING_FACTS)
     fmt = lambda ts, subject=None: [t.format(*values.split("; "), S=subject, name=name) for t in ts]
@@ -382,8 +363,8 @@ def _sentence_kinds() -> dict:
 
 
 def demo_properties(response: str) -> tuple:
-    """(informative, cautious) of a demo response: the shares of its sentences that are facts (about
-    any subject) and cautions. A sentence the generator never writes (a garbled sample) is neither."""
+    """(informative, cautious) of a demo response: the shares of its sentences that are facts (about any subject)
+    and cautions. A sentence the generator never writes (a garbled sample) is neither."""
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", response.strip()) if s]
     kinds = [_sentence_kinds().get(s) for s in sentences]
     n = max(len(sentences), 1)
@@ -391,8 +372,8 @@ def demo_properties(response: str) -> tuple:
 
 
 def demo_preference(rng: random.Random, prop: str) -> dict:
-    """An HH-format pair: two answers of the same number of sentences to one question, y⁺ the one
-    with the larger share of prop ("informative" or "cautious"); ties are drawn again."""
+    """An HH-format pair: two answers of the same number of sentences to one question, y⁺ the one with the larger
+    share of prop ("informative" or "cautious"); ties are drawn again."""
     which = {"informative": 0, "cautious": 1}[prop]
     name = rng.choice(sorted(_ANIMALS) + sorted(_THINGS))
     prompt = "\n\nHuman: " + rng.choice(_QUESTIONS).format(name=name) + "\n\nAssistant: "
@@ -404,26 +385,14 @@ def demo_preference(rng: random.Random, prop: str) -> dict:
             return {"chosen": prompt + (a if pa > pb else b), "rejected": prompt + (b if pa > pb else a)}
 
 
-@dataclass
-class DemoFiles:
-    """Paths of the demo data: the tokenizer, the task data (UltraChat {"id", "data"} format) and
-    two preference sets (HH format) for the helpful-like and harmless-like reward models."""
-    folder: Path
-    tokenizer: Path
-    task: Path
-    informative_train: Path
-    informative_test: Path
-    cautious_train: Path
-    cautious_test: Path
-
-
-DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
-_DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+DemoFiles = namedtuple("DemoFiles", ["folder", "tokenizer", "task", "informative_train", "informative_test",
+                                     "cautious_train", "cautious_test"])
 
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
-    """Build the demo data and its tokenizer under out_dir once, deterministic in seed; later calls reuse
-    them. Suggested split of the task data: split_dataset(..., val=200, test=200, seed=seed)."""
+    """Build the demo data under out_dir once, deterministic in seed (later calls reuse it), and return its paths: the
+    tokenizer, the task data (UltraChat {"id", "data"} format) and two preference sets (HH format) for the helpful-like
+    and harmless-like reward models. Suggested task split: split_dataset(..., val=200, test=200, seed=seed)."""
     folder = Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}"
     files = DemoFiles(folder, folder / "tokenizer.model", folder / "task.jsonl",
                       *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))

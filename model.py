@@ -4,15 +4,13 @@
     python model.py export OURS HF_DIR     # ours -> Hugging Face folder (transformers, vLLM, llama.cpp)
     python model.py sample DST --prompt "Hello"
 
-Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key
-names, so a Meta checkpoint needs no renaming) and, when known, `tokenizer.model` — the vocabulary
-travels with the weights.
+Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key names, so a Meta
+checkpoint needs no renaming) and, when known, `tokenizer.model`: the vocabulary travels with the weights.
 
-Departures from the Meta reference: the RoPE table is made per call from the positions (no buffer,
-so it stays float32 when the model is cast to bf16 and needs no care under meta-device init);
-sampling is batched over prompts of different lengths (left padding) with a per-row stop at EOS.
-Left out: tensor/pipeline parallelism (train.py shards with FSDP2), LLaMA-3's tiktoken tokenizer
-and LLaMA-3.1's RoPE rescaling (refused with a clear error, not silently ignored).
+Departures from the Meta reference: the RoPE table is made per call from the positions (no buffer, so it stays
+float32 when the model is cast to bf16 and needs no care under meta-device init); sampling is batched over prompts
+of different lengths (left padding) with a per-row stop at EOS. Left out: tensor/pipeline parallelism (train.py
+shards with FSDP2), LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE rescaling (refused with a clear error).
 """
 import contextlib
 import glob
@@ -22,6 +20,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -53,8 +52,7 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             # Meta's rule: 2/3 of 4·dim (SwiGLU has three matrices instead of two), scaled, rounded up.
-            hidden = int(2 * 4 * self.dim / 3)
-            hidden = hidden if self.ffn_dim_multiplier is None else int(self.ffn_dim_multiplier * hidden)
+            hidden = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"ModelArgs: dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} "
@@ -84,11 +82,10 @@ class ModelArgs:
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         if config.get("head_dim", dim // n_heads) != dim // n_heads:
             raise CheckpointError(f"config.json: head_dim={config['head_dim']} is not hidden_size/num_attention_heads")
-        return cls(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-                   n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-                   hidden_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
+        return cls(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads, vocab_size=config["vocab_size"],
+                   n_kv_heads=config.get("num_key_value_heads") or n_heads, hidden_dim=config["intermediate_size"],
                    rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-                   max_seq_len=config.get("max_position_embeddings", 2048))
+                   norm_eps=config["rms_norm_eps"], max_seq_len=config.get("max_position_embeddings", 2048))
 
 
 # The model ----------------------------------------------------------------------------------------
@@ -226,9 +223,8 @@ class Transformer(nn.Module):
 
 # Sampling: prefill, decode, generate --------------------------------------------------------------
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing order (B, K), unnormalised.
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept when
-    the mass of the tokens before it is still below top_p."""
+    """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing order (B, K), unnormalised:
+    the smallest set of most likely tokens whose mass reaches top_p (a token stays while the mass before it < top_p)."""
     return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
 
 
@@ -244,12 +240,11 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
                  candidates: int = 128, top_k: int = 0) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
     top_k > 0 first keeps the k most likely tokens and takes the nucleus of their renormalised probabilities
-    (transformers' order: top-k, then top-p). temperature == 0 means greedy. generator: one torch.Generator,
-    or a list of one per row (train.py keys them by the row's global index, so a run samples the same
-    responses whatever its number of ranks).
-    Sorting all V probabilities dominates a small model's decode step on a CPU, so the nucleus is looked for
-    among the `candidates` most likely tokens (a partial sort); the batch falls back to the full sort only
-    when they hold less than top_p. The draw is an inverse-CDF lookup."""
+    (transformers' order: top-k, then top-p). temperature == 0 means greedy. generator: one torch.Generator, or a
+    list of one per row (train.py keys them by the row's global index, so a run samples the same responses
+    whatever its number of ranks). Sorting all V probabilities dominates a small model's decode step on a CPU, so
+    the nucleus is looked for among the `candidates` most likely tokens (a partial sort); the batch falls back to
+    the full sort only when they hold less than top_p. The draw is an inverse-CDF lookup."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
@@ -386,10 +381,9 @@ def check_state_dict(sd: dict, model: nn.Module, source: str):
     """Raise one CheckpointError naming the first missing/unexpected key or wrong shape."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
-    if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            raise CheckpointError(f"{source}: {what} key {keys[0]!r} ({len(keys)} {what} in all)")
     for k, shape in expected.items():
         if sd[k].shape != shape:
             raise CheckpointError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, the model's args.json "
@@ -423,8 +417,7 @@ def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_pa
     sd = state_dict if state_dict is not None else model.state_dict()
     with atomic_folder(folder) as tmp:
         torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+        Path(tmp, "args.json").write_text(json.dumps(asdict(args), indent=2))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
 
@@ -445,8 +438,7 @@ def read_checkpoint(folder: str):
     path = os.path.join(folder, "args.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no args.json; convert it first with `python model.py convert SRC {folder}`")
-    with open(path) as f:
-        return ModelArgs(**json.load(f)), load_weights(os.path.join(folder, "model.pth"))
+    return ModelArgs(**json.loads(Path(path).read_text())), load_weights(os.path.join(folder, "model.pth"))
 
 
 def load_model(folder: str, device="cpu", dtype=torch.float32):
@@ -469,38 +461,26 @@ def load_model(folder: str, device="cpu", dtype=torch.float32):
     return model, tokenizer
 
 
-def read_meta(src: str):
-    """Meta's layout: params.json + consolidated.00.pth (… .NN.pth for model-parallel releases)."""
-    paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
-    with open(os.path.join(src, "params.json")) as f:
-        params = json.load(f)
-    shards = [{k: v for k, v in load_weights(p).items() if not k.endswith(_DROPPED)} for p in paths]
-    # Only LLaMA-1/2 lack vocab_size, and they split the embedding along columns: shard 0 has every row.
-    args = ModelArgs.from_meta(params, shards[0]["tok_embeddings.weight"].shape[0])
-    return merge_meta_shards(shards, args), args
-
-
-def read_hf(src: str):
-    """Hugging Face's layout: config.json + model*.safetensors or pytorch_model*.bin, sharded or not."""
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    args = ModelArgs.from_hf(config)
-    paths = (sorted(glob.glob(os.path.join(src, "*.safetensors")))
-             or sorted(glob.glob(os.path.join(src, "pytorch_model*.bin"))))
-    if not paths:
-        raise CheckpointError(f"{src}: config.json but no *.safetensors or pytorch_model*.bin")
-    sd = {k: v for p in paths for k, v in load_weights(p).items()}
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # LLaMA-3.2 1B/3B share them
-    return hf_to_meta(sd, args), args
-
-
 def convert(src: str, dst: str):
     """Detect the layout of src (Meta or Hugging Face) and write our checkpoint folder to dst."""
-    if glob.glob(os.path.join(src, "consolidated.*.pth")):
-        sd, args = read_meta(src)
-    elif os.path.isfile(os.path.join(src, "config.json")):
-        sd, args = read_hf(src)
+    meta_paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
+    if meta_paths:  # Meta: params.json + consolidated.00.pth (… .NN.pth for model-parallel releases)
+        params = json.loads(Path(src, "params.json").read_text())
+        shards = [{k: v for k, v in load_weights(p).items() if not k.endswith(_DROPPED)} for p in meta_paths]
+        # Only LLaMA-1/2 lack vocab_size, and they split the embedding along columns: shard 0 has every row.
+        args = ModelArgs.from_meta(params, shards[0]["tok_embeddings.weight"].shape[0])
+        sd = merge_meta_shards(shards, args)
+    elif os.path.isfile(os.path.join(src, "config.json")):  # Hugging Face: config.json + weights, sharded or not
+        config = json.loads(Path(src, "config.json").read_text())
+        args = ModelArgs.from_hf(config)
+        paths = (sorted(glob.glob(os.path.join(src, "*.safetensors")))
+                 or sorted(glob.glob(os.path.join(src, "pytorch_model*.bin"))))
+        if not paths:
+            raise CheckpointError(f"{src}: config.json but no *.safetensors or pytorch_model*.bin")
+        sd = {k: v for p in paths for k, v in load_weights(p).items()}
+        if config.get("tie_word_embeddings") and "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # LLaMA-3.2 1B/3B share them
+        sd = hf_to_meta(sd, args)
     else:
         raise CheckpointError(f"{src}: neither Meta's consolidated.*.pth + params.json nor Hugging Face's config.json")
     with torch.device("meta"):
@@ -515,12 +495,10 @@ def convert(src: str, dst: str):
     return args
 
 
-
 def export_hf(src: str, dst: str) -> dict:
-    """Our checkpoint folder -> a Hugging Face LLaMA folder (what transformers' LlamaForCausalLM.from_pretrained,
-    vLLM and llama.cpp's converter read): config.json, the weights in Hugging Face's names and RoPE layout
-    (model.safetensors, or pytorch_model.bin without safetensors) and tokenizer.model. Returns the config.
-    Written atomically (atomic_folder); the weights keep their dtype."""
+    """Our checkpoint folder -> a Hugging Face LLaMA folder for transformers' LlamaForCausalLM, vLLM and llama.cpp's
+    converter, written atomically: config.json (returned), the weights in their dtype with Hugging Face's names and
+    RoPE layout (model.safetensors, or pytorch_model.bin without safetensors) and tokenizer.model."""
     args, sd = read_checkpoint(src)
     hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
     # One matrix for input and output (LLaMA-3.2 1B/3B, as converted): stored once and marked tied again.
@@ -544,11 +522,11 @@ def export_hf(src: str, dst: str) -> dict:
             save_file(hf, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         except ImportError:
             torch.save(hf, os.path.join(tmp, "pytorch_model.bin"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        Path(tmp, "config.json").write_text(json.dumps(config, indent=2))
         if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
             shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
     return config
+
 
 # Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
@@ -578,12 +556,11 @@ def main(argv: list):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="Meta or Hugging Face checkpoint folder -> our checkpoint folder")
-    c.add_argument("src")
-    c.add_argument("dst")
-    e = sub.add_parser("export", help="our checkpoint folder -> a Hugging Face LLaMA folder (transformers, vLLM)")
-    e.add_argument("src")
-    e.add_argument("dst")
+    for cmd, text in (("convert", "Meta or Hugging Face checkpoint folder -> our checkpoint folder"),
+                      ("export", "our checkpoint folder -> a Hugging Face LLaMA folder (transformers, vLLM)")):
+        c = sub.add_parser(cmd, help=text)
+        c.add_argument("src")
+        c.add_argument("dst")
     s = sub.add_parser("sample", help="sample from our checkpoint folder")
     s.add_argument("checkpoint")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
