@@ -8,10 +8,11 @@ data with its tokenizer, which stands in for UltraChat and HH on a CPU ("Demo da
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
-- Chat template (the paper names none): one for every source, HH-RLHF's without its leading blank line,
-  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:", read by policy and reward models alike.
-  The prompt ends right after "Assistant:"; the response is tokenised on its own (sentencepiece puts the space in front
-  of its first word) and followed by the EOS *id*, not text: the boundary is exact.
+- Chat template (the paper names none): --chat_template, the same for every source and for policy and reward
+  models alike. "plain" (the demo's, for base models): HH-RLHF's without its leading blank line,
+  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2": LLaMA-2-chat's [INST] format.
+  The prompt ends where the answer starts; the answer is tokenised on its own (sentencepiece puts the space in
+  front of its first word) and followed by the EOS *id*, not text: the boundary is exact.
 - UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
   in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
 - HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's text reads
@@ -38,9 +39,12 @@ class DataError(ValueError):
     """A malformed input line: the parsers raise it with a short reason, the readers as file:line: reason."""
 
 
-# Chat template ------------------------------------------------------------------------------------
+# Chat templates -----------------------------------------------------------------------------------
+TEMPLATES = ("plain", "llama2")  # --chat_template: the format the model was trained to chat in
+
+
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
-    """A dialogue [(role, text), …], roles user/assistant, as text: "Human: …\\n\\nAssistant: …"."""
+    """A dialogue [(role, text), …], roles user/assistant, as text: "Human: …\n\nAssistant: …"."""
     names = {"user": "Human", "assistant": "Assistant"}
     return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
 
@@ -52,10 +56,32 @@ def render_prompt(dialogue: Sequence[tuple]) -> str:
     return render_dialogue(dialogue) + "\n\nAssistant:"
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> tuple:
-    """Prompt ids (BOS first) and response ids (EOS last), tokenised separately: int32 arrays."""
-    return (np.asarray(tokenizer.encode(prompt, bos=True, eos=False), dtype=np.int32),
-            np.asarray(tokenizer.encode(response.strip(), bos=False, eos=True), dtype=np.int32))
+def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain", system: str = "") -> np.ndarray:
+    """Prompt ids (int32) of a dialogue ending with a user turn, in a chat template; they end where the answer starts.
+
+        plain   BOS "Human: u₁\n\nAssistant: a₁\n\nHuman: u₂\n\nAssistant:"           (no system prompt)
+        llama2  BOS "[INST] <<SYS>>\n{system}\n<</SYS>>\n\nu₁ [/INST] a₁ " EOS BOS "[INST] u₂ [/INST]"
+
+    llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text; no
+    <<SYS>> block without a system prompt)."""
+    if template == "plain":
+        if system:
+            raise ValueError("the plain template has no system prompt")
+        return np.asarray(tokenizer.encode(render_prompt(dialogue), bos=True), dtype=np.int32)
+    if not dialogue or dialogue[-1][0] != "user":
+        raise ValueError("a prompt dialogue must end with a user turn")
+    turns = [text.strip() for _, text in dialogue]
+    if system:
+        turns[0] = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{turns[0]}"
+    ids = [i for u, a in zip(turns[:-1:2], turns[1::2]) for i in tokenizer.encode(f"[INST] {u} [/INST] {a} ", eos=True)]
+    return np.asarray(ids + tokenizer.encode(f"[INST] {turns[-1]} [/INST]"), dtype=np.int32)
+
+
+def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray:
+    """Answer ids (int32), EOS last: tokenised on its own (sentencepiece puts the space before its first word, as
+    in the whole dialogue); llama2 keeps the space Meta's format puts before the EOS."""
+    return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True),
+                      dtype=np.int32)
 
 
 @dataclass
@@ -143,13 +169,16 @@ def _ultrachat_dialogue(record: dict) -> list:
     return dialogue
 
 
-def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False) -> ReadResult:
+def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False,
+                   template: str = "plain", system: str = "") -> ReadResult:
     """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples: an assistant turn drawn with (seed, the dialogue's
-    text) is the response, the dialogue before it the prompt (App. A). strict=True: DataError at a malformed line."""
+    text) is the response, the dialogue before it the prompt (App. A), both in the chat template (encode_prompt).
+    strict=True: DataError at a malformed line."""
     def parse(record):
         dialogue = _ultrachat_dialogue(record)
         k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
-        prompt, response = encode_pair(tokenizer, render_prompt(dialogue[:k]), dialogue[k][1])
+        prompt = encode_prompt(tokenizer, dialogue[:k], template, system)
+        response = encode_response(tokenizer, dialogue[k][1], template)
         return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None
     return _read(paths, parse, max_tokens, strict)
 
@@ -169,17 +198,18 @@ def _hh_dialogue(text) -> list:
     return [(role, _text(said)) for role, said in dialogue]
 
 
-def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False) -> ReadResult:
+def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False, template: str = "plain",
+            system: str = "") -> ReadResult:
     """HH-RLHF JSONL {"chosen", "rejected"} -> ReadResult of PreferenceExamples (prompt, y⁺, y⁻); the
-    prompt, the dialogue up to the last "Assistant:", must be the same in both. strict as in read_ultrachat."""
+    prompt, the dialogue up to the last "Assistant:", must be the same in both. As in read_ultrachat otherwise."""
     def parse(record):
         if not {"chosen", "rejected"} <= record.keys():
             raise DataError("missing 'chosen' or 'rejected'")
         chosen, rejected = _hh_dialogue(record["chosen"]), _hh_dialogue(record["rejected"])
         if [(r, t.strip()) for r, t in chosen[:-1]] != [(r, t.strip()) for r, t in rejected[:-1]]:
             raise DataError("'chosen' and 'rejected' have different prompts")
-        prompt, y_plus = encode_pair(tokenizer, render_prompt(chosen[:-1]), chosen[-1][1])
-        y_minus = np.asarray(tokenizer.encode(rejected[-1][1].strip(), bos=False, eos=True), dtype=np.int32)
+        prompt = encode_prompt(tokenizer, chosen[:-1], template, system)
+        y_plus, y_minus = (encode_response(tokenizer, d[-1][1], template) for d in (chosen, rejected))
         fits = len(prompt) + max(len(y_plus), len(y_minus)) <= max_tokens
         return PreferenceExample(prompt, y_plus, y_minus) if fits else None
     return _read(paths, parse, max_tokens, strict)

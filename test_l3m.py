@@ -1055,9 +1055,11 @@ DIALOGUE = ["Tell me about the owl.", "The owl lives in old forests.", "And what
 
 
 def test_template_and_exact_boundary(tok):
-    prompt = D.render_prompt([("user", "Hi there."), ("assistant", "Hello."), ("user", "Tell me about the owl.")])
+    dialogue = [("user", "Hi there."), ("assistant", "Hello."), ("user", "Tell me about the owl.")]
+    prompt = D.render_prompt(dialogue)
     assert prompt == "Human: Hi there.\n\nAssistant: Hello.\n\nHuman: Tell me about the owl.\n\nAssistant:"
-    p, r = D.encode_pair(tok, prompt, "The owl lives in old forests.")
+    p, r = D.encode_prompt(tok, dialogue), D.encode_response(tok, " The owl lives in old forests.\n")
+    assert p.tolist() == tok.encode(prompt, bos=True)
     assert p[0] == tok.bos_id and r[-1] == tok.eos_id and tok.eos_id not in r[:-1]
     # prompt + response decode to the whole exchange: sentencepiece's leading space is the only glue
     assert text(tok, list(p) + list(r)) == prompt + " The owl lives in old forests."
@@ -1065,6 +1067,47 @@ def test_template_and_exact_boundary(tok):
     assert tok.decode(tok.encode(odd)) == odd
     with pytest.raises(ValueError, match="user turn"):
         D.render_prompt([("user", "a"), ("assistant", "b")])
+    with pytest.raises(ValueError, match="no system prompt"):
+        D.encode_prompt(tok, dialogue, "plain", system="Be brief.")
+
+
+@pytest.mark.parametrize("system", ["", "Be brief."])
+def test_llama2_chat_template_token_for_token(tok, system):
+    """LLaMA-2-chat's format as Meta's chat_completion builds it: every finished exchange is BOS, the text
+    "[INST] u [/INST] a " and EOS (ids, not text); the open turn is BOS "[INST] u [/INST]"; a system prompt
+    sits inside the first [INST] between <<SYS>> tags. The answer, tokenised apart, continues the prompt exactly
+    as the whole exchange is tokenised in training."""
+    dialogue = [("user", "Hi there. "), ("assistant", " Hello."), ("user", "Tell me about the owl.")]
+    first = "<<SYS>>\nBe brief.\n<</SYS>>\n\nHi there." if system else "Hi there."
+    expected = ([tok.bos_id] + tok.sp.encode(f"[INST] {first} [/INST] Hello. ") + [tok.eos_id]
+                + [tok.bos_id] + tok.sp.encode("[INST] Tell me about the owl. [/INST]"))
+    p = D.encode_prompt(tok, dialogue, "llama2", system)
+    assert p.tolist() == expected and p.dtype == np.int32
+    r = D.encode_response(tok, "The owl lives in old forests.", "llama2")
+    whole = tok.sp.encode("[INST] Tell me about the owl. [/INST] The owl lives in old forests. ")
+    assert tok.sp.encode("[INST] Tell me about the owl. [/INST]") + r.tolist() == whole + [tok.eos_id]
+    with pytest.raises(ValueError, match="user turn"):
+        D.encode_prompt(tok, dialogue[:2], "llama2")
+
+
+def test_readers_use_the_chat_template(tok, tmp_path):
+    """--chat_template reaches both readers: the same dialogue, read as llama2, gives encode_prompt's ids."""
+    record = {"data": ["Tell me about the owl.", "It hoots."]}
+    read = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl", [record]), tok, template="llama2", system="Be kind.")
+    ex = read.examples[0]
+    assert ex.prompt.tolist() == D.encode_prompt(tok, [("user", record["data"][0])], "llama2", "Be kind.").tolist()
+    assert ex.response.tolist() == D.encode_response(tok, "It hoots.", "llama2").tolist()
+    pair = D.read_hh(write_jsonl(tmp_path / "hh.jsonl", [hh([("Human", "Is it?")], "Yes.", "No.")]), tok,
+                     template="llama2").examples[0]
+    assert pair.prompt.tolist() == D.encode_prompt(tok, [("user", "Is it?")], "llama2").tolist()
+    assert pair.rejected.tolist() == D.encode_response(tok, "No.", "llama2").tolist()
+    import train  # and train.py's flags reach them
+    flags = ["--chat_template=llama2", "--system_prompt=Be kind.", "--val=0", "--test=0"]
+    (ex2,), _, _ = train.load_data(train.parse_config([f"--data={tmp_path / 'u.jsonl'}", *flags]), tok)
+    assert ex2.prompt.tolist() == ex.prompt.tolist()
+    (pair2,), _, _ = train.load_data(train.parse_config(["--method=reward", f"--data={tmp_path / 'hh.jsonl'}",
+                                                         *flags]), tok)
+    assert pair2.prompt.tolist() == D.encode_prompt(tok, [("user", "Is it?")], "llama2", "Be kind.").tolist()
 
 
 def test_ultrachat_turn_keyed_by_the_dialogue(tok, tmp_path):
@@ -1190,8 +1233,8 @@ def test_padded_batches_score_like_single_rows(tok, one_thread):
 
 
 def test_task_batches(tok):
-    ex = [D.TaskExample(*D.encode_pair(tok, "Human: Hi.\n\nAssistant:", "Hello there.")),
-          D.TaskExample(*D.encode_pair(tok, "Human: Tell me about the owl.\n\nAssistant:", "It hoots."))]
+    ex = [D.TaskExample(D.encode_prompt(tok, [("user", u)]), D.encode_response(tok, a))
+          for u, a in (("Hi.", "Hello there."), ("Tell me about the owl.", "It hoots."))]
     tokens, mask = D.task_batch(ex)
     for i, e in enumerate(ex):
         assert tokens[i, mask[i]].tolist() == e.response.tolist()
@@ -1901,6 +1944,8 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     (["--epochs=0"], "--epochs=0.0 must be > 0 \\(or --steps > 0\\)"),
     (["--method=ppo"], "--method=ppo must be sft, l3m, mm or reward"),
     (["--device=tpu"], "--device=tpu must be auto, cpu or cuda"),
+    (["--chat_template=chatml"], "--chat_template=chatml must be plain or llama2"),
+    (["--system_prompt=Be brief."], "--system_prompt=Be brief. must be empty with --chat_template=plain"),
     (["--constraint=length>=inf"], "cannot read 'length>=inf' \\(the threshold must be a finite number\\)"),
     (["--constraint=length>=nan"], "the threshold must be a finite number"),
     (["--constraint=length=>5"], "length=>5"),

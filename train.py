@@ -75,6 +75,9 @@ class Config:
     val: float = flag(200, "validation examples (a count, or a fraction if < 1)")
     test: float = flag(200, "test examples (a count, or a fraction if < 1)")
     max_len: int = flag(512, "drop (prompt, response) pairs longer than this many tokens (App. A: 512)")
+    chat_template: str = flag("plain", "the model's chat format: plain (Human: … Assistant:, the demo's) | llama2 "
+                              "([INST] … [/INST], LLaMA-2-chat)")
+    system_prompt: str = flag("", "--chat_template=llama2: a system prompt in every dialogue's first [INST]")
     # model shape and schedule of the demo's pretraining (--init=scratch)
     base_epochs: float = flag(3.0, "epochs of the demo base model's pretraining")
     base_lr: float = flag(3e-3, "learning rate of the demo base model's pretraining")
@@ -513,7 +516,8 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
     if lam_hat is not None:
         lines.append(f"{'final λ̂ (µ = µ_T)':32s} {'':>18s} {', '.join(f'{x:.2g}' for x in lam_hat):>18s}")
     for b, a in zip(before["samples"], after["samples"]):
-        prompt = b["prompt"].rsplit("Human:", 1)[-1].replace("Assistant:", "").strip()
+        prompt = b["prompt"].rsplit("Human:", 1)[-1].rsplit("[INST]", 1)[-1]  # the last user turn
+        prompt = prompt.replace("Assistant:", "").replace("[/INST]", "").strip()
         lines += ["", f"prompt: {prompt}", f"  before ({b['length']:3d} tokens): {b['response']}",
                   f"  after  ({a['length']:3d} tokens): {a['response']}"]
     return "\n".join(lines)
@@ -692,17 +696,18 @@ class Stream:
 def load_data(cfg: Config, tok) -> tuple:
     """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for --method=reward."""
     demo = data.prepare_demo(cfg.data_dir, cfg.data_seed) if cfg.data == "demo" else None
+    chat = {"template": cfg.chat_template, "system": cfg.system_prompt}
     if cfg.method != "reward":
         read = data.read_ultrachat([demo.task] if demo else cfg.data.split(","), tok, max_tokens=cfg.max_len,
-                                   seed=cfg.data_seed)
+                                   seed=cfg.data_seed, **chat)
         print0(read)
         return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
     train_paths = [getattr(demo, f"{cfg.demo_reward}_train")] if demo else cfg.data.split(",")
     test_paths = [getattr(demo, f"{cfg.demo_reward}_test")] if demo else [p for p in cfg.data_test.split(",") if p]
-    read = data.read_hh(train_paths, tok, max_tokens=cfg.max_len)
+    read = data.read_hh(train_paths, tok, max_tokens=cfg.max_len, **chat)
     print0(read)
     train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)  # App. A.1: 5 % held out
-    return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len).examples if test_paths else []
+    return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len, **chat).examples if test_paths else []
 
 
 # Entry point --------------------------------------------------------------------------------------
@@ -735,7 +740,9 @@ def check_config(cfg: Config):
              "eval_every, --ckpt_every, --stop_after and --show", ">= 0"),
             (min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0,
              "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0"),
-            (c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")]:
+            (c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
+            (c.chat_template in data.TEMPLATES, "chat_template", " or ".join(data.TEMPLATES)),
+            (not c.system_prompt or c.chat_template != "plain", "system_prompt", "empty with --chat_template=plain")]:
         if not ok:
             value = getattr(c, name, None)
             raise ConfigError(f"--{name}" + ("" if value is None else f"={value}") + f" must be {allowed}")
