@@ -10,9 +10,9 @@ data with its tokenizer, which stands in for UltraChat and HH on a CPU ("Demo da
 Where this departs from the paper, or fixes what it leaves open:
 - Chat template (the paper names none): --chat_template, the same for every source and for policy and reward
   models alike. "plain" (the demo's, for base models): HH-RLHF's without its leading blank line,
-  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2": LLaMA-2-chat's [INST] format.
-  The prompt ends where the answer starts; the answer is tokenised on its own (sentencepiece puts the space in
-  front of its first word) and followed by the EOS *id*, not text: the boundary is exact.
+  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2": LLaMA-2-chat's [INST]; "chatml".
+  The prompt ends where the answer starts, and prompt + answer are the ids of the whole exchange (encode_response);
+  the answer ends with the stop token's *id* (EOS; ChatML's <|im_end|>), not text: the boundary is exact.
 - UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
   in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
 - HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's text reads
@@ -32,7 +32,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from model import atomic_folder
+from model import CheckpointError, atomic_folder
 
 
 class DataError(ValueError):
@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 
 # Chat templates -----------------------------------------------------------------------------------
-TEMPLATES = ("plain", "llama2")  # --chat_template: the format the model was trained to chat in
+TEMPLATES = ("plain", "llama2", "chatml")  # --chat_template: the format the model was trained to chat in
 
 
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
@@ -61,15 +61,22 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
 
         plain   BOS "Human: u₁\n\nAssistant: a₁\n\nHuman: u₂\n\nAssistant:"           (no system prompt)
         llama2  BOS "[INST] <<SYS>>\n{system}\n<</SYS>>\n\nu₁ [/INST] a₁ " EOS BOS "[INST] u₂ [/INST]"
+        chatml  BOS "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nu₁<|im_end|>\n<|im_start|>assistant\n
+                a₁<|im_end|>\n<|im_start|>user\nu₂<|im_end|>\n<|im_start|>assistant\n"      (one string)
 
-    llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text; no
-    <<SYS>> block without a system prompt)."""
+    llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text); chatml
+    needs a tokenizer with <|im_start|> and <|im_end|> as added tokens (model.Tokenizer). No system block
+    without a system prompt."""
     if template == "plain":
         if system:
             raise ValueError("the plain template has no system prompt")
         return np.asarray(tokenizer.encode(render_prompt(dialogue), bos=True), dtype=np.int32)
     if not dialogue or dialogue[-1][0] != "user":
         raise ValueError("a prompt dialogue must end with a user turn")
+    if template == "chatml":
+        turns = ([("system", system)] if system else []) + list(dialogue)
+        text = "".join(f"<|im_start|>{role}\n{said.strip()}<|im_end|>\n" for role, said in turns)
+        return np.asarray(_chatml(tokenizer).encode(text + "<|im_start|>assistant\n"), dtype=np.int32)
     turns = [text.strip() for _, text in dialogue]
     if system:
         turns[0] = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{turns[0]}"
@@ -78,10 +85,30 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
 
 
 def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray:
-    """Answer ids (int32), EOS last: tokenised on its own (sentencepiece puts the space before its first word, as
-    in the whole dialogue); llama2 keeps the space Meta's format puts before the EOS."""
-    return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True),
-                      dtype=np.int32)
+    """Answer ids (int32), the template's stop token last, such that prompt + answer are the ids of the whole
+    exchange. After plain's "Assistant:" and llama2's "[/INST]" comes a space, which sentencepiece puts in front
+    of the answer tokenised on its own (llama2 also keeps the space before the EOS); ChatML's answer follows
+    "assistant\n" in one piece of text, so it is tokenised together with it, which is then cut off."""
+    if template != "chatml":
+        return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True),
+                          dtype=np.int32)
+    head, ids = (_chatml(tokenizer).sp.encode(t) for t in ("assistant\n", "assistant\n" + text.strip()))
+    if ids[:len(head)] != head:
+        raise ValueError(f"{text!r}: the tokenizer merges it with the 'assistant\\n' before it")
+    return np.asarray(ids[len(head):] + [stop_id(tokenizer, template)], dtype=np.int32)
+
+
+def stop_id(tokenizer, template: str) -> int:
+    """The token that ends an answer: EOS, or ChatML's <|im_end|>."""
+    return _chatml(tokenizer).added["<|im_end|>"] if template == "chatml" else tokenizer.eos_id
+
+
+def _chatml(tokenizer):
+    """The tokenizer, once it is known to have ChatML's markers as added tokens."""
+    if not {"<|im_start|>", "<|im_end|>"} <= getattr(tokenizer, "added", {}).keys():
+        raise CheckpointError("--chat_template=chatml needs <|im_start|> and <|im_end|> among the tokenizer's added "
+                              "tokens (added_tokens.json beside tokenizer.model; `python model.py convert` copies it)")
+    return tokenizer
 
 
 @dataclass

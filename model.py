@@ -14,9 +14,11 @@ shards with FSDP2), LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE rescaling 
 """
 import contextlib
 import glob
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -420,6 +422,21 @@ def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_pa
         Path(tmp, "args.json").write_text(json.dumps(asdict(args), indent=2))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            copy_added_tokens(os.path.dirname(tokenizer_path), tmp)
+
+
+def copy_added_tokens(src: str, dst: str):
+    """A chat model's added tokens into dst/added_tokens.json: from src's added_tokens.json, or the tokens past the
+    sentencepiece vocabulary in the added_tokens_decoder of its tokenizer_config.json (transformers' layout)."""
+    added, config = Path(src, "added_tokens.json"), Path(src, "tokenizer_config.json")
+    if added.is_file():
+        shutil.copyfile(added, os.path.join(dst, "added_tokens.json"))
+    elif config.is_file() and os.path.isfile(os.path.join(src, "tokenizer.model")):
+        n = Tokenizer(os.path.join(src, "tokenizer.model")).sp.vocab_size()
+        decoder = json.loads(config.read_text()).get("added_tokens_decoder", {})  # {id: {"content": text, …}}
+        tokens = {t["content"]: int(i) for i, t in decoder.items() if int(i) >= n}
+        if tokens:
+            Path(dst, "added_tokens.json").write_text(json.dumps(tokens, indent=2))
 
 
 def load_weights(path: str) -> dict:
@@ -525,12 +542,18 @@ def export_hf(src: str, dst: str) -> dict:
         Path(tmp, "config.json").write_text(json.dumps(config, indent=2))
         if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
             shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
+            copy_added_tokens(src, tmp)
     return config
 
 
 # Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
-    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id."""
+    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id.
+
+    Added tokens (a chat model's markers, e.g. ChatML's <|im_start|> and <|im_end|>, ids past the sentencepiece
+    vocabulary) come from an added_tokens.json {text: id} beside tokenizer.model. The text between them is
+    tokenised piece by piece, each with sentencepiece's leading space, as transformers' LlamaTokenizer does
+    (legacy=True, its default for LLaMA-2 and Mistral models)."""
 
     def __init__(self, path: str):
         import sentencepiece as spm
@@ -539,16 +562,26 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:  # e.g. LLaMA-3's tokenizer.model, which is tiktoken BPE
             raise CheckpointError(f"{path} is not a sentencepiece model ({e}); supported: sentencepiece tokenizers "
                                   "(LLaMA-1/2, TinyLlama, Mistral), not tiktoken (LLaMA-3) or byte-level BPE") from None
-        self.vocab_size = self.sp.vocab_size()
+        added = Path(path).with_name("added_tokens.json")
+        self.added = json.loads(added.read_text()) if added.is_file() else {}  # {text: id}
+        if any(i < self.sp.vocab_size() for i in self.added.values()):
+            raise CheckpointError(f"{added}: added token ids must follow the {self.sp.vocab_size()} sentencepiece ones")
+        self.vocab_size = max([self.sp.vocab_size()] + [i + 1 for i in self.added.values()])
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{path}: the tokenizer needs BOS and EOS ids (bos={self.bos_id}, eos={self.eos_id})")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        parts = re.split("(" + "|".join(map(re.escape, self.added)) + ")", text) if self.added else [text]
+        ids = [i for p in parts if p for i in ([self.added[p]] if p in self.added else self.sp.encode(p))]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: list) -> str:
-        return self.sp.decode([i for i in ids if i != self.eos_id])
+        """The text of ids, EOS left out; added tokens as their text, the runs between them by sentencepiece."""
+        added = {i: t for t, i in self.added.items()}
+        runs = itertools.groupby((i for i in ids if i != self.eos_id), key=lambda i: i in added)
+        return "".join("".join(added[i] for i in run) if is_added else self.sp.decode(list(run))
+                       for is_added, run in runs)
 
 
 # Command line -------------------------------------------------------------------------------------

@@ -1090,6 +1090,75 @@ def test_llama2_chat_template_token_for_token(tok, system):
         D.encode_prompt(tok, dialogue[:2], "llama2")
 
 
+@pytest.fixture
+def chatml_tok(demo, tmp_path):
+    """The demo tokenizer with ChatML's markers added after its V pieces: <|im_end|> = V, <|im_start|> = V + 1."""
+    V = M.Tokenizer(str(demo.tokenizer)).vocab_size
+    shutil.copyfile(demo.tokenizer, tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": V, "<|im_start|>": V + 1}))
+    return M.Tokenizer(str(tmp_path / "tokenizer.model"))
+
+
+def test_added_tokens_split_the_text(chatml_tok, tmp_path):
+    t, V = chatml_tok, chatml_tok.sp.vocab_size()
+    assert t.vocab_size == V + 2
+    text = "<|im_start|>user\nHi<|im_end|>\n"
+    assert t.encode(text) == [t.bos_id, V + 1] + t.sp.encode("user\nHi") + [V] + t.sp.encode("\n")
+    assert t.decode(t.encode(text, eos=True)) == text
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 5}))  # inside the vocabulary
+    with pytest.raises(M.CheckpointError, match="added token ids must follow the"):
+        M.Tokenizer(str(tmp_path / "tokenizer.model"))
+
+
+@pytest.mark.parametrize("system", ["", "Be brief."])
+def test_chatml_template_token_for_token(tok, chatml_tok, system):
+    """ChatML as one string, <|im_start|>/<|im_end|> as their ids and the text between them tokenised piece by
+    piece; the answer ends with <|im_end|>, the stop token, and continues the prompt's last piece exactly."""
+    t, V = chatml_tok, chatml_tok.sp.vocab_size()
+    S, E, nl = [V + 1], [V], t.sp.encode("\n")
+    dialogue = [("user", "Hi there. "), ("assistant", " Hello."), ("user", "Tell me about the owl.")]
+    expected = [t.bos_id] + (S + t.sp.encode("system\nBe brief.") + E + nl if system else []) \
+        + S + t.sp.encode("user\nHi there.") + E + nl + S + t.sp.encode("assistant\nHello.") + E + nl \
+        + S + t.sp.encode("user\nTell me about the owl.") + E + nl + S + t.sp.encode("assistant\n")
+    assert D.encode_prompt(t, dialogue, "chatml", system).tolist() == expected
+    r = D.encode_response(t, "The owl lives in old forests.", "chatml")
+    assert t.sp.encode("assistant\n") + r.tolist() == t.sp.encode("assistant\nThe owl lives in old forests.") + E
+    assert D.stop_id(t, "chatml") == V and D.stop_id(t, "llama2") == D.stop_id(t, "plain") == t.eos_id
+    with pytest.raises(M.CheckpointError, match="needs <\\|im_start\\|> and <\\|im_end\\|>"):
+        D.encode_prompt(tok, dialogue, "chatml")  # the demo tokenizer has no markers
+    import train  # the rollouts stop at <|im_end|>
+    seen = []
+
+    def generate(model, prompts, max_new_tokens, stop, *a):
+        seen.append(stop)
+        return [[5, stop]] * len(prompts), [True] * len(prompts)
+    cfg = train.parse_config(["--chat_template=chatml"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "generate", generate)
+        samples = train.rollout(None, t, [expected], cfg, None)
+    assert seen == [V] and samples.responses == [[5, V]] and R.length_reward(samples).tolist() == [1.0]
+
+
+def test_chat_models_added_tokens_travel_with_the_checkpoint(demo, tmp_path):
+    """A Hugging Face chat model's added tokens (tokenizer_config.json's added_tokens_decoder, past the
+    sentencepiece vocabulary) reach our folder, load with it, and go out again with export."""
+    pytest.importorskip("transformers")
+    V = M.Tokenizer(str(demo.tokenizer)).vocab_size
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(demo.tokenizer, src / "tokenizer.model")
+    decoder = {"0": {"content": "<unk>"}, str(V): {"content": "<|im_end|>"}, str(V + 1): {"content": "<|im_start|>"}}
+    (src / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    args = tiny_args(vocab_size=V + 2)
+    M.save_checkpoint(M.Transformer(args).init_weights(0), str(tmp_path / "ours"), args, str(src / "tokenizer.model"))
+    added = {"<|im_end|>": V, "<|im_start|>": V + 1}
+    assert json.loads((tmp_path / "ours" / "added_tokens.json").read_text()) == added
+    _, t = M.load_model(str(tmp_path / "ours"))
+    assert t.added == added and t.vocab_size == V + 2
+    M.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "added_tokens.json").read_text()) == added
+
+
 def test_readers_use_the_chat_template(tok, tmp_path):
     """--chat_template reaches both readers: the same dialogue, read as llama2, gives encode_prompt's ids."""
     record = {"data": ["Tell me about the owl.", "It hoots."]}
@@ -1944,7 +2013,8 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     (["--epochs=0"], "--epochs=0.0 must be > 0 \\(or --steps > 0\\)"),
     (["--method=ppo"], "--method=ppo must be sft, l3m, mm or reward"),
     (["--device=tpu"], "--device=tpu must be auto, cpu or cuda"),
-    (["--chat_template=chatml"], "--chat_template=chatml must be plain or llama2"),
+    (["--chat_template=zephyr"], "--chat_template=zephyr must be one of plain, llama2, chatml"),
+    (["--chat_template=chatml"], "--chat_template=chatml needs <.im_start.> and <.im_end.> in demo/added_tokens"),
     (["--system_prompt=Be brief."], "--system_prompt=Be brief. must be empty with --chat_template=plain"),
     (["--constraint=length>=inf"], "cannot read 'length>=inf' \\(the threshold must be a finite number\\)"),
     (["--constraint=length>=nan"], "the threshold must be a finite number"),

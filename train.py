@@ -34,6 +34,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -76,8 +77,8 @@ class Config:
     test: float = flag(200, "test examples (a count, or a fraction if < 1)")
     max_len: int = flag(512, "drop (prompt, response) pairs longer than this many tokens (App. A: 512)")
     chat_template: str = flag("plain", "the model's chat format: plain (Human: … Assistant:, the demo's) | llama2 "
-                              "([INST] … [/INST], LLaMA-2-chat)")
-    system_prompt: str = flag("", "--chat_template=llama2: a system prompt in every dialogue's first [INST]")
+                              "([INST] … [/INST], LLaMA-2-chat) | chatml (<|im_start|>, <|im_end|> as added tokens)")
+    system_prompt: str = flag("", "llama2, chatml: a system prompt at the start of every dialogue")
     # model shape and schedule of the demo's pretraining (--init=scratch)
     base_epochs: float = flag(3.0, "epochs of the demo base model's pretraining")
     base_lr: float = flag(3e-3, "learning rate of the demo base model's pretraining")
@@ -146,6 +147,7 @@ class Run:
         self.tok_path = os.path.join(cfg.init, "tokenizer.model") if cfg.init != "scratch" \
             else str(data.prepare_demo(cfg.data_dir, cfg.data_seed).tokenizer)
         self.tok = Tokenizer(self.tok_path)
+        data.stop_id(self.tok, cfg.chat_template)  # ChatML: the tokenizer must have its markers
         self.model, self.args = build_model(cfg, device, cfg.init, self.tok.vocab_size)
         learned = {}  # name -> rewards.LearnedReward, for constraints on learned rewards
         for name, _, folder in (s.partition("=") for s in cfg.reward_model if cfg.method != "reward"):
@@ -357,8 +359,8 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False):
 
 def rollout(model, tok, prompts, cfg: Config, generators):
     """Sample responses with top-p (App. A); call inside `gathered(model)`."""
-    responses, ended = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, cfg.temperature, cfg.top_p,
-                                generators, cfg.top_k)
+    responses, ended = generate(model, prompts, cfg.max_new_tokens, data.stop_id(tok, cfg.chat_template),
+                                cfg.temperature, cfg.top_p, generators, cfg.top_k)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
 
 
@@ -516,8 +518,8 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
     if lam_hat is not None:
         lines.append(f"{'final λ̂ (µ = µ_T)':32s} {'':>18s} {', '.join(f'{x:.2g}' for x in lam_hat):>18s}")
     for b, a in zip(before["samples"], after["samples"]):
-        prompt = b["prompt"].rsplit("Human:", 1)[-1].rsplit("[INST]", 1)[-1]  # the last user turn
-        prompt = prompt.replace("Assistant:", "").replace("[/INST]", "").strip()
+        prompt = re.split(r"Human:|\[INST\]|<\|im_start\|>user", b["prompt"])[-1]  # the last user turn
+        prompt = re.sub(r"Assistant:|\[/INST\]|<\|im_end\|>|<\|im_start\|>assistant", "", prompt).strip()
         lines += ["", f"prompt: {prompt}", f"  before ({b['length']:3d} tokens): {b['response']}",
                   f"  after  ({a['length']:3d} tokens): {a['response']}"]
     return "\n".join(lines)
@@ -741,7 +743,7 @@ def check_config(cfg: Config):
             (min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0,
              "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0"),
             (c.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
-            (c.chat_template in data.TEMPLATES, "chat_template", " or ".join(data.TEMPLATES)),
+            (c.chat_template in data.TEMPLATES, "chat_template", f"one of {', '.join(data.TEMPLATES)}"),
             (not c.system_prompt or c.chat_template != "plain", "system_prompt", "empty with --chat_template=plain")]:
         if not ok:
             value = getattr(c, name, None)
@@ -766,6 +768,11 @@ def check_config(cfg: Config):
         need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
         need(os.path.join(cfg.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
              "tokenizer.model into the folder):")
+    if cfg.chat_template == "chatml":  # its markers must be added tokens of the --init model's tokenizer
+        added = os.path.join(cfg.init, "added_tokens.json")
+        if not {"<|im_start|>", "<|im_end|>"} <= (json.load(open(added)).keys() if os.path.isfile(added) else set()):
+            raise ConfigError(f"--chat_template=chatml needs <|im_start|> and <|im_end|> in {added} (a ChatML model's "
+                              "added tokens, which `python model.py convert` copies); the demo model has none")
     if cfg.data != "demo":
         tests = [p for p in cfg.data_test.split(",") if p] if cfg.method == "reward" else []
         for path in cfg.data.split(",") + tests:
