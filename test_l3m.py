@@ -4,6 +4,7 @@ Run: python -m pytest -q test_l3m.py
 """
 import contextlib
 import dataclasses
+import fcntl
 import gzip
 import io
 import itertools
@@ -1010,9 +1011,24 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
 # data.py and rewards.py (print the measured numbers with `pytest -s`)
 
 
+def shared(tmp_path_factory, name):
+    """A folder of this session that its pytest-xdist workers share (their base folders' parent), or, without
+    xdist, a folder of the one process: what a session fixture builds there, it builds once."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
+@contextlib.contextmanager
+def built_once(folder):
+    """Hold a lock beside folder while the caller builds it, so that a second worker waits, then reuses it."""
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    return D.prepare_demo(tmp_path_factory.mktemp("out"), seed=0)
+    return D.prepare_demo(shared(tmp_path_factory, "out"), seed=0)  # prepare_demo locks and caches on its own
 
 
 @pytest.fixture(scope="session")
@@ -1649,9 +1665,11 @@ def tiny_base(demo, tmp_path_factory):
     test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64 tokens. On such rollouts the
     rows of a batch have different costs c, so Ĉ differs between a rank's batch and the global one, and the
     EMA differs from the last batch mean: the tests below can see a dropped all-reduce or a lost Ĉ."""
-    out = tmp_path_factory.mktemp("tiny_base")
-    run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16", "--micro_batch=16",
-              "--lr=1e-2", "--test=8")
+    out = shared(tmp_path_factory, "tiny_base")
+    with built_once(out):
+        if not (out / "final").is_dir():
+            run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16",
+                      "--micro_batch=16", "--lr=1e-2", "--test=8", "--overwrite=True")
     return str(out / "final")
 
 
@@ -1711,7 +1729,7 @@ def test_two_processes_match_one(straight):
     The two-rank run also recomputes activations (checkpointing), which must not change the numbers.
     The two runs differ only in float summation order (micro-batches of 4 rows on each rank instead of
     two on one rank; reductions over ranks), ~1e-7 relative per step: 1e-5 covers 8 Adam steps.
-    (A run stopped on two ranks and resumed on one: test_sigterm_checkpoints_and_resume_on_one_rank.)
+    (A run stopped on two ranks and resumed on one: test_sigterm_checkpoints_and_resume_is_exact.)
     """
     one, two = ledger(straight(1)), ledger(straight(2))
     assert {r["kind"] for r in one} == {"task", "constraint"}
@@ -1747,13 +1765,12 @@ def resume_flags(tiny_base, nproc=1):
 def straight(tiny_base, data_dir, tmp_path_factory):
     """straight(nproc): the out_dir of an uninterrupted run of resume_flags on nproc ranks, made once and shared
     by the tests of interrupted runs (checkpointing does not change a run, so one reference serves them all)."""
-    runs = {}
-
     def get(nproc):
-        if nproc not in runs:
-            runs[nproc] = tmp_path_factory.mktemp(f"straight{nproc}")
-            run_train(runs[nproc], data_dir, *resume_flags(tiny_base, nproc), nproc=nproc)
-        return runs[nproc]
+        out = shared(tmp_path_factory, f"straight{nproc}")
+        with built_once(out):
+            if not (out / "final").is_dir():
+                run_train(out, data_dir, *resume_flags(tiny_base, nproc), "--overwrite=True", nproc=nproc)
+        return out
     return get
 
 
@@ -1779,12 +1796,15 @@ def test_resume_continues_exactly(tmp_path, data_dir, tiny_base, straight):
     assert_same_run(straight(1), tmp_path / "halves")
 
 
-def test_sigterm_checkpoints_and_resume_on_one_rank(tmp_path, data_dir, tiny_base, straight):
-    """SIGTERM in the middle of a two-rank run (to torchrun, which passes it on to every rank's process: the
-    handler a single process runs too): the run finishes its step on both ranks, checkpoints, says how to
-    resume and exits non-zero. Resumed on one rank, the sharded checkpoint is resharded on load, and the
-    data positions, coin and sampling keys are global, so the run ends as the one-process run does."""
-    p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *resume_flags(tiny_base, 2), nproc=2), env=ONE_THREAD,
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, straight, nproc):
+    """SIGTERM in the middle of a run (to the process, or to torchrun, which passes it on to every rank): the
+    run finishes its step on every rank, checkpoints, says how to resume and exits non-zero; resumed, its
+    ledger and weights equal those of a run never interrupted. The two-rank checkpoint also resumes on one
+    rank: resharded on load, with global data positions, coin and sampling keys, it ends as the one-process
+    run does (to float noise: assert_close_run)."""
+    flags = resume_flags(tiny_base, nproc)
+    p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc), env=ONE_THREAD,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (os.path.isfile(tmp_path / "cut" / "ledger.jsonl") and len(ledger(tmp_path / "cut")) >= 3):
@@ -1795,11 +1815,16 @@ def test_sigterm_checkpoints_and_resume_on_one_rank(tmp_path, data_dir, tiny_bas
     assert p.returncode != 0 and "continue with the same flags and --resume=True" in out, out[-2000:] + err[-2000:]
     cut = len(ledger(tmp_path / "cut"))
     assert 3 <= cut < 8 and not os.path.exists(tmp_path / "cut" / "final")
-    run_train(tmp_path / "cut", data_dir, *resume_flags(tiny_base), "--resume=True")
-    assert_close_run(straight(1), tmp_path / "cut")
+    if nproc == 2:
+        shutil.copytree(tmp_path / "cut", tmp_path / "onto_one")
+        run_train(tmp_path / "onto_one", data_dir, *resume_flags(tiny_base), "--resume=True")
+        assert_close_run(straight(1), tmp_path / "onto_one")
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
+    assert_same_run(straight(nproc), tmp_path / "cut")
 
 
-def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, straight):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, straight, nproc):
     """SIGKILL on rank 0 while it writes its second checkpoint (shards written, state file not yet): the first
     checkpoint is whole, the resumed run drops the ledger lines after it and ends equal to a straight run."""
     script = tmp_path / "kill.py"
@@ -1816,15 +1841,15 @@ def killed_at_second_state(obj, path, *a, **k):
 torch.save = killed_at_second_state
 train.main(sys.argv[1:])
 """)
-    flags = resume_flags(tiny_base, 2) + ["--ckpt_every=3"]
-    cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=2)
+    flags = resume_flags(tiny_base, nproc) + ["--ckpt_every=3"]
+    cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc)
     cmd[cmd.index(os.path.join(HERE, "train.py"))] = str(script)
     p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
     assert p.returncode != 0 and len(ledger(tmp_path / "cut")) == 6  # killed after step 6, saving it
     assert torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
-    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=2)
+    run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
     assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt", "final", "ledger.jsonl", "report.json"]  # no stale tmp
-    assert_same_run(straight(2), tmp_path / "cut")
+    assert_same_run(straight(nproc), tmp_path / "cut")
 
 
 @pytest.mark.parametrize("side, band", [("above", (5, 15)), ("below", (50, 70))])

@@ -755,8 +755,8 @@ def check_config(cfg: Config):
                               f"{os.path.dirname(old)}: rename it to {ckpt}, then resume")
         need(os.path.join(ckpt, "state.pt"), "--resume: the checkpoint")
         saved = torch.load(os.path.join(c.out_dir, "ckpt", "state.pt"), weights_only=False)["config"]
-        free = {"init", "resume", "overwrite", "stop_after", "eval_every", "ckpt_every", "show", "device",
-                "micro_batch", "activation_checkpointing"}
+        free = {"out_dir", "init", "resume", "overwrite", "stop_after", "eval_every", "ckpt_every", "show", "device",
+                "micro_batch", "activation_checkpointing"}  # out_dir: a run folder may be moved, then resumed
         changed = [f"--{k}={v!r} (the checkpoint's: {saved.get(k)!r})" for k, v in dataclasses.asdict(c).items()
                    if k not in free and saved.get(k) != v]
         if changed:
