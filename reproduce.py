@@ -3,7 +3,7 @@
     python reproduce.py --quick     # two bands, one grid point, one seed
     python reproduce.py             # ten bands and five grid points, three seeds each (hours on 2 cores)
 
-Every run is a `python train.py ...` subprocess (two at a time, one thread each) whose report.json is
+Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each) whose report.json is
 read back. Results go to --out (default out/reproduce): results.json, results.md and, when matplotlib
 is installed, fig1.png (the barrier family), fig2.png (length distributions against their bands),
 fig3.png (the two learned rewards reached by L3M and MM) and trajectory.png (one L3M run's µ, Ĉ, λ̂ and
@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,13 +40,22 @@ FIG3_LR = 1e-4
 RM_STEPS = 60
 
 
+LANES = threading.Semaphore(2)  # jobs at once, over both figures: one per core of the 2-core machine
+
+
+def in_lane(f, *a, **k):
+    """f(*a, **k) once a lane is free."""
+    with LANES:
+        return f(*a, **k)
+
+
 def train(out: str, *flags, data_dir: str) -> dict:
     """Run train.py once (skipped when its report exists) and return its report."""
     report = os.path.join(out, "report.json")
     if not os.path.isfile(report):
         cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}",
                "--overwrite=True", *flags]  # a run without its report was cut short: start it again
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = in_lane(subprocess.run, cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     with open(report) as f:
@@ -198,8 +208,8 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     se = [sft["after"]["constraints"][f"{n}>=-100"]["se"] for n in names]
     points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
     feas, feas_path, side = {}, os.path.join(f3, "feasibility.json"), ThreadPoolExecutor(1)
-    if with_feasibility and not os.path.isfile(feas_path):  # beside the training runs: one thread, one core
-        side.submit(fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
+    if with_feasibility and not os.path.isfile(feas_path):  # beside the training runs, in a lane of its own
+        side.submit(in_lane, fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
 
     def job(method, a, b, seed, eta=None, tight=False):
         key = (method + ("+margin" if tight else ""), a, b, seed, eta)
@@ -607,12 +617,14 @@ def main():
     seeds = list(range(1 if a.quick else a.seeds))
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
-    t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
-                  0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3, with_feasibility=not a.quick)
-    print(t3, flush=True)
-    first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
-    trajectory(first, os.path.join(a.out, "trajectory.png"))
-    t2, r2 = fig2(a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common)
+    with ThreadPoolExecutor(1) as beside:  # Fig. 2's runs take the lanes Fig. 3's chain of runs leaves free
+        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common)
+        t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
+                      0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3, with_feasibility=not a.quick)
+        print(t3, flush=True)
+        first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
+        trajectory(first, os.path.join(a.out, "trajectory.png"))
+        t2, r2 = f2.result()
     print(t2, flush=True)
     minutes = (time.time() - start) / 60
     md = (f"# Toy-scale reproduction ({'--quick' if a.quick else 'full'}, {minutes:.0f} minutes)\n\n"
