@@ -2087,7 +2087,8 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path):
                        capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert p.returncode != 0
     errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and re.search("--init checkpoint .* '/no/such/ckpt/args.json' does not exist", errors[0])
+    assert len(errors) == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    assert re.search("--init checkpoint .* '/no/such/ckpt/args.json' does not exist", errors[0])
 
 
 def test_weight_decay_spares_the_norms():

@@ -814,6 +814,8 @@ def main(argv):
         run(cfg, device)
     except (ConfigError, CheckpointError, rewards.ConstraintError, data.DataError) as e:
         print0(f"error: {e}")
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank fails alike; torchrun stops the others when one
+            time.sleep(3)  # exits, so the rest wait a moment for rank 0, the one that prints, to say why
         raise SystemExit(2)
     finally:
         if dist.is_initialized():
