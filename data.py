@@ -67,12 +67,12 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
     llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text); chatml
     needs a tokenizer with <|im_start|> and <|im_end|> as added tokens (model.Tokenizer). No system block
     without a system prompt."""
+    if not dialogue or dialogue[-1][0] != "user":
+        raise ValueError("a prompt dialogue must end with a user turn")
     if template == "plain":
         if system:
             raise ValueError("the plain template has no system prompt")
         return np.asarray(tokenizer.encode(render_prompt(dialogue), bos=True), dtype=np.int32)
-    if not dialogue or dialogue[-1][0] != "user":
-        raise ValueError("a prompt dialogue must end with a user turn")
     if template == "chatml":
         turns = ([("system", system)] if system else []) + list(dialogue)
         text = "".join(f"<|im_start|>{role}\n{said.strip()}<|im_end|>\n" for role, said in turns)
