@@ -4,16 +4,26 @@
     python bench.py --threads 16 --device cuda --dtype bfloat16
 
 Prints times and ratios for (1) forward+backward of a batch 8 x 256 and (2) sampling 128 new tokens for
-a batch of 8 with top-p 0.9 (both sides sample, no early stop: EOS is an id the model never emits).
-Each measurement is the median of --repeats runs after one warm-up, ours and theirs interleaved so that
-machine noise hits both alike.
+a batch of 8 with top-p 0.9 (both sides sample, no early stop: EOS is an id the model never emits), once per
+--logit_scales (1: random weights' nearly flat next-token distribution; 10: a peaked one, as a trained
+model's), ours eager, ours with torch.compile'd decode step, and HF's. Each measurement is the median of
+--repeats runs after one warm-up, all contenders interleaved so that machine noise hits them alike.
+Sampling speed is also set against the weight-read bound: every decode step reads all weights once, so
+tokens/s ≤ batch × (memory read bandwidth, measured here by summing a 256 MB tensor) ÷ (bytes of weights).
 """
 import argparse
+import copy
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+import data
+import l3m
 import model as M
 
 
@@ -37,13 +47,21 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--logit_scale", type=float, default=1.0,
-                   help="scale the output layer: random weights give a nearly flat next-token distribution "
-                        "(a huge nucleus); ~10 gives a peaked one, as a trained model's")
+    p.add_argument("--logit_scales", default="1,10",
+                   help="output-layer scales to sample at: 1 gives random weights' nearly flat next-token "
+                        "distribution (a huge nucleus); ~10 a peaked one, as a trained model's")
+    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile'd decode step")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak memory of an L3M constraint step without and with a reference model (§5.3)")
+    p.add_argument("--memory_case", choices=["l3m", "l3m+reference"], help=argparse.SUPPRESS)  # one, in a child
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     a = p.parse_args()
+    if a.memory_case:
+        return print(json.dumps(constraint_step_memory(a, a.memory_case == "l3m+reference")))
+    if a.memory:
+        return memory_table(a)
     try:
         import transformers
     except ImportError:
@@ -60,19 +78,18 @@ def main():
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).to(a.device, dtype)
-    with torch.no_grad():
-        hf.lm_head.weight *= a.logit_scale
     args = M.ModelArgs.from_hf(cfg.to_dict())
     ours = M.Transformer(args).to(a.device, dtype)
     ours.load_state_dict(M.hf_to_meta(hf.state_dict(), args), strict=True)
-    n_params = sum(p.numel() for p in ours.parameters())
-    print(f"config: {args}\n{n_params / 1e6:.1f}M parameters, {a.device} {a.dtype}, {torch.get_num_threads()} threads")
-    with torch.no_grad():
-        probs = torch.softmax(ours(torch.randint(0, a.vocab_size, (a.batch, a.prompt_len), device=a.device)).float(), -1)
-    nucleus = (M.top_p_filter(probs.flatten(0, 1), 0.9) > 0).sum(-1).float().mean().item()
-    print(f"logit scale {a.logit_scale}: the 0.9-nucleus holds {nucleus:.0f} of {a.vocab_size} tokens on average")
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    print(f"config: {args}\n{weight_bytes / 1e6:.0f} MB of weights, {a.device} {a.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    compiled = None if a.no_compile else torch.compile(
+        M.decode_one_token, dynamic=True, mode="reduce-overhead" if a.device == "cuda" else None)
 
+    w0 = hf.lm_head.weight.detach().clone()
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq_len), device=a.device)
+    prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len), device=a.device)
 
     def train_ours():
         ours(x).float().logsumexp(-1).mean().backward()
@@ -80,11 +97,10 @@ def main():
     def train_hf():
         hf(x).logits.float().logsumexp(-1).mean().backward()
 
-    prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len), device=a.device)
-
-    def sample_ours():
+    def sample_ours(step=M.decode_one_token):
         g = torch.Generator(a.device).manual_seed(0)
-        out, _ = M.generate(ours, prompts.tolist(), a.new_tokens, eos_id=a.vocab_size + 1, top_p=0.9, generator=g)
+        out, _ = M.generate(ours, prompts.tolist(), a.new_tokens, eos_id=a.vocab_size + 1, top_p=0.9, generator=g,
+                            step=step)
         assert all(len(o) == a.new_tokens for o in out)
 
     def sample_hf():
@@ -94,19 +110,103 @@ def main():
                               min_new_tokens=a.new_tokens)
         assert out.shape[1] == a.prompt_len + a.new_tokens
 
-    rows = []
-    for name, f_ours, f_hf in (("forward+backward", train_ours, train_hf), ("sample", sample_ours, sample_hf)):
-        f_ours(), f_hf()  # warm-up
-        t_ours, t_hf = [], []
+    def measure(contenders: dict) -> dict:
+        """Median seconds per contender: one warm-up each (compiles), then --repeats rounds, interleaved."""
+        for f in contenders.values():
+            f()
+        times = {k: [] for k in contenders}
         for _ in range(a.repeats):
-            t_ours.append(timed(f_ours, sync))
-            t_hf.append(timed(f_hf, sync))
-        rows.append((name, statistics.median(t_ours), statistics.median(t_hf)))
+            for k, f in contenders.items():
+                times[k].append(timed(f, sync))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    rows = [("forward+backward", measure({"ours": train_ours, "HF": train_hf}))]
+    for scale in [float(v) for v in a.logit_scales.split(",")]:
+        with torch.no_grad():  # both models' output layers: the initial weights times this scale
+            hf.lm_head.weight.copy_(w0 * scale)
+            ours.output.weight.copy_(w0 * scale)
+            probs = torch.softmax(ours(prompts).float(), -1)
+        nucleus = (M.top_p_filter(probs.flatten(0, 1), 0.9) > 0).sum(-1).float().mean().item()
+        contenders = {"ours": sample_ours, "HF": sample_hf}
+        if compiled is not None:
+            contenders["ours, compiled"] = lambda: sample_ours(compiled)
+        rows.append((f"sample, logit scale {scale:g} (0.9-nucleus ~{nucleus:.0f} tokens)", measure(contenders)))
+    bandwidth = read_bandwidth(a.device, sync)
+
+    print(f"\n{'':52s} {'ours (s)':>9s} {'HF (s)':>9s} {'ours/HF':>8s} {'HF/ours':>8s}")
+    for name, t in rows:
+        print(f"{name:52s} {t['ours']:9.3f} {t['HF']:9.3f} {t['ours'] / t['HF']:8.2f} {t['HF'] / t['ours']:8.2f}")
+    bound = a.batch * bandwidth / weight_bytes
+    print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s: the weight-read bound is {bound:.0f})")
+    print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} {'ours/bound':>11s}")
     tokens = a.batch * a.new_tokens
-    print(f"\n{'':18s} {'ours (s)':>9s} {'HF (s)':>9s} {'ours/HF':>8s} {'HF/ours':>8s}")
-    for name, o, h in rows:
-        print(f"{name:18s} {o:9.3f} {h:9.3f} {o / h:8.2f} {h / o:8.2f}")
-    print(f"sampling: ours {tokens / rows[1][1]:.0f} tokens/s, HF {tokens / rows[1][2]:.0f} tokens/s")
+    for name, t in rows[1:]:
+        c = t.get("ours, compiled", float("nan"))
+        best = min(t["ours"], c) if c == c else t["ours"]
+        print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {tokens / t['HF']:9.0f} {t['ours'] / c:15.2f} "
+              f"{tokens / best / bound:11.2f}")
+
+
+def constraint_step_memory(a, reference: bool) -> dict:
+    """Peak memory of one L3M constraint step at this config (sample a batch, ℓ̄_θ with its gradient, the REINFORCE
+    surrogate, backward, AdamW), after a first step has created AdamW's state. With `reference`, a frozen copy of
+    the model also scores the sampled responses, as KL-regularised RLHF must and L3M need not (§5.3). CPU: the
+    process's peak resident set (ru_maxrss; run each case in a fresh process); CUDA: the allocator's peak."""
+    torch.set_num_threads(a.threads)
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak so far; Linux reports KiB
+    base = 0 if a.device == "cuda" else rss()  # the interpreter and torch, before any tensor
+    dtype = getattr(torch, a.dtype)
+    args = M.ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                       vocab_size=a.vocab_size, max_seq_len=a.prompt_len + a.new_tokens)
+    model = M.Transformer(args).init_weights(0).to(a.device, dtype)
+    ref = copy.deepcopy(model).requires_grad_(False) if reference else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len)).tolist()
+    for step in range(2):
+        if step == 1 and a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        responses, _ = M.generate(model, prompts, a.new_tokens, eos_id=a.vocab_size + 1,
+                                  generator=torch.Generator().manual_seed(step))
+        tokens, mask = (x.to(a.device) for x in data.response_batch(prompts, responses, pad_id=0))
+        logp = l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
+        c = torch.randn(a.batch, 1, device=a.device)  # the costs' values do not change the memory
+        loss = l3m.reinforce_surrogate(logp, c, torch.ones(1, device=a.device))
+        if ref is not None:  # + β·KL(π_θ ‖ π_ref) estimated on the samples: ℓ̄_θ − ℓ̄_ref
+            with torch.no_grad():
+                logp_ref = l3m.logp_norm(ref(tokens), tokens, mask)
+            loss = loss + 0.1 * (logp - logp_ref).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if a.device == "cuda" else rss() - base
+    return {"peak_bytes": peak, "weight_bytes": sum(p.nbytes for p in model.parameters()),
+            "adam_bytes": sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
+
+
+def memory_table(a):
+    """Both cases of constraint_step_memory, each in a fresh process, as a table."""
+    flags = [f"--{k}={v}" for k, v in vars(a).items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                                                "batch", "new_tokens", "prompt_len", "threads",
+                                                                "device", "dtype")]
+    cases = {case: json.loads(subprocess.run([sys.executable, __file__, f"--memory_case={case}", *flags],
+                                             capture_output=True, text=True, check=True).stdout)
+             for case in ("l3m", "l3m+reference")}
+    mb = 2 ** 20
+    kind = "peak allocated (torch.cuda)" if a.device == "cuda" else \
+        "peak resident set (ru_maxrss) above the process's after importing torch"
+    print(f"one constraint step, batch {a.batch} × {a.new_tokens} new tokens, {a.device} {a.dtype}; {kind}, MiB")
+    print(f"weights {cases['l3m']['weight_bytes'] / mb:.0f}, AdamW state {cases['l3m']['adam_bytes'] / mb:.0f}")
+    for case, m in cases.items():
+        print(f"{case:16s} {m['peak_bytes'] / mb:8.0f}")
+    extra = cases["l3m+reference"]["peak_bytes"] - cases["l3m"]["peak_bytes"]
+    print(f"the reference costs {extra / mb:.0f} MiB: {extra / cases['l3m']['peak_bytes']:.0%} more than L3M's step")
+
+
+def read_bandwidth(device, sync, nbytes: int = 256 * 2 ** 20) -> float:
+    """Bytes per second read by summing a float32 tensor too large for any cache (best of 5)."""
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    return nbytes / min(timed(x.sum, sync) for _ in range(5))
 
 
 if __name__ == "__main__":

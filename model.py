@@ -118,29 +118,30 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer while a batch is sampled. Rows are left-padded: row b's prompt starts
-    at slot pad[b]; `length` slots are filled so far."""
+    """Keys and values of every layer while a batch is sampled, preallocated for max_len slots. Rows are
+    left-padded: row b's prompt starts at slot pad[b]. A forward writes its T tokens at slots `pos` (T,) and
+    attends over all max_len slots under a mask, so a decode step has the same shapes at every token (what lets
+    torch.compile trace it once and CUDA graphs replay it). Unfilled slots hold zeros: masked, they weigh 0, and
+    0 · 0 stays 0 where uninitialised memory could hold NaN (0 · NaN = NaN)."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype, device):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.pad = pad  # (B,)
-        self.length = 0
         self.slots = torch.arange(max_len, device=device)
 
-    def positions(self, T: int) -> torch.Tensor:
-        """RoPE positions of the next T slots: counted from each row's first real token. (B, T)"""
-        return (self.slots[self.length:self.length + T][None, :] - self.pad[:, None]).clamp(min=0)
+    def positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of slots pos (T,): counted from each row's first real token. (B, T)"""
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
 
-    def mask(self, T: int) -> torch.Tensor:
-        """Which filled slots the next T queries may see: causal and not padding. (B, 1, T, S)"""
-        S = self.length + T
-        keys, queries = self.slots[:S], self.slots[self.length:S][:, None]
-        causal = keys[None, :] <= queries  # (T, S)
+    def mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """Which slots the queries at slots pos (T,) may see: causal and not padding. (B, 1, T, max_len)"""
+        keys, queries = self.slots[None, :], pos[:, None]
+        causal = keys <= queries  # (T, S)
         # A padding slot's query sees only itself: a row of all -inf would make NaN values in the cache.
-        real = (keys[None, None, :] >= self.pad[:, None, None]) | (keys == queries)[None]  # (B, T, S)
-        return (causal[None] & real)[:, None]
+        real = (keys >= self.pad[:, None, None]) | (keys == queries)  # (B, T, S)
+        return (causal & real)[:, None]
 
 
 class Attention(nn.Module):
@@ -152,18 +153,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None, layer: int = 0):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, D)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:  # training: the whole sequence at once, causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # sampling: append to the cache, attend over everything filled so far
-            S = cache.length + T
-            cache.k[layer][:, :, cache.length:S], cache.v[layer][:, :, cache.length:S] = k, v
-            y = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
-                                               attn_mask=cache.mask(T), enable_gqa=True)
+        else:  # sampling: write the new keys and values at their slots, attend over the whole cache, masked
+            cache.k[layer].index_copy_(2, pos, k)
+            cache.v[layer].index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -186,8 +186,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, cache: Optional[KVCache] = None):
-        h = x + self.attention(self.attention_norm(x), rope, cache, self.layer)
+    def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, pos, mask, self.layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -208,19 +208,26 @@ class Transformer(nn.Module):
             p.data.copy_(torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape, generator=g) * std)
         return self
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits (B, T, V) for tokens (B, T); logits[:, t] score token t + 1. Training passes no cache (causal
-        attention, positions 0..T-1); sampling passes a KVCache and only the new tokens. Both go through forward
-        so that FSDP2's hooks, which wrap it, gather the weights."""
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, pos: Optional[torch.Tensor] = None):
+        """Training, no cache: logits (B, T, V) for tokens (B, T), causal; logits[:, t] score token t + 1.
+        Sampling: tokens (B, T) go to the cache's slots pos (T,) and only the last position's logits (B, 1, V)
+        come back, all that sampling needs. Both go through forward so that FSDP2's hooks, which wrap it,
+        gather the weights."""
         B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device)[None] if cache is None else cache.positions(T)  # (1|B, T)
-        rope = rope_table(self.args.head_dim, positions, self.args.rope_theta)
+        if cache is None:
+            rope, mask = rope_table(self.args.head_dim, torch.arange(T, device=tokens.device)[None],
+                                    self.args.rope_theta), None
+        else:
+            rope, mask = rope_table(self.args.head_dim, cache.positions(pos), self.args.rope_theta), cache.mask(pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, cache)
-        if cache is not None:
-            cache.length += T
-        return self.output(self.norm(h))  # (B, T, V)
+            h = layer(h, rope, cache, pos, mask)
+        h = self.norm(h)
+        if cache is None:
+            return self.output(h)  # (B, T, V)
+        # A few rows against the wide output weight: CPU BLAS (MKL) runs W·hᵀ ~2× faster than h·Wᵀ here
+        # (bench.py); on a GPU both are one GEMM.
+        return (self.output.weight @ h[:, -1].T).T[:, None]  # (B, 1, V)
 
 
 # Sampling: prefill, decode, generate --------------------------------------------------------------
@@ -239,14 +246,15 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
-                 candidates: int = 128, top_k: int = 0) -> torch.Tensor:
+                 candidates: tuple = (128, 1024), top_k: int = 0) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
     top_k > 0 first keeps the k most likely tokens and takes the nucleus of their renormalised probabilities
     (transformers' order: top-k, then top-p). temperature == 0 means greedy. generator: one torch.Generator, or a
     list of one per row (train.py keys them by the row's global index, so a run samples the same responses
-    whatever its number of ranks). Sorting all V probabilities dominates a small model's decode step on a CPU, so
-    the nucleus is looked for among the `candidates` most likely tokens (a partial sort); the batch falls back to
-    the full sort only when they hold less than top_p. The draw is an inverse-CDF lookup."""
+    whatever its number of ranks). Sorting all V probabilities dominates a small model's decode step on a CPU
+    (~11 ms for 8 × 32000), so the nucleus is looked for among the 128, then the 1024 most likely tokens (partial
+    sorts, ~0.5 and ~2 ms); the batch falls back to the full sort only when they hold less than top_p. The draw
+    is an inverse-CDF lookup."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
@@ -256,9 +264,10 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
         sorted_probs, order = probs.topk(top_k, dim=-1)  # (B, k), decreasing
         sorted_probs = nucleus(sorted_probs / sorted_probs.sum(-1, keepdim=True), top_p)
     elif top_p < 1.0:
-        sorted_probs, order = probs.topk(min(candidates, V), dim=-1)  # (B, K), decreasing
-        if not bool((sorted_probs.sum(-1) >= top_p).all()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        for k in [k for k in candidates if k < V] + [V]:  # partial sorts first, the full sort last
+            sorted_probs, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # (B, k)
+            if k == V or bool((sorted_probs.sum(-1) >= top_p).all()):
+                break
         sorted_probs = nucleus(sorted_probs, top_p)
     cdf = sorted_probs.cumsum(-1)  # (B, K)
     # one generator per row: a row's draw ignores its batch-mates
@@ -269,14 +278,15 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed the left-padded prompts (B, P) into an empty cache; return the logits of the next token (B, V)."""
-    return model(tokens, cache)[:, -1]
+    """Feed the left-padded prompts (B, P) into slots 0..P-1 of an empty cache; the next token's logits (B, V)."""
+    return model(tokens, cache, torch.arange(tokens.shape[1], device=tokens.device))[:, -1]
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, temperature: float, top_p: float,
-                     generator, top_k: int = 0) -> torch.Tensor:
-    """Feed the last sampled token (B,) and sample the one after it (B,)."""
-    return sample_top_p(model(token[:, None], cache)[:, -1], temperature, top_p, generator, top_k=top_k)
+def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The decode step: the last sampled token (B,) goes to slot pos (1,); the next token's logits (B, V).
+    Its shapes never change (the cache is attended whole, under a mask), so torch.compile traces it once:
+    generate(..., step=torch.compile(decode_one_token)) (train.py --compile)."""
+    return model(token[:, None], cache, pos)[:, -1]
 
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
@@ -289,11 +299,12 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-             top_p: float = 0.9, generator=None, top_k: int = 0):
+             top_p: float = 0.9, generator=None, top_k: int = 0, step=decode_one_token):
     """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result.
     Prompts are left-padded so that every row's next token sits in the same column; padding is masked out of
     attention and RoPE positions start at each row's first real token, so padding changes no row's result.
-    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token."""
+    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token.
+    step: decode_one_token, or a compiled version of it."""
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -306,15 +317,17 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
     cache = KVCache(model.args, B, P + max_new_tokens, pad, model.output.weight.dtype, device)
-    nxt = sample_top_p(prefill(model, tokens, cache), temperature, top_p, generator, top_k=top_k)  # (B,)
+    logits = prefill(model, tokens, cache)  # (B, V)
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = torch.tensor([P], device=device)  # the slot of the token being fed
     for n in range(max_new_tokens):
+        nxt = sample_top_p(logits, temperature, top_p, generator, top_k=top_k)  # (B,)
         out[:, n] = nxt = nxt.masked_fill(done, eos_id)  # a row that has ended is fed EOS from then on
         done |= nxt == eos_id
         if n + 1 == max_new_tokens or bool(done.all()):
             break
-        nxt = decode_one_token(model, nxt, cache, temperature, top_p, generator, top_k)
+        logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)
 
 

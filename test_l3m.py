@@ -229,14 +229,42 @@ def test_kv_cache_decoding_matches_full_forward():
     cache = M.KVCache(model.args, B, P + n_new, pad, torch.float32, "cpu")
     padded = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     with torch.no_grad():
-        step_logits = [model(padded, cache)[:, -1]]
+        step_logits = [M.prefill(model, padded, cache)]
         for t in range(n_new - 1):
-            step_logits.append(model(torch.tensor([[c[t]] for c in conts]), cache)[:, -1])
+            step_logits.append(M.decode_one_token(model, torch.tensor([c[t] for c in conts]), torch.tensor([P + t]),
+                                                  cache))
         for b in range(B):
             full = model(torch.tensor([prompts[b] + conts[b]]))[0]  # (T, V)
             for t in range(n_new):
                 ref = full[len(prompts[b]) - 1 + t]
                 assert (step_logits[t][b] - ref).abs().max().item() <= ATOL
+
+
+def test_compiled_decode_step_matches_eager():
+    """torch.compile(decode_one_token) (train.py --compile) gives the eager logits, step after step, and is traced
+    once for every batch size and cache length (dynamic shapes; the step's own shapes never change with the
+    token). Eager and compiled kernels sum in different orders: float32 noise, ~1e-6 on these logits."""
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on PATH")
+    torch._dynamo.reset()
+    model, compiled = tiny_model(seed=5), torch.compile(M.decode_one_token, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for B, P, n_new in ((3, 5, 6), (2, 9, 4)):
+        pad = torch.randint(0, P, (B,), generator=g)
+        tokens = torch.randint(3, 97, (B, P), generator=g)
+        caches = [M.KVCache(model.args, B, P + n_new, pad, torch.float32, "cpu") for _ in range(2)]
+        with torch.no_grad():
+            M.prefill(model, tokens, caches[0]), M.prefill(model, tokens, caches[1])
+            for t in range(n_new):
+                token, pos = torch.randint(3, 97, (B,), generator=g), torch.tensor([P + t])
+                eager, traced = M.decode_one_token(model, token, pos, caches[0]), compiled(model, token, pos, caches[1])
+                assert (eager - traced).abs().max().item() <= 1e-5
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(caches[0].k, caches[1].k))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation for new shapes
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]]
+    sample = lambda step: M.generate(model, prompts, 12, eos_id=2, generator=torch.Generator().manual_seed(1),
+                                     step=step)
+    assert sample(compiled) == sample(M.decode_one_token)
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -310,10 +338,10 @@ class Scripted(M.Transformer):
         super().__init__(tiny_args())
         self.eos_step, self.prompt_len = eos_step, prompt_len
 
-    def forward(self, tokens, cache=None):
-        super().forward(tokens, cache)
+    def forward(self, tokens, cache=None, pos=None):
+        super().forward(tokens, cache, pos)
         B, T = tokens.shape
-        n = cache.length - self.prompt_len  # tokens generated once this call's logits are sampled
+        n = int(pos[-1]) + 1 - self.prompt_len  # tokens generated once this call's logits are sampled
         logits = torch.zeros(B, T, self.args.vocab_size)
         for b in range(B):
             logits[b, -1, 2 if n == self.eos_step[b] else 10 + n] = 1.0
@@ -1741,6 +1769,13 @@ def test_two_processes_match_one(straight):
             if a["kind"] == "constraint":
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
     assert_close_run(straight(1), straight(2))
+    # FSDP2 shards each parameter's first dimension (torch.chunk: rank 0 holds ⌈n₀/2⌉ of n₀ rows) and AdamW's two
+    # moments follow their parameter: on two ranks each holds half of the whole, up to that rounding.
+    whole = final_weights(straight(1)).values()
+    held = {n: json.loads((straight(n) / "report.json").read_text())["bytes_per_rank"] for n in (1, 2)}
+    assert held[1]["parameters"] == sum(w.nbytes for w in whole)
+    assert held[2]["parameters"] == sum(-(-w.shape[0] // 2) * w[0].nbytes for w in whole)
+    assert all(h["optimizer"] == 2 * h["parameters"] for h in held.values())
 
 
 def assert_close_run(one, other):

@@ -45,13 +45,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
 import l3m
 import rewards
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_folder, check_state_dict, generate,
-                   read_checkpoint, save_checkpoint)
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_folder, check_state_dict,
+                   decode_one_token, generate, read_checkpoint, save_checkpoint)
 
 
 def flag(default, help: str):
@@ -104,6 +105,7 @@ class Config:
     top_k: int = flag(0, "> 0: sample among the k likeliest tokens, then their nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs then at temperature 1)")
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
+    compile: bool = flag(False, "torch.compile the rollouts' decode step (traced once; CUDA graphs on a GPU)")
     show: int = flag(3, "sampled test responses printed before and after")
     # run
     eval_every: float = flag(100.0, "validate every this many steps; < 1: this share of an epoch; 0: not at all")
@@ -149,6 +151,9 @@ class Run:
         self.tok = Tokenizer(self.tok_path)
         data.stop_id(self.tok, cfg.chat_template)  # ChatML: the tokenizer must have its markers
         self.model, self.args = build_model(cfg, device, cfg.init, self.tok.vocab_size)
+        # model.decode_one_token has the same shapes at every token: traced once, whatever the batch and length
+        self.decode_step = torch.compile(decode_one_token, dynamic=True, mode="reduce-overhead" if
+                                         device.type == "cuda" else None) if cfg.compile else decode_one_token
         learned = {}  # name -> rewards.LearnedReward, for constraints on learned rewards
         for name, _, folder in (s.partition("=") for s in cfg.reward_model if cfg.method != "reward"):
             rm, _ = build_model(cfg, device, folder, self.tok.vocab_size, train=False)
@@ -271,7 +276,7 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
     rows = r.prompt_stream.next()  # global indices of the rows: they key the rows' sampling noise
     prompts = [r.train[i].prompt.tolist() for i in rows]
     with gathered(r.model):
-        samples = rollout(r.model, r.tok, prompts, cfg, row_generators(cfg.seed, step, rows))
+        samples = rollout(r.model, r.tok, prompts, cfg, row_generators(cfg.seed, step, rows), r.decode_step)
     # c_i = b_i − r_i(y|x), per sample and constraint (Eq. 5)
     c = costs(r.constraints, r.reward_models, samples).to(r.device)  # (B, k)
     # Ĉ_i ← (1 − α)·Ĉ_i + α·(mean of c_i over the global batch), one all-reduce (§5.4)
@@ -357,10 +362,10 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False):
                                               .generate_state(1)[0])) for i in rows]
 
 
-def rollout(model, tok, prompts, cfg: Config, generators):
-    """Sample responses with top-p (App. A); call inside `gathered(model)`."""
+def rollout(model, tok, prompts, cfg: Config, generators, step=decode_one_token):
+    """Sample responses with top-p (App. A); call inside `gathered(model)`. step: the decode step (Run.decode_step)."""
     responses, ended = generate(model, prompts, cfg.max_new_tokens, data.stop_id(tok, cfg.chat_template),
-                                cfg.temperature, cfg.top_p, generators, cfg.top_k)
+                                cfg.temperature, cfg.top_p, generators, cfg.top_k, step)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
 
 
@@ -430,7 +435,7 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
             tokens, mask = (x.to(r.device) for x in data.task_batch(batch, pad_id=r.tok.eos_id))
             nll.append(-l3m.logp_norm(model(tokens), tokens, mask).float().cpu())
             samples = rollout(model, r.tok, [e.prompt.tolist() for e in batch], cfg,
-                              row_generators(cfg.seed, 0, idx[i:i + cfg.micro_batch], evaluation=True))
+                              row_generators(cfg.seed, 0, idx[i:i + cfg.micro_batch], evaluation=True), r.decode_step)
             lengths.append(rewards.length_reward(samples))
             ended.append(torch.tensor(samples.ended, dtype=torch.float32))
             if r.constraints:
@@ -495,11 +500,22 @@ def finish(r: Run) -> dict:
             reports["lam_hat"] = r.mult.lam(cfg.mu_T).tolist()
         print0(format_comparison(reports["before"], reports["after"], cfg.method, reports.get("lam_hat"))
                if "before" in reports else format_report(reports["after"]))
+    reports["bytes_per_rank"] = held_bytes(r)
+    print0("held by each rank (FSDP2 shards: 1/world of the whole): {parameters:,} bytes of parameters, "
+           "{optimizer:,} of AdamW state".format(**reports["bytes_per_rank"]))
     save_final(r, "final")
     if dist.get_rank() == 0:
         with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), **reports}, f, indent=2)
     return reports
+
+
+def held_bytes(r: Run) -> dict:
+    """Bytes of the parameters and of the AdamW state that this rank holds (its shards of the DTensors)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    return {"parameters": sum(local(p).nbytes for p in r.model.parameters()),
+            "optimizer": sum(local(v).nbytes for s in r.optimizer.state.values() for v in s.values()
+                             if torch.is_tensor(v) and v.ndim > 0)}  # not the scalar step counts
 
 
 MARK = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}  # rewards.verdict, C ± its standard error
