@@ -65,29 +65,31 @@ def main():
     try:
         import transformers
     except ImportError:
-        raise SystemExit("bench.py compares against Hugging Face: pip install transformers")
+        transformers = None
+        print("transformers is not installed: ours only (pip install transformers for the HF columns)")
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
 
-    cfg = transformers.LlamaConfig(hidden_size=a.dim, intermediate_size=M.ModelArgs(dim=a.dim).hidden_dim,
-                                   num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                                   num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
-                                   max_position_embeddings=a.seq_len + a.new_tokens + a.prompt_len,
-                                   bos_token_id=1, eos_token_id=a.vocab_size + 1, pad_token_id=0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).to(a.device, dtype)
-    args = M.ModelArgs.from_hf(cfg.to_dict())
-    ours = M.Transformer(args).to(a.device, dtype)
-    ours.load_state_dict(M.hf_to_meta(hf.state_dict(), args), strict=True)
+    args = M.ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                       vocab_size=a.vocab_size, max_seq_len=a.seq_len + a.new_tokens + a.prompt_len)
+    ours = M.Transformer(args).init_weights(0).to(a.device, dtype)
+    hf = None
+    if transformers is not None:  # the same weights in HF's layout
+        cfg = transformers.LlamaConfig(hidden_size=a.dim, intermediate_size=args.hidden_dim, num_hidden_layers=a.n_layers,
+                                       num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                                       vocab_size=a.vocab_size, max_position_embeddings=args.max_seq_len,
+                                       bos_token_id=1, eos_token_id=a.vocab_size + 1, pad_token_id=0)
+        cfg._attn_implementation = "sdpa"
+        hf = transformers.LlamaForCausalLM(cfg).to(a.device, dtype)
+        hf.load_state_dict(M.meta_to_hf(ours.state_dict(), args), strict=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     print(f"config: {args}\n{weight_bytes / 1e6:.0f} MB of weights, {a.device} {a.dtype}, "
           f"{torch.get_num_threads()} threads")
     compiled = None if a.no_compile else torch.compile(
         M.decode_one_token, dynamic=True, mode="reduce-overhead" if a.device == "cuda" else None)
 
-    w0 = hf.lm_head.weight.detach().clone()
+    w0 = ours.output.weight.detach().clone()
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq_len), device=a.device)
     prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len), device=a.device)
 
@@ -120,14 +122,14 @@ def main():
                 times[k].append(timed(f, sync))
         return {k: statistics.median(v) for k, v in times.items()}
 
-    rows = [("forward+backward", measure({"ours": train_ours, "HF": train_hf}))]
+    rows = [("forward+backward", measure({"ours": train_ours, **({"HF": train_hf} if hf else {})}))]
     for scale in [float(v) for v in a.logit_scales.split(",")]:
         with torch.no_grad():  # both models' output layers: the initial weights times this scale
-            hf.lm_head.weight.copy_(w0 * scale)
-            ours.output.weight.copy_(w0 * scale)
+            for layer in [ours.output] + ([hf.lm_head] if hf else []):
+                layer.weight.copy_(w0 * scale)
             probs = torch.softmax(ours(prompts).float(), -1)
         nucleus = (M.top_p_filter(probs.flatten(0, 1), 0.9) > 0).sum(-1).float().mean().item()
-        contenders = {"ours": sample_ours, "HF": sample_hf}
+        contenders = {"ours": sample_ours, **({"HF": sample_hf} if hf else {})}
         if compiled is not None:
             contenders["ours, compiled"] = lambda: sample_ours(compiled)
         rows.append((f"sample, logit scale {scale:g} (0.9-nucleus ~{nucleus:.0f} tokens)", measure(contenders)))
@@ -135,7 +137,8 @@ def main():
 
     print(f"\n{'':52s} {'ours (s)':>9s} {'HF (s)':>9s} {'ours/HF':>8s} {'HF/ours':>8s}")
     for name, t in rows:
-        print(f"{name:52s} {t['ours']:9.3f} {t['HF']:9.3f} {t['ours'] / t['HF']:8.2f} {t['HF'] / t['ours']:8.2f}")
+        h = t.get("HF", float("nan"))
+        print(f"{name:52s} {t['ours']:9.3f} {h:9.3f} {t['ours'] / h:8.2f} {h / t['ours']:8.2f}")
     bound = a.batch * bandwidth / weight_bytes
     print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s: the weight-read bound is {bound:.0f})")
     print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} {'ours/bound':>11s}")
@@ -143,7 +146,8 @@ def main():
     for name, t in rows[1:]:
         c = t.get("ours, compiled", float("nan"))
         best = min(t["ours"], c) if c == c else t["ours"]
-        print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {tokens / t['HF']:9.0f} {t['ours'] / c:15.2f} "
+        print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {tokens / t.get('HF', float('nan')):9.0f} "
+              f"{t['ours'] / c:15.2f} "
               f"{tokens / best / bound:11.2f}")
 
 

@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# A short L3M run in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with random
-# weights (demo data and tokenizer), then step times, rollout tokens/s and peak memory from its ledger.
-#   bash gpu_check.sh          # one GPU, a few minutes
-#   bash gpu_check.sh tiny     # the same run on the CPU with a tiny model: checks the script itself
+# On one GPU, in ≤ 8 minutes: (1) a short L3M run in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter
+# LLaMA with random weights (demo data and tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
+# (2) bench.py's rollouts at batch 8 and 64: eager vs torch.compile'd decode step vs the HBM bound.
+#   bash gpu_check.sh          # one GPU
+#   bash gpu_check.sh tiny     # the same on the CPU with a tiny model: checks the script itself
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${1:-}" = tiny ]; then
-  SHAPE="--device=cpu --dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2 --max_new_tokens=16"
+  DEVICE=cpu DTYPE=float32 NEW=16 SHAPE="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2"
+  BENCH="--vocab_size=1000 --seq_len=32 --new_tokens=16 --repeats=1"
 else
-  SHAPE="--device=cuda --dim=2048 --n_layers=22 --n_heads=16 --n_kv_heads=8 --max_new_tokens=256"
+  DEVICE=cuda DTYPE=bfloat16 NEW=256 SHAPE="--dim=2048 --n_layers=22 --n_heads=16 --n_kv_heads=8"
+  BENCH="--vocab_size=32000 --seq_len=256 --new_tokens=128 --repeats=3"
 fi
 OUT="${OUT:-out}"
-python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=scratch $SHAPE \
-  --method=l3m --steps=16 --batch_size=32 --micro_batch=16 --lr=1e-4 --val=32 --test=32 --eval_every=0 \
-  --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \
-  --data_dir="$OUT" --out_dir="$OUT/gpu_check"
-python - "$OUT/gpu_check/ledger.jsonl" <<'PY'
+python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=scratch --device=$DEVICE $SHAPE \
+  --max_new_tokens=$NEW --method=l3m --steps=16 --batch_size=32 --micro_batch=16 --lr=1e-4 --val=32 --test=32 \
+  --eval_every=0 --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \
+  --data_dir="$OUT" --out_dir="$OUT/gpu_check" --overwrite=True
+python - "$OUT/gpu_check" <<'PY'
 import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1])][2:]  # the first steps include warm-up
+import torch
+import model as M
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/ledger.jsonl")][2:]  # the first steps include warm-up
+with torch.device("meta"):
+    n = sum(p.numel() for p in M.Transformer(M.ModelArgs(**json.load(open(f"{sys.argv[1]}/final/args.json")))).parameters())
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+peak = 989e12 if ("H100" in name or "H200" in name) else None  # dense bf16 FLOP/s of an H100/H200 SXM
+print(f"{name}: {n / 1e9:.2f}B parameters")
 for kind in ("task", "constraint"):
     t = [r["t_train"] + r.get("t_sample", 0.0) for r in rows if r["kind"] == kind]
     if t:
         print(f"{kind:10s} steps: {len(t):2d}, median {statistics.median(t):.2f} s per step")
+task = [r for r in rows if r["kind"] == "task"]
+if task and peak:  # model FLOPs 6·N per token (activation checkpointing's recomputation not counted)
+    print(f"task-step MFU: {statistics.median(6 * n * r['tokens'] / r['t_train'] / peak for r in task):.0%}")
 c = [r for r in rows if r["kind"] == "constraint"]
 if c:
     tokens = sum(32 * r["len_mean"] for r in c)
@@ -29,3 +42,6 @@ if c:
           f"training share of constraint steps {sum(r['t_train'] for r in c) / sum(r['t_train'] + r['t_sample'] for r in c):.0%}")
 print(f"peak memory: {max(r.get('peak_mem_gib', 0.0) for r in rows):.1f} GiB (0.0 on CPU)")
 PY
+for B in 8 64; do
+  python bench.py --device=$DEVICE --dtype=$DTYPE $SHAPE $BENCH --batch=$B --logit_scales=10 --threads=2 | tail -6
+done

@@ -266,7 +266,7 @@ def task_step(r: Run) -> dict:
         part.backward()
         loss += part.item()
     # clip the task gradient on its own (§5.4), then AdamW
-    return clip_and_step(r, loss)
+    return {**clip_and_step(r, loss), "tokens": tokens.numel()}  # this rank's, padding included (MFU: gpu_check.sh)
 
 
 def constraint_step(r: Run, step: int, mu: float) -> dict:
