@@ -1,6 +1,6 @@
 """The paper's Fig. 1–3 at toy scale, on the demo data and the demo base model (train.py --init=demo).
 
-    python reproduce.py --quick     # two bands, one grid point, one seed
+    python reproduce.py --quick     # one band, one grid point, one seed
     python reproduce.py             # ten bands and five grid points, three seeds each (hours on 2 cores)
 
 Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each) whose report.json is
@@ -31,7 +31,7 @@ import l3m
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL_BANDS = [(16, 32), (32, 48), (16, 24), (24, 32), (32, 40), (40, 48), (24, 28), (28, 32), (32, 36), (36, 40)]
-QUICK_BANDS = [(16, 24), (24, 32)]
+QUICK_BANDS = [(16, 24)]
 # (informative, cautious) thresholds as offsets from the SFT model's mean rewards, in nats of ℓ̄, along the
 # trade-off the paper's grid walks: raise one, the other, or both a little.
 FULL_GRID = [(1.0, -0.5), (1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (-0.5, 1.0)]
@@ -41,6 +41,9 @@ RM_STEPS = 60
 
 
 LANES = threading.Semaphore(2)  # jobs at once, over both figures: one per core of the 2-core machine
+# Fig. 3 is a chain (reward models, then the SFT model that places its thresholds, then L3M beside MM): its reward
+# models take both lanes first, and Fig. 2's runs fill the lanes the chain leaves free after them.
+REWARD_MODELS_DONE = threading.Event()
 
 
 def in_lane(f, *a, **k):
@@ -124,19 +127,20 @@ def run_all(jobs: dict, data_dir: str) -> dict:
         return {o: f.result() for o, f in futures.items()}
 
 
-def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list) -> tuple:
+def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list, with_sft: bool = True) -> tuple:
     """SFT and length-constrained L3Ms (paper Fig. 2) over seeds: mean length, task perplexity, how many
-    seeds land inside each band."""
-    models = {"SFT": ["--method=sft", "--eval_before=True"]}
+    seeds land inside each band. Without with_sft, the first band's run evaluates the base model instead."""
+    REWARD_MODELS_DONE.wait()
+    models = {"SFT": ["--method=sft", "--eval_before=True"]} if with_sft else {}
     models.update({f"L3M [{lo}, {hi}]": ["--method=l3m", f"--constraint=length>={lo}", f"--constraint=length<={hi}"]
-                   for lo, hi in bands})
+                   + ([] if with_sft or i else ["--eval_before=True"]) for i, (lo, hi) in enumerate(bands)})
     folder = {(name, s): os.path.join(out, "fig2", name.replace(" ", "").replace(",", "-") + f"_s{s}")
               for name in models for s in seeds}
     reports = run_all({folder[k]: [f"--steps={steps}", f"--seed={k[1]}", *common, *models[k[0]]] for k in folder
                        if k[0] != "SFT" or k[1] == seeds[0]}, data_dir)  # SFT, the reference, on one seed
     table = ["| model | mean length (over seeds) | quartiles (seed 0) | task perplexity | length test mean ± "
              "std. error per seed | inside the band |", "|---|---|---|---|---|---|"]
-    base = reports[folder["SFT", seeds[0]]]["before"]
+    base = reports[folder[next(iter(models)), seeds[0]]]["before"]
     table.append(f"| base (demo pretraining) | {base['length_mean']:.1f} | {base['length_q1']:.0f} / "
                  f"{base['length_median']:.0f} / {base['length_q3']:.0f} | {base['perplexity_mean']:.3f} | | |")
     results = []
@@ -150,7 +154,7 @@ def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list) -> tup
                      f"{r0['length_median']:.0f} / {r0['length_q3']:.0f} | "
                      f"{spread([r['perplexity_mean'] for r in runs], 3)} | "
                      + ", ".join(f"{r['length_mean']:.1f} ± {r['length_se']:.1f}" for r in runs) + f" | {inside} |")
-        results.append({"model": name, "band": None if name == "SFT" else bands[len(results) - 1], "runs": [
+        results.append({"model": name, "band": None if name == "SFT" else bands[len(results) - with_sft], "runs": [
             {k: r[k] for k in ("seed", "length_mean", "length_se", "length_p10", "length_q1", "length_median",
                                "length_q3", "length_p90", "perplexity_mean", "perplexity_std", "verdicts")}
             for r in runs]})
@@ -179,17 +183,19 @@ def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list) -> tup
 REWARDS = ("informative", "cautious")
 
 
-def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: list) -> tuple:
+def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: list, before: bool = True) -> tuple:
     """The two reward models (trained if missing) and the SFT model every Fig. 3 run is compared with:
-    (held-out accuracy per reward model, the --reward_model flags, SFT's report)."""
+    (held-out accuracy per reward model, the --reward_model flags, SFT's report, with the base model's rewards
+    unless not `before`)."""
     f3 = os.path.join(out, "fig3")
     rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}", f"--steps={rm_steps}",
                                                  "--eval_every=20", "--lr=1e-3"] for n in REWARDS}, data_dir)
+    REWARD_MODELS_DONE.set()
     accuracy = {n: rms[os.path.join(f3, f"rm_{n}")]["test_accuracy"] for n in REWARDS}
     rm_flags = [f"--reward_model={n}={os.path.join(f3, f'rm_{n}', 'best')}" for n in REWARDS]
     # thresholds so low that they only make the report carry the SFT model's mean rewards and their spread
     sft = train(os.path.join(f3, "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
-                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, "--eval_before=True",
+                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, f"--eval_before={before}",
                 data_dir=data_dir)
     return accuracy, rm_flags, sft
 
@@ -203,7 +209,7 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     margin_z standard errors of a test mean (the SFT model's spread of rewards / √n) and is judged against
     the untightened ones: the recipe for a constraint that must hold on new prompts."""
     names, f3 = REWARDS, os.path.join(out, "fig3")
-    accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common)
+    accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common, before=with_feasibility)
     m = [sft["after"]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
     se = [sft["after"]["constraints"][f"{n}>=-100"]["se"] for n in names]
     points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
@@ -586,7 +592,7 @@ def pyplot():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="two bands, one grid point, one seed")
+    p.add_argument("--quick", action="store_true", help="one band (no SFT row), one grid point, one seed")
     p.add_argument("--out", default="out/reproduce", help="where the runs, tables and figures go")
     p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base model")
     p.add_argument("--steps", type=int, default=200, help="steps per fine-tuning run")
@@ -618,9 +624,14 @@ def main():
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
     with ThreadPoolExecutor(1) as beside:  # Fig. 2's runs take the lanes Fig. 3's chain of runs leaves free
-        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common)
-        t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
-                      0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3, with_feasibility=not a.quick)
+        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common,
+                           with_sft=not a.quick)
+        try:
+            t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
+                          0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3,
+                          with_feasibility=not a.quick)
+        finally:  # Fig. 2 waits for Fig. 3's reward models: never forever
+            REWARD_MODELS_DONE.set()
         print(t3, flush=True)
         first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
         trajectory(first, os.path.join(a.out, "trajectory.png"))
