@@ -300,6 +300,19 @@ def test_top_k_then_top_p_as_transformers_orders_them():
     assert torch.equal(M.sample_top_p(logits[:3], 0, 0.8, top_k=3), torch.tensor([1, 1, 1]))  # greedy ignores it
 
 
+def test_nucleus_among_partial_sorts_draws_as_the_full_sort():
+    """Rows whose nuclei fit in 128 tokens, in 1,024, or in neither (batch maxima 60, 383, 3,106 of 5,000): the
+    partial sorts (topk) give the full sort's draws, token for token (the same uniforms, the same order of the
+    leading tokens; random logits have no ties)."""
+    for scale, lo, hi in ((5.0, 1, 128), (3.0, 129, 1024), (1.0, 1025, 5000)):
+        logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * scale
+        sizes = (M.top_p_filter(torch.softmax(logits, -1), 0.9) > 0).sum(-1)
+        assert lo <= sizes.max() <= hi  # the rung this batch needs
+        draws = [M.sample_top_p(logits, 1.0, 0.9, torch.Generator().manual_seed(1), candidates=c)
+                 for c in ((128, 1024), ())]  # () : the full sort at once
+        assert torch.equal(*draws)
+
+
 def test_top_p_on_a_flat_distribution_uses_the_full_sort():
     """A nucleus larger than the candidate set: the fallback still samples exactly the nucleus."""
     probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens
