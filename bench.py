@@ -76,8 +76,8 @@ def main():
     ours = M.Transformer(args).init_weights(0).to(a.device, dtype)
     hf = None
     if transformers is not None:  # the same weights in HF's layout
-        cfg = transformers.LlamaConfig(hidden_size=a.dim, intermediate_size=args.hidden_dim, num_hidden_layers=a.n_layers,
-                                       num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+        cfg = transformers.LlamaConfig(hidden_size=a.dim, intermediate_size=args.hidden_dim,
+                                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                                        vocab_size=a.vocab_size, max_position_embeddings=args.max_seq_len,
                                        bos_token_id=1, eos_token_id=a.vocab_size + 1, pad_token_id=0)
         cfg._attn_implementation = "sdpa"
@@ -141,14 +141,13 @@ def main():
         print(f"{name:52s} {t['ours']:9.3f} {h:9.3f} {t['ours'] / h:8.2f} {h / t['ours']:8.2f}")
     bound = a.batch * bandwidth / weight_bytes
     print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s: the weight-read bound is {bound:.0f})")
-    print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} {'ours/bound':>11s}")
+    print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} {'best/bound':>11s}")
     tokens = a.batch * a.new_tokens
     for name, t in rows[1:]:
         c = t.get("ours, compiled", float("nan"))
         best = min(t["ours"], c) if c == c else t["ours"]
         print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {tokens / t.get('HF', float('nan')):9.0f} "
-              f"{t['ours'] / c:15.2f} "
-              f"{tokens / best / bound:11.2f}")
+              f"{t['ours'] / c:15.2f} {tokens / best / bound:11.2f}")
 
 
 def constraint_step_memory(a, reference: bool) -> dict:
