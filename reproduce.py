@@ -220,11 +220,12 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     def job(method, a, b, seed, eta=None, tight=False):
         key = (method + ("+margin" if tight else ""), a, b, seed, eta)
         ta, tb = (round(a + margin_z * se[0], 2), round(b + margin_z * se[1], 2)) if tight else (a, b)
-        name = f"{key[0]}_{a}_{b}_s{seed}" + (f"_eta{eta:g}" if eta is not None else "")
+        name = method + (f"_margin{margin_z:g}" if tight else "") + f"_{a}_{b}_s{seed}" + (
+            f"_eta{eta:g}" if eta is not None else "")
         flags = [f"--method={method}", f"--steps={steps}", f"--seed={seed}", *rm_flags, *common,
                  f"--constraint=informative>={ta}", f"--constraint=cautious>={tb}"] + \
             ([f"--eta_lam={eta}"] if eta is not None else [])
-        return key, os.path.join(f3, name.replace("+", "_")), flags
+        return key, os.path.join(f3, name), flags
 
     jobs = [job("l3m", a, b, s) for a, b in points for s in seeds]
     jobs += [job("mm", a, b, seeds[0], eta) for a, b in points for eta in etas]
@@ -597,7 +598,7 @@ def main():
     p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base model")
     p.add_argument("--steps", type=int, default=200, help="steps per fine-tuning run")
     p.add_argument("--seeds", type=int, default=3, help="seeds per band and grid point (--quick: 1)")
-    p.add_argument("--margin", type=float, default=2.0,
+    p.add_argument("--margin", type=float, default=3.0,
                    help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: none; --quick: 0)")
     p.add_argument("--feasibility", action="store_true",
                    help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet")
