@@ -77,7 +77,8 @@ def main():
     hf = None
     if transformers is not None:  # the same weights in HF's layout
         cfg = transformers.LlamaConfig(hidden_size=a.dim, intermediate_size=args.hidden_dim,
-                                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                                       num_key_value_heads=a.n_kv_heads,
                                        vocab_size=a.vocab_size, max_position_embeddings=args.max_seq_len,
                                        bos_token_id=1, eos_token_id=a.vocab_size + 1, pad_token_id=0)
         cfg._attn_implementation = "sdpa"
@@ -128,7 +129,7 @@ def main():
             for layer in [ours.output] + ([hf.lm_head] if hf else []):
                 layer.weight.copy_(w0 * scale)
             probs = torch.softmax(ours(prompts).float(), -1)
-        nucleus = (M.top_p_filter(probs.flatten(0, 1), 0.9) > 0).sum(-1).float().mean().item()
+        nucleus = (M.nucleus(probs.flatten(0, 1).sort(-1, descending=True)[0], 0.9) > 0).sum(-1).float().mean().item()
         contenders = {"ours": sample_ours, **({"HF": sample_hf} if hf else {})}
         if compiled is not None:
             contenders["ours, compiled"] = lambda: sample_ours(compiled)

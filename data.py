@@ -1,5 +1,5 @@
-"""Data for L3M fine-tuning: chat template, UltraChat and HH-RLHF readers, splits, batches per rank, and small demo
-data with its tokenizer, which stands in for UltraChat and HH on a CPU ("Demo data" below).
+"""Data for L3M fine-tuning: chat templates, UltraChat and HH-RLHF readers, splits, batches per rank, and small demo
+data with its own tokenizer that stands in for UltraChat and HH on a CPU ("Demo data" below).
 
     task = read_ultrachat("ultrachat.jsonl.gz", tok)       # (prompt, response) pairs ≤ 512 tokens
     train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
@@ -8,16 +8,14 @@ data with its tokenizer, which stands in for UltraChat and HH on a CPU ("Demo da
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
-- Chat template (the paper names none): --chat_template, the same for every source and for policy and reward
-  models alike. "plain" (the demo's, for base models): HH-RLHF's without its leading blank line,
-  "Human: {user}\\n\\nAssistant: {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2": LLaMA-2-chat's [INST]; "chatml".
-  The prompt ends where the answer starts, and prompt + answer are the ids of the whole exchange (encode_response);
-  the answer ends with the stop token's *id* (EOS; ChatML's <|im_end|>), not text: the boundary is exact.
+- Chat template (the paper names none): --chat_template, one for every source and for policy and reward models alike.
+  "plain" (the demo's, for base models) is HH-RLHF's without its leading blank line, "Human: {user}\\n\\nAssistant:
+  {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2" is LLaMA-2-chat's [INST]; "chatml". A prompt ends where its
+  answer starts, and the answer ends with the stop token's *id* (EOS; ChatML's <|im_end|>), not text: an exact boundary.
 - UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
   in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
 - HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's text reads
-  2024). The test file is HH's own; 5 % of train is held out for validation.
-"""
+  2024). The test file is HH's own; 5 % of train is held out for validation."""
 import fcntl
 import functools
 import gzip
@@ -34,27 +32,22 @@ import torch
 
 from model import CheckpointError, atomic_folder
 
-
 class DataError(ValueError):
     """A malformed input line: the parsers raise it with a short reason, the readers as file:line: reason."""
 
-
 # Chat templates -----------------------------------------------------------------------------------
 TEMPLATES = ("plain", "llama2", "chatml")  # --chat_template: the format the model was trained to chat in
-
 
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
     """A dialogue [(role, text), …], roles user/assistant, as text: "Human: …\n\nAssistant: …"."""
     names = {"user": "Human", "assistant": "Assistant"}
     return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
 
-
 def render_prompt(dialogue: Sequence[tuple]) -> str:
     """A dialogue ending with a user turn as the prompt string, which ends where the answer starts."""
     if not dialogue or dialogue[-1][0] != "user":
         raise ValueError("a prompt dialogue must end with a user turn")
     return render_dialogue(dialogue) + "\n\nAssistant:"
-
 
 def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain", system: str = "") -> np.ndarray:
     """Prompt ids (int32) of a dialogue ending with a user turn, in a chat template; they end where the answer starts.
@@ -64,9 +57,8 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
         chatml  BOS "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nu₁<|im_end|>\n<|im_start|>assistant\n
                 a₁<|im_end|>\n<|im_start|>user\nu₂<|im_end|>\n<|im_start|>assistant\n"      (one string)
 
-    llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text); chatml
-    needs a tokenizer with <|im_start|> and <|im_end|> as added tokens (model.Tokenizer). No system block
-    without a system prompt."""
+    llama2 is LLaMA-2-chat's format as Meta's chat_completion encodes it (BOS and EOS are ids, never text); chatml needs
+    <|im_start|> and <|im_end|> as added tokens (model.Tokenizer). No system prompt, no system block."""
     if not dialogue or dialogue[-1][0] != "user":
         raise ValueError("a prompt dialogue must end with a user turn")
     if template == "plain":
@@ -83,12 +75,10 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
     ids = [i for u, a in zip(turns[:-1:2], turns[1::2]) for i in tokenizer.encode(f"[INST] {u} [/INST] {a} ", eos=True)]
     return np.asarray(ids + tokenizer.encode(f"[INST] {turns[-1]} [/INST]"), dtype=np.int32)
 
-
 def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray:
-    """Answer ids (int32), the template's stop token last, such that prompt + answer are the ids of the whole
-    exchange. After plain's "Assistant:" and llama2's "[/INST]" comes a space, which sentencepiece puts in front
-    of the answer tokenised on its own (llama2 also keeps the space before the EOS); ChatML's answer follows
-    "assistant\n" in one piece of text, so it is tokenised together with it, which is then cut off."""
+    """Answer ids (int32), the template's stop token last, such that prompt + answer are the ids of the whole exchange.
+    plain, llama2: the space after "Assistant:"/"[/INST]" is the one sentencepiece puts before an answer tokenised alone
+    (llama2 also keeps one before EOS); chatml: no space, so it is tokenised after "assistant\n", which is cut off."""
     if template != "chatml":
         return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True),
                           dtype=np.int32)
@@ -97,11 +87,9 @@ def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray
         raise ValueError(f"{text!r}: the tokenizer merges it with the 'assistant\\n' before it")
     return np.asarray(ids[len(head):] + [stop_id(tokenizer, template)], dtype=np.int32)
 
-
 def stop_id(tokenizer, template: str) -> int:
     """The token that ends an answer: EOS, or ChatML's <|im_end|>."""
     return _chatml(tokenizer).added["<|im_end|>"] if template == "chatml" else tokenizer.eos_id
-
 
 def _chatml(tokenizer):
     """The tokenizer, once it is known to have ChatML's markers as added tokens."""
@@ -110,19 +98,16 @@ def _chatml(tokenizer):
                               "tokens (added_tokens.json beside tokenizer.model; `python model.py convert` copies it)")
     return tokenizer
 
-
 @dataclass
 class TaskExample:
     prompt: np.ndarray  # (P,) int32, BOS first
     response: np.ndarray  # (R,) int32, EOS last
-
 
 @dataclass
 class PreferenceExample:
     prompt: np.ndarray  # (P,) int32, BOS first
     chosen: np.ndarray  # (R⁺,) int32 y⁺, EOS last
     rejected: np.ndarray  # (R⁻,) int32 y⁻, EOS last
-
 
 # Readers ------------------------------------------------------------------------------------------
 @dataclass
@@ -139,7 +124,6 @@ class ReadResult:
         why = "; ".join(f"{n} {reason}" for reason, n in self.malformed.most_common())
         return (f"{self.source}: kept {len(self.examples)} of {self.lines} lines, dropped {self.too_long} over "
                 f"{self.max_tokens} tokens, skipped {self.malformed.total()} malformed" + (f" ({why})" if why else ""))
-
 
 def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
     """parse(record) -> example, or None if too long, over every line of the JSONL files, gzipped if named .gz."""
@@ -166,14 +150,10 @@ def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
                     result.examples.append(example)
     return result
 
-
 def _text(turn) -> str:
-    if not isinstance(turn, str):
-        raise DataError("a turn is not a string")
-    if not turn.strip():
-        raise DataError("empty turn")
+    if not isinstance(turn, str) or not turn.strip():
+        raise DataError("empty turn" if isinstance(turn, str) else "a turn is not a string")
     return turn
-
 
 def _ultrachat_dialogue(record: dict) -> list:
     """[(role, text), …] from either public UltraChat format: {"id", "data": [user, assistant, …]}
@@ -195,12 +175,10 @@ def _ultrachat_dialogue(record: dict) -> list:
         raise DataError("no assistant turn")
     return dialogue
 
-
 def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False,
                    template: str = "plain", system: str = "") -> ReadResult:
     """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples: an assistant turn drawn with (seed, the dialogue's
-    text) is the response, the dialogue before it the prompt (App. A), both in the chat template (encode_prompt).
-    strict=True: DataError at a malformed line."""
+    text) is the response, the dialogue before it the prompt (App. A). strict=True: DataError at a malformed line."""
     def parse(record):
         dialogue = _ultrachat_dialogue(record)
         k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
@@ -208,7 +186,6 @@ def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, st
         response = encode_response(tokenizer, dialogue[k][1], template)
         return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None
     return _read(paths, parse, max_tokens, strict)
-
 
 def _hh_dialogue(text) -> list:
     """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending with the answer."""
@@ -223,7 +200,6 @@ def _hh_dialogue(text) -> list:
     if len(dialogue) < 2 or dialogue[-1][0] != "assistant":
         raise DataError("does not end with an Assistant turn")
     return [(role, _text(said)) for role, said in dialogue]
-
 
 def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False, template: str = "plain",
             system: str = "") -> ReadResult:
@@ -241,7 +217,6 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False, t
         return PreferenceExample(prompt, y_plus, y_minus) if fits else None
     return _read(paths, parse, max_tokens, strict)
 
-
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
     """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1."""
     n = len(items)
@@ -251,13 +226,11 @@ def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, f
     val_idx, test_idx, train_idx = np.split(np.random.default_rng(seed).permutation(n), [n_val, n_val + n_test])
     return tuple([items[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
 
-
 # Batches ------------------------------------------------------------------------------------------
 def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
-    """Right-padded prompt + response rows: tokens (B, T) int64 and mask (B, T) bool, True exactly at the response
-    tokens (EOS included); for task data and for sampled responses (the REINFORCE surrogate). The mask comes from
-    lengths, never from `tokens != pad_id`, so any pad_id works (EOS included), and so does a prompt that contains
-    the EOS id. Right padding is harmless: under causal attention no scored position sees the padding after it."""
+    """Right-padded prompt + response rows (task data, sampled responses): tokens (B, T) int64, mask (B, T) bool, True
+    exactly at the response tokens, EOS included. The mask comes from lengths, not `tokens != pad_id`, so any pad_id and
+    a prompt holding the EOS id work. Right padding is harmless: under causal attention, no scored position sees it."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
     B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -267,23 +240,19 @@ def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> t
         mask[i, len(p):len(p) + len(r)] = True
     return tokens, mask
 
-
 def task_batch(examples: Sequence, pad_id: int = 0) -> tuple:
     """TaskExamples -> (tokens (B, T), mask (B, T)) for the task loss −ℓ̄_θ(y|x)."""
     return response_batch([e.prompt for e in examples], [e.response for e in examples], pad_id)
-
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
     """Batches per rank and epoch: the remainder that does not fill a global batch is dropped."""
     return n // (batch_size * world_size)
 
-
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   start_batch: int = 0) -> Iterator[np.ndarray]:
-    """Index arrays (batch_size,) for this rank's batches of one epoch, from batch start_batch on. The epoch's
-    order is a permutation seeded by (seed, epoch); global batch b is its slice [b·G, (b+1)·G), G =
-    batch_size·world_size, and rank r takes the r-th part. Ranks are disjoint and all have num_batches batches
-    (equal collectives under FSDP); a run resumed at batch b sees exactly the batches it would have."""
+    """Index arrays (batch_size,) of this rank's batches in an epoch, from start_batch on. Global batch b is the slice
+    [b·G, (b+1)·G), G = batch_size·world_size, of a permutation seeded by (seed, epoch); rank r takes its r-th part.
+    Ranks are disjoint, each num_batches long (equal FSDP collectives); a run resumed at b gets the same batches."""
     nb = num_batches(n, batch_size, world_size)
     if nb == 0:
         raise ValueError(f"{n} examples do not fill one global batch of {batch_size} × {world_size} ranks")
@@ -293,17 +262,14 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
     grid = perm[:nb * world_size * batch_size].reshape(nb, world_size, batch_size)  # (batches, ranks, B)
     return (grid[b, rank] for b in range(start_batch, nb))
 
-
 # Demo data ----------------------------------------------------------------------------------------
-# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer: the length
-# of an answer is a free choice, not fixed by the question (the same question gets answers of 10 to ~150 tokens),
-# which a length constraint can move at little cost to the task. Each sentence is one of three kinds:
-#   fact     a specific fact about the thing asked ("The owl mostly eats mice and insects.")
-#   caution  a safety or hedging note ("Never try to touch or feed a wild owl.")
-#   filler   neither ("Many people enjoy learning about the owl.")
-# Two properties, the analogues of helpful and harmless: informative = share of the sentences that are facts,
-# cautious = share that are cautions. Cautions take the place of facts, so the two are negatively correlated, but
-# fillers let a response lack both.
+# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer. The length is a
+# free choice, not fixed by the question (10 to ~150 tokens for the same one), so a length constraint can move it at
+# little cost to the task. Each sentence is a fact about the thing asked ("The owl mostly eats mice and insects."), a
+# caution, i.e. a safety or hedging note ("Never try to touch or feed a wild owl."), or a filler, neither ("Many people
+# enjoy learning about the owl."). The analogues of helpful and harmless: informative = share of the sentences that are
+# facts, cautious = share that are cautions. Cautions take the place of facts, so the two are negatively correlated,
+# but fillers let a response lack both.
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
 DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
 _DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
@@ -369,7 +335,6 @@ _QUESTIONS = ["Tell me about the {name}.", "What do you know about the {name}?",
               "Could you tell me something about the {name}?"]
 _FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.", "What can you say about the {name}?"]
 
-
 def _sentences(name: str) -> dict:
     """kind -> the sentences an answer about name may hold; "named"/"it": its six facts about "The {name}"/"It"."""
     kind = "animal" if name in _ANIMALS else "thing"
@@ -378,16 +343,14 @@ def _sentences(name: str) -> dict:
     return {"named": fmt(facts, f"The {name}"), "it": fmt(facts, "It"), "filler": fmt(_FILLERS),
             "caution": fmt(_CAUTIONS[kind] + _CAUTIONS["any"]), "opener": fmt(_OPENERS), "closer": fmt(_CLOSERS)}
 
-
 def _style(rng: random.Random) -> tuple:
     """(caution share, filler share) of a response: half of the responses have no caution at all."""
     return (0.0 if rng.random() < 0.5 else rng.uniform(0.2, 0.7)), rng.uniform(0.0, 0.3)
 
-
 def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, filler: float) -> str:
-    """An answer about name: maybe an opener, n_body ≥ 1 sentences (each a caution with probability
-    `caution`, else a filler with probability `filler`, else a fact; no sentence twice, so at most
-    the 6 facts), the cautions last, maybe a closer. The first fact names the subject, later ones say "It"."""
+    """An answer about name: maybe an opener, n_body ≥ 1 sentences (each a caution with probability `caution`, else a
+    filler with probability `filler`, else a fact; none twice, so at most the 6 facts), the cautions last, maybe a
+    closer. The first fact names the subject, later ones say "It"."""
     s = _sentences(name)
     kinds = ["caution" if rng.random() < caution else "filler" if rng.random() < filler else "fact"
              for _ in range(n_body)]
@@ -400,7 +363,6 @@ def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, fill
     closer = [rng.choice(s["closer"])] if rng.random() < 0.15 else []
     return " ".join(opener + body + pick("caution", s["caution"]) + closer)
 
-
 def demo_dialogue(rng: random.Random) -> list:
     """An UltraChat-style "data" list: one exchange, or (30 %) two about different names."""
     names = rng.sample(sorted(_ANIMALS) + sorted(_THINGS), 2)
@@ -410,14 +372,12 @@ def demo_dialogue(rng: random.Random) -> list:
         turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), answer(names[1])]
     return turns
 
-
 @functools.lru_cache(maxsize=1)
 def _sentence_kinds() -> dict:
     """sentence -> "fact" | "caution" | "filler", for every sentence the demo generator writes."""
     kind = {"named": "fact", "it": "fact", "caution": "caution"}  # the rest (openers, closers too) is filler
     return {t: kind.get(k, "filler") for name in list(_ANIMALS) + list(_THINGS)
             for k, sentences in _sentences(name).items() for t in sentences}
-
 
 def demo_properties(response: str) -> tuple:
     """(informative, cautious) of a demo response: the shares of its sentences that are facts (about any subject)
@@ -426,7 +386,6 @@ def demo_properties(response: str) -> tuple:
     kinds = [_sentence_kinds().get(s) for s in sentences]
     n = max(len(sentences), 1)
     return kinds.count("fact") / n, kinds.count("caution") / n
-
 
 def demo_preference(rng: random.Random, prop: str) -> dict:
     """An HH-format pair: two answers of the same number of sentences to one question, y⁺ the one with the larger
@@ -441,10 +400,8 @@ def demo_preference(rng: random.Random, prop: str) -> dict:
         if pa != pb:
             return {"chosen": prompt + (a if pa > pb else b), "rejected": prompt + (b if pa > pb else a)}
 
-
 DemoFiles = namedtuple("DemoFiles", ["folder", "tokenizer", "task", "informative_train", "informative_test",
                                      "cautious_train", "cautious_test"])
-
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
     """Build the demo data under out_dir once, deterministic in seed (later calls reuse it), and return its paths: the
@@ -471,9 +428,9 @@ def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
         with atomic_folder(folder) as tmp:
             for name, records in {"task": task, **prefs}.items():
                 Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            # A small sentencepiece model with an exact round trip: identity normalisation, whitespace kept, bytes
-            # for any unseen character, LLaMA's ids (unk 0, bos 1, eos 2), no pad, at most vocab_size pieces. One
-            # thread and no output path inside the model: the file is the same byte for byte wherever it is built.
+            # A small sentencepiece model with an exact round trip (identity normalisation, whitespace kept, bytes for
+            # unseen characters), LLaMA's ids (unk 0, bos 1, eos 2, no pad), ≤ vocab_size pieces. One thread and no
+            # output path inside the model: the file is the same byte for byte wherever it is built.
             import sentencepiece as spm
             with open(Path(tmp, "tokenizer.model"), "wb") as f:
                 spm.SentencePieceTrainer.train(

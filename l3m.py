@@ -1,6 +1,5 @@
-"""The L3M method (Dhillon et al., ICLR 2025): relaxed log barrier, µ schedule, EMA of the constraints,
-Lagrange multipliers, length-normalised log-likelihoods, the REINFORCE surrogate, and the minimax-Lagrangian
-baseline.
+"""The L3M method (Dhillon et al., ICLR 2025): relaxed log barrier, µ schedule, EMA of the constraints, Lagrange
+multipliers, length-normalised log-likelihoods, the REINFORCE surrogate, and the minimax-Lagrangian baseline.
 
 The problem (Eq. 5), with c_i = b_i − r_i(y|x):
 
@@ -20,64 +19,48 @@ One step of the procedure (§5.1, §5.4); train.py writes it out as run, task_st
     optimizer.step(); optimizer.zero_grad()
 
 Where this departs from the paper, or fixes what it leaves open:
-- Top-p. Responses are sampled from the top-p nucleus of softmax(logits / T), but ℓ̄ is the log-likelihood
-  under the full softmax(logits / T) (what the paper describes). Per token, log q(y_t) = log π(y_t) − log Π_t
-  with Π_t = π(nucleus_t) ≥ p, so the surrogate's gradient is off from the nucleus sampler's REINFORCE
-  gradient by E_q[c · mean_t ∇log Π_t]. That bias vanishes at p = 1 and is small while 1 − Π_t ≤ 1 − p is.
-- Length normalisation (§5.4). E_y[c(y)·∇ℓ̄_θ(y)] = ∇_θ E_y[c(y)/|y|] (c held fixed), not ∇C = ∇E_y[c(y)]:
-  the step direction is that of a per-token constraint. Ĉ still estimates E[c], so the barrier still drives
-  each C_i to ≤ 0.
-- REINFORCE without a baseline (Eq. 12 as written). Ĉ is updated with the current batch before it weights
-  that batch's gradient (§5.4).
-- MM baseline: on each constraint step λ_i ← max(0, λ_i + η_λ·Ĉ_i) with the freshly updated Ĉ (the same
-  estimate L3M uses), then a step on Σ_i λ_i·surrogate_i. No 1/k there: the learned λ_i are the
-  Lagrangian's own multipliers (Eq. 8), and L3M's 1/k is inside λ̂.
+- Top-p. Responses are sampled from the top-p nucleus of softmax(logits / T), but ℓ̄ is the log-likelihood under
+  the full softmax(logits / T), as the paper describes. Per token log q(y_t) = log π(y_t) − log Π_t, Π_t =
+  π(nucleus_t) ≥ p, so the gradient is off from the nucleus sampler's REINFORCE gradient by E_q[c·mean_t ∇log Π_t]:
+  zero at p = 1, small while 1 − Π_t ≤ 1 − p is.
+- Length normalisation (§5.4). E_y[c(y)·∇ℓ̄_θ(y)] = ∇_θ E_y[c(y)/|y|] (c fixed), not ∇C = ∇E_y[c(y)]: the step
+  is that of a per-token constraint. Ĉ still estimates E[c], so the barrier still drives each C_i to ≤ 0.
+- REINFORCE without a baseline (Eq. 12 as written); Ĉ takes in the current batch before it weights that batch's
+  gradient (§5.4).
+- MM baseline: on each constraint step λ_i ← max(0, λ_i + η_λ·Ĉ_i) with the fresh Ĉ (L3M's estimate), then a step
+  on Σ_i λ_i·surrogate_i. No 1/k: the learned λ_i are the Lagrangian's own (Eq. 8); L3M's 1/k is inside λ̂.
 """
 import torch
 
-
 # barrier ------------------------------------------------------------------------------------------
 def barrier(z, mu, s):
-    """Relaxed log barrier B_{µ,s}(z) (Eq. 9), elementwise.
+    """Relaxed log barrier B_{µ,s}(z) (Eq. 9), elementwise on a tensor z; µ, s > 0 (the paper: s = µ²).
 
         B(z) = −µ·log(−z)                 z ≤ −s
              = (µ/s)·z + µ − µ·log(s)     z > −s
 
-    written as one expression: B(z) = −µ·log max(−z, s) + (µ/s)·max(z + s, 0).
-    At z = −s the clamp passes its gradient and relu does not, so autograd gives µ/s there.
-
-    Args:
-        z: tensor of constraint values. mu, s: floats > 0 (the paper uses s = µ²).
-    """
+    as one expression, −µ·log max(−z, s) + (µ/s)·max(z + s, 0). At z = −s the clamp passes its gradient and relu
+    does not, so autograd gives µ/s there."""
     return -mu * torch.log(torch.clamp(-z, min=s)) + (mu / s) * torch.relu(z + s)
-
 
 def barrier_grad(z, mu, s):
     """B'_{µ,s}(z) = µ / max(−z, s) (Eq. 9): continuous, and non-decreasing (B is convex)."""
     return mu / torch.clamp(-z, min=s)
 
-
 def mu_at(step, total_steps, mu_0=1.0, mu_T=1e-6):
-    """µ_t = µ_0·(µ_T/µ_0)^(t/T) (§5.1: one stochastic step per µ, decayed exponentially).
-
-    Exact at both ends: t = 0 gives µ_0 (x**0.0 == 1.0) and t = T returns µ_T itself.
-    """
+    """µ_t = µ_0·(µ_T/µ_0)^(t/T) (§5.1: one stochastic step per µ, decayed exponentially). Exact at both ends:
+    t = 0 gives µ_0 (x**0.0 == 1.0), t = T returns µ_T itself."""
     if not 0 <= step <= total_steps:
         raise ValueError(f"step {step} outside the schedule [0, {total_steps}]")
     if step == total_steps:
         return mu_T
     return mu_0 * (mu_T / mu_0) ** (step / total_steps)
 
-
 # multipliers --------------------------------------------------------------------------------------
 class ConstraintEMA:
-    """Ĉ_i, the exponential moving average of the batch means of c_i = b_i − r_i (§5.4).
-
-    C_i appears in λ̂'s denominator without a gradient, so earlier batches may reduce its variance; θ moves,
-    so old batches are forgotten at rate α:
-        Ĉ ← mean_batch(c)                    on the first batch
-        Ĉ ← (1 − α)·Ĉ + α·mean_batch(c)      afterwards
-    """
+    """Ĉ_i, the exponential moving average of the batch means of c_i = b_i − r_i (§5.4). C_i enters λ̂ without a
+    gradient, so earlier batches may reduce its variance; θ moves, so they are forgotten at rate α:
+        Ĉ ← mean_batch(c)  on the first batch,  Ĉ ← (1 − α)·Ĉ + α·mean_batch(c)  afterwards."""
 
     def __init__(self, k, alpha=0.1):
         self.k, self.alpha = k, alpha
@@ -86,11 +69,8 @@ class ConstraintEMA:
 
     def update(self, c, all_reduce=None):
         """Fold in one batch of per-sample c (B, k); returns Ĉ (k,), or None if the batch has a non-finite c.
-
-        all_reduce: optional in-place sum over ranks, e.g. torch.distributed.all_reduce. It sums [Σ_b c_b, B]
-        (k+1,), so the mean is that of the global batch even when ranks hold different numbers of samples
-        (or none), and every rank gets the same Ĉ.
-        """
+        all_reduce: an optional in-place sum over ranks. It sums [Σ_b c_b, B] (k+1,): the mean is the global batch's
+        even when ranks hold different numbers of samples (or none), and every rank gets the same Ĉ."""
         B, k = c.shape
         if k != self.k:
             raise ValueError(f"expected {self.k} constraints, got c of shape {tuple(c.shape)}")
@@ -117,34 +97,22 @@ class ConstraintEMA:
         C_hat = state["C_hat"]
         self.value = None if C_hat is None else torch.tensor(C_hat, dtype=torch.float64)
 
-
 def lambda_hat(C_hat, mu, k):
-    """λ̂_i = µ / (k·max(−Ĉ_i, µ²)) = B'_{µ,µ²}(Ĉ_i)/k (§5.2), float32 and detached.
-
-    Eq. 10–11: ∇G_µ = ∇L + (1/k) Σ_i B'(C_i)·∇C_i = ∇L + Σ_i λ̂_i·∇C_i, the gradient of the Lagrangian
-    (Eq. 8) with λ̂ in place of λ. Active (Ĉ_i ≥ −µ²): λ̂_i = 1/(kµ), up to 10⁶/k at µ = 1e-6 (float32 holds
-    it; clipping tames it). Inactive (Ĉ_i < 0 fixed): λ̂_i = µ/(k·(−Ĉ_i)) → 0 as µ → 0, complementary
-    slackness by design.
-    """
+    """λ̂_i = µ / (k·max(−Ĉ_i, µ²)) = B'_{µ,µ²}(Ĉ_i)/k (§5.2), float32 and detached. Eq. 10–11: ∇G_µ = ∇L +
+    (1/k) Σ_i B'(C_i)·∇C_i = ∇L + Σ_i λ̂_i·∇C_i, the Lagrangian's gradient (Eq. 8) with λ̂ for λ. Active (Ĉ_i ≥ −µ²):
+    λ̂_i = 1/(kµ), up to 10⁶/k at µ = 1e-6 (clipping tames it). Inactive (Ĉ_i < 0 fixed): λ̂_i = µ/(k·(−Ĉ_i)) → 0
+    as µ → 0, complementary slackness by design."""
     return barrier_grad(C_hat.detach().double(), mu, mu**2).div(k).float()
-
 
 def chance(r, b, eps):
     """Chance constraint P[r ≥ b] ≥ 1 − ε (§4.1) as an average constraint: reward 1{r ≥ b} with threshold
     1 − ε, so c = (1 − ε) − 1{r ≥ b}. Returns (reward, threshold)."""
     return (r >= b).float(), 1.0 - eps
 
-
 class Multipliers:
-    """The multipliers of one constrained fine-tuning run: L3M's λ̂ or the MM baseline's λ.
-
-    Args:
-        k: number of constraints.
-        method: "l3m" (λ̂ from the barrier, §5.2) or "mm" (λ by projected gradient ascent).
-        eta_lam: MM's step size η_λ (the paper: MM is very sensitive to it); λ starts at 0.
-        alpha: EMA smoothing factor of Ĉ.
-    Both methods take the same coin: heads a task step on L, tails a constraint step.
-    """
+    """The multipliers of k constraints: L3M's λ̂ from the barrier (method "l3m", §5.2) or the MM baseline's λ
+    by projected gradient ascent ("mm", step size eta_lam, to which MM is very sensitive; λ starts at 0). alpha:
+    the EMA factor of Ĉ. Both methods take the same coin: heads a task step on L, tails a constraint step."""
 
     def __init__(self, k, method="l3m", eta_lam=None, alpha=0.1):
         if method not in ("l3m", "mm"):
@@ -157,11 +125,8 @@ class Multipliers:
 
     @staticmethod
     def coin(generator):
-        """Fair coin: True (heads) = task step, False (tails) = constraint step.
-
-        generator: a CPU torch.Generator seeded alike on every rank. All ranks must take the same kind of
-        step, or the sharded model's collectives (FSDP) would not match.
-        """
+        """Fair coin: True (heads) = task step, False (tails) = constraint step. generator: a CPU torch.Generator
+        seeded alike on every rank: all ranks take the same kind of step, or FSDP's collectives would not match."""
         return bool(torch.rand((), generator=generator) < 0.5)
 
     def observe(self, c, all_reduce=None):
@@ -193,21 +158,13 @@ class Multipliers:
         if state["lam"] is not None:
             self.lam_mm = torch.tensor(state["lam"], dtype=torch.float64)
 
-
 # losses -------------------------------------------------------------------------------------------
 def logp_norm(logits, tokens, mask, temperature=1.0):
-    """ℓ̄_θ(y|x) = (1/|y|)·Σ_t log π_θ(y_t | x, y_<t), over the response tokens only.
-
-    Args:
-        logits: (B, T, V) model(tokens); logits[:, t] scores tokens[:, t+1].
-        tokens: (B, T) int64, prompt + response (+ padding).
-        mask: (B, T) bool, True at the scored tokens: the response, including the EOS that ended it
-            (stopping is what a length constraint must learn); never the prompt, never padding.
-            mask[:, 0] is False (nothing scores the first token).
-        temperature: the log-probs are those of softmax(logits / temperature), as sampled.
-    Returns:
-        (B,) float32 (float64 for float64 logits), differentiable in logits.
-    """
+    """ℓ̄_θ(y|x) = (1/|y|)·Σ_t log π_θ(y_t | x, y_<t) over the response tokens, (B,) float32 (float64 for float64
+    logits), differentiable in logits (B, T, V) = model(tokens); logits[:, t] scores tokens[:, t+1].
+    tokens (B, T): prompt + response (+ padding). mask (B, T) bool: True at the scored tokens, the response with the
+    EOS that ended it (stopping is what a length constraint must learn), never prompt or padding; mask[:, 0] is
+    False (nothing scores the first token). The log-probs are those of softmax(logits / temperature), as sampled."""
     if mask[:, 0].any():
         raise ValueError("mask[:, 0] must be False: no logits score the first token")
     m = mask[:, 1:]  # (B, T-1), aligned with the shifted targets
@@ -220,28 +177,17 @@ def logp_norm(logits, tokens, mask, temperature=1.0):
     tok_logp = z.gather(-1, tokens[:, 1:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B, T-1)
     return torch.where(m, tok_logp, 0.0).sum(1) / n
 
-
 def task_loss(logp):
-    """L on a task batch: the mean over sequences of l_θ = −ℓ̄_θ(y|x) (the paper's "perplexity").
-
-    Per sequence, not per token: a sequence of n tokens weighs each of its tokens 1/n, so the task alone
-    favours stopping early. (On lengths alone it converges to q(n) ∝ p_data(n)/n, whose mean is the harmonic
-    mean of the data's lengths.)
-    """
+    """L on a task batch: the mean over sequences of l_θ = −ℓ̄_θ(y|x) (the paper's "perplexity"). Per sequence, not
+    per token: each of n tokens weighs 1/n, so the task alone favours stopping early (on lengths alone it converges
+    to q(n) ∝ p_data(n)/n, whose mean is the harmonic mean of the data's lengths)."""
     return -logp.mean()
 
-
 def reinforce_surrogate(logp, c, lam):
-    """Σ_i λ_i · mean_b(c_bi · ℓ̄_θ(y_b)), minimised on a constraint step.
-
-    Args:
-        logp: (B,) ℓ̄_θ of sampled responses, differentiable.
-        c: (B, k) c_i = b_i − r_i, constants. lam: (k,) multipliers, constants.
-    c and λ carry no gradient, so ∇surrogate = Σ_i λ_i·mean_b(c_bi·∇ℓ̄_θ(y_b)); by the log-derivative trick
-    (Eq. 12) mean_b(c_bi·∇log π_θ(y_b)) estimates ∇C_i, so the step is along −Σ_i λ_i ∇C_i, the constraint
-    part of Eq. 11 (with ∇ℓ̄ for ∇log π, §5.4). C_i is to be decreased and the surrogate is minimised: hence
-    c = b − r, not r − b. Under data parallelism the gradient average over ranks makes the mean global
-    (exactly so when every rank holds B samples).
-    """
+    """Σ_i λ_i · mean_b(c_bi · ℓ̄_θ(y_b)), minimised on a constraint step; logp (B,) ℓ̄_θ of the sampled responses,
+    c (B, k) = b − r and lam (k,) constants. ∇surrogate = Σ_i λ_i·mean_b(c_bi·∇ℓ̄_θ(y_b)), and by the log-derivative
+    trick (Eq. 12) mean_b(c_bi·∇log π_θ(y_b)) estimates ∇C_i: the step is along −Σ_i λ_i ∇C_i, the constraint part
+    of Eq. 11 (∇ℓ̄ for ∇log π, §5.4). C_i is to decrease and the surrogate is minimised: hence c = b − r, not r − b.
+    Under data parallelism the gradient average over ranks makes the mean global (exactly, with B rows per rank)."""
     per_constraint = (c.detach().to(logp.dtype) * logp[:, None]).mean(0)  # (k,)
     return (lam.detach().to(per_constraint) * per_constraint).sum()

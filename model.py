@@ -7,11 +7,10 @@
 Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key names, so a Meta
 checkpoint needs no renaming) and, when known, `tokenizer.model`: the vocabulary travels with the weights.
 
-Departures from the Meta reference: the RoPE table is made per call from the positions (no buffer, so it stays
-float32 when the model is cast to bf16 and needs no care under meta-device init); sampling is batched over prompts
-of different lengths (left padding) with a per-row stop at EOS. Left out: tensor/pipeline parallelism (train.py
-shards with FSDP2), LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE rescaling (refused with a clear error).
-"""
+Departures from Meta's reference: RoPE tables are made per call (no buffer: float32 under a bf16 cast, no care under
+meta-device init); sampling is batched over prompts of different lengths (left padding), each row stopping at EOS.
+Left out: tensor/pipeline parallelism (train.py uses FSDP2), LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE
+rescaling (both refused with a clear error)."""
 import contextlib
 import glob
 import itertools
@@ -29,10 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
-
 
 # Configuration ------------------------------------------------------------------------------------
 @dataclass
@@ -89,7 +86,6 @@ class ModelArgs:
                    rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
                    norm_eps=config["rms_norm_eps"], max_seq_len=config.get("max_position_embeddings", 2048))
 
-
 # The model ----------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -102,7 +98,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
-
 def rope_table(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """e^{i·angle} for pair j of a head (components 2j, 2j+1 as one complex number), angle = position·
     theta^(−2j/head_dim). complex64, positions.shape + (head_dim/2,): bf16 angles at 2000 are off by radians."""
@@ -110,26 +105,22 @@ def rope_table(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Te
     angles = positions.float()[..., None] * freqs
     return torch.polar(torch.ones_like(angles), angles)
 
-
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, T, H, D) by rope (B or 1, T, D/2): one complex product, in float32."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
     return torch.view_as_real(xc * rope[:, :, None, :]).flatten(-2).type_as(x)
 
-
 class KVCache:
-    """Keys and values of every layer while a batch is sampled, preallocated for max_len slots. Rows are
-    left-padded: row b's prompt starts at slot pad[b]. A forward writes its T tokens at slots `pos` (T,) and
-    attends over all max_len slots under a mask, so a decode step has the same shapes at every token (what lets
-    torch.compile trace it once and CUDA graphs replay it). Unfilled slots hold zeros: masked, they weigh 0, and
-    0 · 0 stays 0 where uninitialised memory could hold NaN (0 · NaN = NaN)."""
+    """Every layer's keys and values while a batch is sampled, in max_len preallocated slots; rows are left-padded
+    (row b's prompt starts at slot pad[b]). A forward writes its T tokens at slots `pos` (T,) and attends over all
+    slots under a mask, so a decode step has the same shapes at every token (torch.compile traces it once, CUDA
+    graphs replay it). Unfilled slots are zeros, not uninitialised memory: masked, they weigh 0, but 0 · NaN = NaN."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype, device):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.pad = pad  # (B,)
-        self.slots = torch.arange(max_len, device=device)
+        self.pad, self.slots = pad, torch.arange(max_len, device=device)  # (B,), (max_len,)
 
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
         """RoPE positions of slots pos (T,): counted from each row's first real token. (B, T)"""
@@ -137,12 +128,10 @@ class KVCache:
 
     def mask(self, pos: torch.Tensor) -> torch.Tensor:
         """Which slots the queries at slots pos (T,) may see: causal and not padding. (B, 1, T, max_len)"""
-        keys, queries = self.slots[None, :], pos[:, None]
-        causal = keys <= queries  # (T, S)
+        keys, queries = self.slots[None, :], pos[:, None]  # (1, S), (T, 1)
         # A padding slot's query sees only itself: a row of all -inf would make NaN values in the cache.
         real = (keys >= self.pad[:, None, None]) | (keys == queries)  # (B, T, S)
-        return (causal & real)[:, None]
-
+        return ((keys <= queries) & real)[:, None]
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -158,14 +147,12 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, D)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is None:  # training: the whole sequence at once, causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # sampling: write the new keys and values at their slots, attend over the whole cache, masked
-            cache.k[layer].index_copy_(2, pos, k)
-            cache.v[layer].index_copy_(2, pos, v)
-            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask, enable_gqa=True)
+        # training: the whole sequence, causal; sampling: the new keys and values go to their slots, and the
+        # queries attend over all slots under the mask
+        if cache is not None:
+            k, v = cache.k[layer].index_copy_(2, pos, k), cache.v[layer].index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -176,7 +163,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer: int, args: ModelArgs):
@@ -189,7 +175,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None):
         h = x + self.attention(self.attention_norm(x), rope, cache, pos, mask, self.layer)
         return h + self.feed_forward(self.ffn_norm(h))
-
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -209,26 +194,20 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, pos: Optional[torch.Tensor] = None):
-        """Training, no cache: logits (B, T, V) for tokens (B, T), causal; logits[:, t] score token t + 1.
-        Sampling: tokens (B, T) go to the cache's slots pos (T,) and only the last position's logits (B, 1, V)
-        come back, all that sampling needs. Both go through forward so that FSDP2's hooks, which wrap it,
-        gather the weights."""
-        B, T = tokens.shape
-        if cache is None:
-            rope, mask = rope_table(self.args.head_dim, torch.arange(T, device=tokens.device)[None],
-                                    self.args.rope_theta), None
-        else:
-            rope, mask = rope_table(self.args.head_dim, cache.positions(pos), self.args.rope_theta), cache.mask(pos)
+        """Training (no cache): logits (B, T, V) for tokens (B, T), causal; logits[:, t] score token t + 1. Sampling:
+        tokens (B, T) go to the cache's slots pos (T,) and only the last position's logits (B, 1, V) come back. Both
+        go through forward so that FSDP2's hooks, which wrap it, gather the weights."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None] if cache is None else cache.positions(pos)
+        rope = rope_table(self.args.head_dim, positions, self.args.rope_theta)
+        mask = None if cache is None else cache.mask(pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, rope, cache, pos, mask)
         h = self.norm(h)
         if cache is None:
             return self.output(h)  # (B, T, V)
-        # A few rows against the wide output weight: CPU BLAS (MKL) runs W·hᵀ ~2× faster than h·Wᵀ here
-        # (bench.py); on a GPU both are one GEMM.
+        # Few rows, a wide weight: CPU BLAS (MKL) runs W·hᵀ ~2× faster than h·Wᵀ (bench.py); on GPU, one GEMM.
         return (self.output.weight @ h[:, -1].T).T[:, None]  # (B, 1, V)
-
 
 # Sampling: prefill, decode, generate --------------------------------------------------------------
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -236,25 +215,15 @@ def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     the smallest set of most likely tokens whose mass reaches top_p (a token stays while the mass before it < top_p)."""
     return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
 
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs (B, V) with every token outside its top-p nucleus zeroed, in vocabulary order."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    return torch.zeros_like(probs).scatter_(-1, order, nucleus(sorted_probs, top_p))
-
-
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
                  candidates: tuple = (128, 1024), top_k: int = 0) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature) cut to its top-p nucleus. (B, V) -> (B,)
-    top_k > 0 first keeps the k most likely tokens and takes the nucleus of their renormalised probabilities
-    (transformers' order: top-k, then top-p). temperature == 0 means greedy. generator: one torch.Generator, or a
-    list of one per row (train.py keys them by the row's global index, so a run samples the same responses
-    whatever its number of ranks). Sorting all V probabilities dominates a small model's decode step on a CPU
-    (~11 ms for 8 × 32000), so the nucleus is looked for among the 128, then the 1024 most likely tokens (partial
-    sorts, ~0.5 and ~2 ms); the batch falls back to the full sort only when they hold less than top_p. The draw
-    is an inverse-CDF lookup."""
+    """One token per row from softmax(logits / temperature) cut to its top-p nucleus, (B, V) -> (B,), by inverse-CDF
+    lookup; temperature 0 is greedy. top_k > 0 first keeps the k likeliest tokens and renormalises (transformers'
+    order: top-k, then top-p). generator: one torch.Generator, or a list of one per row so a row's draw ignores its
+    batch-mates (train.py keys them by the row's global index: a run samples the same whatever its number of ranks).
+    A full sort of V dominates a small model's CPU decode step (~11 ms for 8 × 32000), so the nucleus is looked for
+    among the 128, then 1024 likeliest (partial sorts, ~0.5 and ~2 ms); the batch falls back to the full sort only
+    when they hold less than top_p."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
@@ -270,24 +239,19 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
                 break
         sorted_probs = nucleus(sorted_probs, top_p)
     cdf = sorted_probs.cumsum(-1)  # (B, K)
-    # one generator per row: a row's draw ignores its batch-mates
     u = (torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
          if isinstance(generator, (list, tuple)) else torch.rand(B, generator=generator, device=cdf.device))
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     return (j if order is None else order.gather(-1, j)).squeeze(-1)
 
-
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed the left-padded prompts (B, P) into slots 0..P-1 of an empty cache; the next token's logits (B, V)."""
     return model(tokens, cache, torch.arange(tokens.shape[1], device=tokens.device))[:, -1]
 
-
 def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """The decode step: the last sampled token (B,) goes to slot pos (1,); the next token's logits (B, V).
-    Its shapes never change (the cache is attended whole, under a mask), so torch.compile traces it once:
-    generate(..., step=torch.compile(decode_one_token)) (train.py --compile)."""
+    """The decode step: the last sampled token (B,) goes to slot pos (1,); the next token's logits (B, V). Its shapes
+    never change (see KVCache), so torch.compile traces it once: generate(..., step=torch.compile(decode_one_token))."""
     return model(token[:, None], cache, pos)[:, -1]
-
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
     """Cut each row of out (B, n) just after its first EOS: (responses as lists of ids, ended as bools)."""
@@ -296,15 +260,13 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
     lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, out.shape[1]).tolist()
     return [row[:m] for row, m in zip(out.tolist(), lengths)], ended.tolist()
 
-
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
              top_p: float = 0.9, generator=None, top_k: int = 0, step=decode_one_token):
-    """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result.
-    Prompts are left-padded so that every row's next token sits in the same column; padding is masked out of
-    attention and RoPE positions start at each row's first real token, so padding changes no row's result.
-    Stopping once every row has ended and sample_top_p's candidate test are the only host syncs per token.
-    step: decode_one_token, or a compiled version of it."""
+    """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result. Prompts
+    are left-padded so every row's next token sits in the same column; padding is masked out of attention and RoPE
+    positions start at each row's first real token, so padding changes no row's result. The only host syncs per
+    token: stopping once every row has ended and sample_top_p's candidate test. step: decode_one_token, or compiled."""
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -330,7 +292,6 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)
 
-
 # Checkpoints: ours, Meta's and HF's ---------------------------------------------------------------
 _HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer, without the ".weight" that all end with
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -339,31 +300,26 @@ _HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer, without 
 _HF_TOP_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _DROPPED = ("rope.freqs", "rotary_emb.inv_freq")  # precomputed RoPE tables some checkpoints carry; we recompute
 
-
 def hf_key_map(args: ModelArgs) -> dict:
     """Every key of ours -> Hugging Face's; the conversions below are pure functions over this map."""
     pairs = [*_HF_TOP_KEYS.items()] + [(f"layers.{i}.{k}", f"model.layers.{i}.{v}")
                                        for i in range(args.n_layers) for k, v in _HF_LAYER_KEYS.items()]
     return {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in pairs}
 
-
 def _rope_permute(key: str, w: torch.Tensor, args: ModelArgs, to_hf: bool) -> torch.Tensor:
     """Reorder the rows of wq/wk (wk: n_kv_heads heads) between the two RoPE layouts; other weights pass through.
-    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head; Hugging Face rotates halves (x_j, x_{j+D/2}).
-    Moving row 2j to j and row 2j+1 to j + D/2 within each head makes q·k identical."""
+    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head, Hugging Face halves (x_j, x_{j+D/2}); moving
+    row 2j to j and 2j+1 to j + D/2 in each head, (heads, D/2, 2) <-> (heads, 2, D/2), keeps q·k identical."""
     if not key.endswith(("attention.wq.weight", "attention.wk.weight")):
         return w
     n_heads = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
     rows, dim = w.shape
     D = rows // n_heads
-    # to Hugging Face: (heads, D/2 pairs, 2) -> (heads, 2 halves, D/2); back: the reverse
     shape = (n_heads, D // 2, 2, dim) if to_hf else (n_heads, 2, D // 2, dim)
     return w.view(shape).transpose(1, 2).reshape(rows, dim)
 
-
 def meta_to_hf(sd: dict, args: ModelArgs) -> dict:
     return {theirs: _rope_permute(ours, sd[ours], args, to_hf=True) for ours, theirs in hf_key_map(args).items()}
-
 
 def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
     sd = {k: v for k, v in sd.items() if not k.endswith(_DROPPED)}
@@ -376,11 +332,10 @@ def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
         raise CheckpointError(f"Hugging Face checkpoint has keys no LLaMA layer uses: {sorted(sd)[:5]}")
     return out
 
-
 def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
-    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict. Column-parallel
-    layers (wq, wk, wv, w1, w3, output) are split along rows, row-parallel ones (wo, w2) along columns, norms
-    are replicated. The embedding is split along columns in LLaMA-1/2 and along rows in LLaMA-3."""
+    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict: wq, wk, wv, w1, w3 and
+    output are split along rows, wo and w2 along columns, norms replicated, the embedding along columns (LLaMA-1/2)
+    or rows (LLaMA-3)."""
     if len(shards) == 1:
         return shards[0]
     merged = {}
@@ -390,7 +345,6 @@ def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
                                                                   and parts[0].shape[1] != args.dim)
         merged[key] = parts[0] if key.endswith("norm.weight") else torch.cat(parts, dim=1 if by_columns else 0)
     return merged
-
 
 def check_state_dict(sd: dict, model: nn.Module, source: str):
     """Raise one CheckpointError naming the first missing/unexpected key or wrong shape."""
@@ -403,7 +357,6 @@ def check_state_dict(sd: dict, model: nn.Module, source: str):
         if sd[k].shape != shape:
             raise CheckpointError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, the model's args.json "
                                   f"expects {tuple(shape)}")
-
 
 @contextlib.contextmanager
 def atomic_folder(folder: str):
@@ -425,7 +378,6 @@ def atomic_folder(folder: str):
     else:
         os.rename(tmp, folder)
 
-
 def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None,
                     state_dict: Optional[dict] = None):
     """Write our checkpoint folder atomically (atomic_folder)."""
@@ -436,7 +388,6 @@ def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_pa
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
             copy_added_tokens(os.path.dirname(tokenizer_path), tmp)
-
 
 def copy_added_tokens(src: str, dst: str):
     """A chat model's added tokens into dst/added_tokens.json: from src's added_tokens.json, or the tokens past the
@@ -451,7 +402,6 @@ def copy_added_tokens(src: str, dst: str):
         if tokens:
             Path(dst, "added_tokens.json").write_text(json.dumps(tokens, indent=2))
 
-
 def load_weights(path: str) -> dict:
     """A memory-mapped state dict from a safetensors file or a torch.save one (.pth, .bin)."""
     if path.endswith(".safetensors"):
@@ -462,14 +412,12 @@ def load_weights(path: str) -> dict:
         return load_file(path)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
-
 def read_checkpoint(folder: str):
     """(ModelArgs, memory-mapped state dict) of our checkpoint folder."""
     path = os.path.join(folder, "args.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no args.json; convert it first with `python model.py convert SRC {folder}`")
     return ModelArgs(**json.loads(Path(path).read_text())), load_weights(os.path.join(folder, "model.pth"))
-
 
 def load_model(folder: str, device="cpu", dtype=torch.float32):
     """Load our checkpoint folder: (model in eval mode, Tokenizer or None). The model is built on the meta
@@ -489,7 +437,6 @@ def load_model(folder: str, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
                               f"{args.vocab_size}: the tokenizer belongs to another model")
     return model, tokenizer
-
 
 def convert(src: str, dst: str):
     """Detect the layout of src (Meta or Hugging Face) and write our checkpoint folder to dst."""
@@ -516,24 +463,20 @@ def convert(src: str, dst: str):
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, src)
-    # the tokenizer: beside the weights, or one folder up, where Meta's releases keep it
     toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
-    tok = next((t for t in toks if os.path.isfile(t)), None)
+    tok = next((t for t in toks if os.path.isfile(t)), None)  # beside the weights, or one up (Meta's releases)
     save_checkpoint(model, dst, args, tok, state_dict=sd)
     if tok is None and os.path.isfile(os.path.join(src, "tokenizer.json")):  # load_model then says it is unsupported
         shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
     return args
 
-
 def export_hf(src: str, dst: str) -> dict:
-    """Our checkpoint folder -> a Hugging Face LLaMA folder for transformers' LlamaForCausalLM, vLLM and llama.cpp's
-    converter, written atomically: config.json (returned), the weights in their dtype with Hugging Face's names and
-    RoPE layout (model.safetensors, or pytorch_model.bin without safetensors) and tokenizer.model."""
+    """Our checkpoint folder -> a Hugging Face LLaMA folder, written atomically: config.json (returned), tokenizer.model
+    and the weights in their dtype with HF's names and RoPE layout (model.safetensors, else pytorch_model.bin)."""
     args, sd = read_checkpoint(src)
     hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
-    # One matrix for input and output (LLaMA-3.2 1B/3B, as converted): stored once and marked tied again.
     tied = torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"])
-    if tied:
+    if tied:  # one matrix for input and output (LLaMA-3.2 1B/3B, as converted): stored once, marked tied again
         del hf["lm_head.weight"]
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
@@ -558,15 +501,12 @@ def export_hf(src: str, dst: str) -> dict:
             copy_added_tokens(src, tmp)
     return config
 
-
 # Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
-    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id.
-
-    Added tokens (a chat model's markers, e.g. ChatML's <|im_start|> and <|im_end|>, ids past the sentencepiece
-    vocabulary) come from an added_tokens.json {text: id} beside tokenizer.model. The text between them is
-    tokenised piece by piece, each with sentencepiece's leading space, as transformers' LlamaTokenizer does
-    (legacy=True, its default for LLaMA-2 and Mistral models)."""
+    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id. Added tokens
+    (a chat model's markers, e.g. ChatML's <|im_start|>, with ids past the sentencepiece vocabulary) come from an
+    added_tokens.json {text: id} beside tokenizer.model; the text between them is tokenised piece by piece, each
+    with sentencepiece's leading space, as transformers' LlamaTokenizer does (legacy=True, its default for LLaMA-2)."""
 
     def __init__(self, path: str):
         import sentencepiece as spm
@@ -596,7 +536,6 @@ class Tokenizer:
         return "".join("".join(added[i] for i in run) if is_added else self.sp.decode(list(run))
                        for is_added, run in runs)
 
-
 # Command line -------------------------------------------------------------------------------------
 def main(argv: list):
     import argparse
@@ -624,7 +563,6 @@ def main(argv: list):
                            a.temperature, a.top_p, torch.Generator(device).manual_seed(a.seed), a.top_k)
     for p, o, e in zip(a.prompt, outs, ended):
         print(f"{p!r} -> {tok.decode(o)!r}{'' if e else ' [no EOS]'}")
-
 
 if __name__ == "__main__":
     try:

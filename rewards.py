@@ -14,13 +14,11 @@ NAME is a known reward ("length", or a learned reward model's name). Strict < an
 average constraint they would mean the same as ≤ and ≥.
 
 Where this departs from the paper, or fixes what it leaves open:
-- Length (§6.2) is |y| = the number of response tokens, *excluding* the EOS (a response that hit
-  max_new_tokens has no EOS and counts all its tokens). "length>=l_low" gives r = |y|, b = l_low where §6.2
-  writes r₁ = |y| − l_low, b₁ = 0: the constant moves from r to b, the cost c = b − r = l_low − |y| and the
-  constraint are the same (and likewise for l_high).
-- Learned rewards (App. A.1) are the reward model's ℓ̄_φ(y|x) *including* the EOS when the response ended
-  with one, as in its Bradley–Terry training on full responses.
-- Every reward returns float32 (B,) on the CPU; train.py moves it where it needs it.
+- Length (§6.2) is |y|, the number of response tokens *excluding* the EOS (a response cut at max_new_tokens has
+  none). "length>=l_low" gives r = |y|, b = l_low where §6.2 writes r₁ = |y| − l_low, b₁ = 0: the constant moves
+  from r to b; c = b − r = l_low − |y| and the constraint are the same (likewise for l_high).
+- Learned rewards (App. A.1) are the reward model's ℓ̄_φ(y|x) *including* the EOS of an ended response, as in its
+  Bradley–Terry training on full responses. Every reward returns float32 (B,) on the CPU.
 """
 import re
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ import torch.nn.functional as F
 
 import data
 import l3m
-
 
 @dataclass
 class Samples:
@@ -49,9 +46,7 @@ class Samples:
                    [tokenizer.decode(p) for p in prompts],
                    [tokenizer.decode(r[:len(r) - e]) for r, e in zip(responses, ended)])
 
-
 RewardFn = Callable[[Samples], torch.Tensor]  # Samples -> float32 (B,)
-
 
 @dataclass(frozen=True)
 class Constraint:
@@ -64,20 +59,16 @@ class Constraint:
         """c = b − r(y|x), float32 (B,); its batch mean estimates C."""
         return self.b - self.reward(samples)
 
-
 def verdict(C: float, se: float, z: float = 2.0) -> str:
-    """A constraint's estimate C = mean of b − r over n responses, with standard error se, read as
-    'satisfied' (C ≤ 0), 'within noise' (0 < C ≤ z·se) or 'violated'. An active constraint's KKT point
-    lies on its threshold, where C ~ N(0, se²): it reads 'satisfied' half the time and, at z = 2,
-    'violated' 2 % of the time."""
+    """A constraint's estimate C = mean of b − r over n responses, with standard error se, read as 'satisfied'
+    (C ≤ 0), 'within noise' (0 < C ≤ z·se) or 'violated'. An active constraint's KKT point lies on its threshold,
+    where C ~ N(0, se²): it reads 'satisfied' half the time and, at z = 2, 'violated' 2 % of the time."""
     return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
-
 
 # Length (§6.2) ------------------------------------------------------------------------------------
 def length_reward(samples: Samples) -> torch.Tensor:
     """|y| in tokens, excluding the EOS."""
     return torch.tensor([len(r) - e for r, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
-
 
 # Learned preference rewards (App. A.1) ------------------------------------------------------------
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,26 +78,21 @@ def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Te
     tokens, mask = tokens.to(device), mask.to(device)
     return l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
 
-
 def preference_rewards(model, examples: Sequence, pad_id: int = 0) -> tuple:
-    """(r(y⁺|x), r(y⁻|x)), each (B,), for data.PreferenceExamples, with gradients.
-
-    y⁺ and y⁻ go through one forward as a (2B, T) batch: one collective per step under FSDP."""
+    """(r(y⁺|x), r(y⁻|x)), each (B,), for data.PreferenceExamples, with gradients. y⁺ and y⁻ go through one
+    forward as a (2B, T) batch: one collective per step under FSDP."""
     prompts = [e.prompt for e in examples]
     responses = [e.chosen for e in examples] + [e.rejected for e in examples]
     tokens, mask = data.response_batch(prompts + prompts, responses, pad_id)  # (2B, T)
     return sequence_reward(model, tokens, mask).chunk(2)
 
-
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of −log σ(r(y⁺|x) − r(y⁻|x)), the negative log-likelihood of the preferences (App. A.1)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
-
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     """Share of pairs ranked right, r(y⁺|x) > r(y⁻|x); a tie counts as wrong."""
     return (r_chosen > r_rejected).float().mean().item()
-
 
 class LearnedReward:
     """A Bradley–Terry reward model used as a reward at fine-tuning time: eval mode, no gradients, scored in
@@ -125,22 +111,18 @@ class LearnedReward:
             out.append(sequence_reward(self.model, tokens, mask).float().cpu())
         return torch.cat(out)  # (B,)
 
-
 # Constraints from text ----------------------------------------------------------------------------
 SYNTAX = "NAME>=NUMBER, NAME<=NUMBER, P[NAME>=NUMBER]>=PROB or P[NAME<=NUMBER]>=PROB"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BOUND = re.compile(rf"\s*(\w+)\s*(>=|<=)\s*({_NUMBER})\s*")
 _CHANCE = re.compile(rf"\s*P\[(.*)\]\s*>=\s*({_NUMBER})\s*")
 
-
 class ConstraintError(ValueError):
     """A constraint that does not parse; the message says what is accepted."""
-
 
 def _chance(reward: RewardFn, sign: float, t: float) -> RewardFn:
     """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator (l3m.chance)."""
     return lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0]
-
 
 def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
     """NAME>=NUMBER or NAME<=NUMBER -> (reward, op, threshold)."""
@@ -153,7 +135,6 @@ def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
     if name not in rewards:
         raise ConstraintError(f"{text!r}: unknown reward {name!r}; known rewards: {', '.join(sorted(rewards))}")
     return rewards[name], op, float(number)
-
 
 def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
     """One constraint from the syntax in the module docstring; a ConstraintError says what is wrong."""
@@ -169,7 +150,6 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         raise ConstraintError(f"{text!r}: a chance constraint reads P[NAME>=NUMBER]>=PROB; expected {SYNTAX}")
     reward, op, t = _bound(text, text, rewards)
     return Constraint(text.strip(), reward, t) if op == ">=" else Constraint(text.strip(), lambda s: -reward(s), -t)
-
 
 def parse_constraints(texts: Sequence[str], rewards: Mapping[str, RewardFn]) -> list:
     """Every --constraint, in order; names must be unique."""

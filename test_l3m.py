@@ -267,12 +267,20 @@ def test_compiled_decode_step_matches_eager():
     assert sample(compiled) == sample(M.decode_one_token)
 
 
+def top_p_filter(probs, top_p):
+    """The reference nucleus: probs (B, V) with every token outside its top-p nucleus zeroed, by a full sort."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    return torch.zeros_like(probs).scatter_(-1, order, M.nucleus(sorted_probs, top_p))
+
+
 def test_top_p_keeps_only_the_nucleus():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     # sorted: 0.4, 0.3, 0.15, 0.1, 0.05 -> mass before each: 0, 0.4, 0.7, 0.85, 0.95
-    kept = M.top_p_filter(probs, 0.8)
+    kept = top_p_filter(probs, 0.8)
     assert torch.equal(kept, torch.tensor([[0.0, 0.4, 0.0, 0.3, 0.15]]))
-    assert torch.equal(M.top_p_filter(probs, 1.0), probs)
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
     g = torch.Generator().manual_seed(0)
     logits = probs.log().expand(20000, 5)
     draws = M.sample_top_p(logits, 1.0, 0.8, g)
@@ -306,7 +314,7 @@ def test_nucleus_among_partial_sorts_draws_as_the_full_sort():
     leading tokens; random logits have no ties)."""
     for scale, lo, hi in ((5.0, 1, 128), (3.0, 129, 1024), (1.0, 1025, 5000)):
         logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * scale
-        sizes = (M.top_p_filter(torch.softmax(logits, -1), 0.9) > 0).sum(-1)
+        sizes = (top_p_filter(torch.softmax(logits, -1), 0.9) > 0).sum(-1)
         assert lo <= sizes.max() <= hi  # the rung this batch needs
         draws = [M.sample_top_p(logits, 1.0, 0.9, torch.Generator().manual_seed(1), candidates=c)
                  for c in ((128, 1024), ())]  # () : the full sort at once
@@ -316,7 +324,7 @@ def test_nucleus_among_partial_sorts_draws_as_the_full_sort():
 def test_top_p_on_a_flat_distribution_uses_the_full_sort():
     """A nucleus larger than the candidate set: the fallback still samples exactly the nucleus."""
     probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens
-    kept = M.top_p_filter(probs, 0.5)
+    kept = top_p_filter(probs, 0.5)
     assert (kept > 0).sum() > 128
     draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5, torch.Generator().manual_seed(1))
     assert (kept[0, draws] > 0).all()

@@ -5,28 +5,24 @@
     torchrun --standalone --nproc_per_node=8 train.py --init=ckpt/llama-7b --data=ultrachat.jsonl \\
         --batch_size=64 --micro_batch=8 --lr=1e-6 --max_len=512 --max_new_tokens=512 \\
         --constraint="length>=50" --constraint="length<=100" --activation_checkpointing=True
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
     torchrun --standalone --nproc_per_node=8 train.py --method=reward --init=ckpt/llama-7b \\
         --data=hh/helpful-base/train.jsonl.gz,hh/helpful-online/train.jsonl.gz,... --data_test=... \\
         --epochs=2 --batch_size=64 --micro_batch=8 --lr=1e-6 --warmup=0.1 --max_len=1024 --eval_every=0.1 \\
         --activation_checkpointing=True --out_dir=out/rm_helpful      # App. A.1; README: every value, both RMs
 
-Read `run` first (set-up, then the loop: µ, lr, the coin, one step, log, evaluate, checkpoint), then the
-steps: `task_step` (heads), `constraint_step` (tails: Eq. 11 with Eq. 12) and `reward_step` (App. A.1).
-`python train.py --help` explains every flag. Where this departs from, or pins down, the paper:
-- "One epoch": the coin gives half the steps to the task, so a constrained run takes 2 × (task batches per
-  epoch) steps; task and prompt batches come from two independent streams over the training split.
-- The coin and the sampling noise are functions of (seed, step) and of (seed, step, global row): every rank
-  flips the same coin, a row's response does not depend on how rows are split over ranks, and a resumed run
-  needs no RNG state to continue exactly.
-- Rollouts, evaluation and reward scoring run on gathered (unsharded) weights: no collective inside the decode
-  loop, so a rank whose rows all stopped early waits at the next all-reduce. Lock-step sharded decoding would
-  all-gather every block at every token; gathering once costs one copy of the weights per rank (14 GB at 7B).
-- The learning rate (linear warm-up, cosine to 0) is a function of the step, shared by both kinds of step, as
-  is the AdamW state. Weight decay falls on the matrices only, as in transformers' Trainer.
-- Sampling: top-p 0.9 alone, as App. A states (transformers' generate would also apply top-k 50: --top_k=50).
-- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: optimiser,
-  schedule, clipping, checkpoints and resume are the same, and a second loop would only repeat them.
+Read `run` first (set-up, then the loop), then its steps: `task_step` (heads), `constraint_step` (tails: Eq. 11
+with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains every flag. Choices the paper leaves open:
+- "One epoch": the coin gives half the steps to the task, so a constrained run takes 2 × (task batches per epoch)
+  steps; task and prompt batches come from two independent streams over the training split.
+- The coin is a function of (seed, step), a row's sampling noise of (seed, step, global row): every rank flips the
+  same coin, a response does not depend on how rows are split over ranks, and a resume needs no RNG state.
+- Rollouts, evaluation and reward scoring run on weights gathered once (one copy per rank, 14 GB at 7B): no collective
+  inside the decode loop, so ranks may stop decoding at different tokens.
+- One learning-rate schedule (linear warm-up, cosine to 0) and one AdamW state for both kinds of step; weight decay on
+  the matrices only, as in transformers' Trainer. Sampling: top-p 0.9 alone, as App. A states (--top_k=50 adds
+  transformers' default top-k).
+- Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the optimiser,
+  schedule, clipping, checkpoints and resume a second loop would only repeat.
 """
 import contextlib
 import dataclasses
@@ -40,6 +36,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,13 +51,11 @@ import rewards
 from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_folder, check_state_dict,
                    decode_one_token, generate, read_checkpoint, save_checkpoint)
 
-
 def flag(default, help: str):
     """A Config field with the help text `python train.py --help` prints."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
@@ -119,7 +114,6 @@ class Config:
     device: str = flag("auto", "auto | cpu | cuda")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
 
-
 def parse_config(argv) -> Config:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -134,7 +128,6 @@ def parse_config(argv) -> Config:
         else:
             p.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
     return Config(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-
 
 # The run: set-up, then the loop -------------------------------------------------------------------
 class Run:
@@ -171,10 +164,10 @@ class Run:
         self.mult = l3m.Multipliers(len(self.constraints), cfg.method, cfg.eta_lam if cfg.method == "mm" else None,
                                     cfg.ema_alpha) if constrained else None  # Ĉ and λ̂ (MM: λ)
         if cfg.method == "l3m" and schedule_too_short(cfg, self.total):
+            lam_T = 1 / (max(1, len(self.constraints)) * cfg.mu_T)
             print0(f"warning: µ falls from {cfg.mu_0:g} to {cfg.mu_T:g} in {self.total} steps: λ̂ of an active "
-                   f"constraint, 1/(kµ), grows faster than Ĉ can follow it (to "
-                   f"{1 / (max(1, len(self.constraints)) * cfg.mu_T):.2g} at the end). Train for more steps "
-                   "(--steps, --epochs) or raise --mu_T.")
+                   f"constraint, 1/(kµ), grows faster than Ĉ can follow it (to {lam_T:.2g} at the end). Train for "
+                   "more steps (--steps, --epochs) or raise --mu_T.")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
         self.reports, self.best = {}, None  # evaluations so far; a reward model's best validation accuracy
@@ -183,11 +176,9 @@ class Run:
                f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test, global batch "
                f"{cfg.batch_size} = {world} rank(s) × {cfg.batch_size // world}")
 
-
 def schedule_too_short(cfg: Config, total: int) -> bool:
     """Whether µ falls by more than ×1/1.15 per step (§5.1): 1 -> 1e-6 in fewer than ~100 steps."""
     return (cfg.mu_0 / cfg.mu_T) ** (1 / max(1, total - 1)) > 1.15
-
 
 def param_groups(model, weight_decay: float) -> list:
     """AdamW's groups as transformers' Trainer makes them (App. A: its defaults): weight decay on the matrices,
@@ -195,7 +186,6 @@ def param_groups(model, weight_decay: float) -> list:
     params = list(model.parameters())
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
 
 def run(cfg: Config, device) -> dict:
     """One training run as configured. Returns the final report (the same on every rank)."""
@@ -243,18 +233,14 @@ def run(cfg: Config, device) -> dict:
     bar.close()
     return finish(r)
 
-
 # The three kinds of step --------------------------------------------------------------------------
 def step_kind(cfg: Config, step: int) -> str:
-    """'task' or 'constraint' by this step's fair coin (§5.4); always 'task' for SFT, 'reward' for a reward model.
-
-    The coin is a function of (seed, step): every rank flips the same one, so all ranks run the same
-    forwards (FSDP's collectives match), and a resumed run needs no RNG state."""
+    """'task' or 'constraint' by this step's fair coin (§5.4), a function of (seed, step): every rank flips the same
+    one (FSDP's collectives match) and a resume needs no RNG state. SFT: always 'task'; a reward model: 'reward'."""
     if cfg.method in ("sft", "reward"):
         return "task" if cfg.method == "sft" else "reward"
     heads = l3m.Multipliers.coin(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
     return "task" if heads else "constraint"
-
 
 def task_step(r: Run) -> dict:
     """Heads (§5.4): one step on the task loss L(θ) = mean −ℓ̄_θ(y|x) over a task mini-batch (Eq. 5)."""
@@ -267,7 +253,6 @@ def task_step(r: Run) -> dict:
         loss += part.item()
     # clip the task gradient on its own (§5.4), then AdamW
     return {**clip_and_step(r, loss), "tokens": tokens.numel()}  # this rank's, padding included (MFU: gpu_check.sh)
-
 
 def constraint_step(r: Run, step: int, mu: float) -> dict:
     """Tails (§5.4): one step along −Σ_i λ̂_i·∇C_i, the constraint part of ∇G_µ (Eq. 11)."""
@@ -303,7 +288,6 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
             "branch": ["log" if C <= -mu ** 2 else "linear" for C in C_hat.tolist()],
             "t_sample": t_sample, **rollout_stats(samples)}
 
-
 def reward_step(r: Run) -> dict:
     """App. A.1: one step on the Bradley–Terry loss −log σ(r_φ(y⁺|x) − r_φ(y⁻|x)), with r_φ = ℓ̄_φ."""
     batch = [r.train[i] for i in r.task_stream.next()]
@@ -314,18 +298,14 @@ def reward_step(r: Run) -> dict:
         loss += part.item()
     return clip_and_step(r, loss)
 
-
 def micro_batches(n: int, micro: int) -> list:
     """(slice, share) per micro-batch of a local batch of n rows: the shares weight micro-batch means into
     the batch mean. Every rank holds n rows, so FSDP's gradient average makes it the global batch mean."""
     return [(slice(i, min(i + micro, n)), (min(i + micro, n) - i) / n) for i in range(0, n, micro)]
 
-
 def clip_and_step(r: Run, loss: float) -> dict:
-    """Clip the accumulated gradient at --grad_clip (§5.4), take the AdamW step, clear the gradient.
-
-    Loss and gradient norm are all-reduced, so every rank decides alike: a non-finite one (a NaN on any
-    rank makes the sums NaN) skips the step on every rank together. The loss's all-reduce also carries
+    """Clip the accumulated gradient at --grad_clip (§5.4), take the AdamW step, clear the gradient. Loss and norm are
+    all-reduced, so a non-finite one on any rank skips the step on every rank; the loss's all-reduce also carries
     whether a rank has received SIGTERM, so that all ranks stop after the same step."""
     loss, sigterms = all_reduce_sum(torch.tensor([loss, float(_SIGTERM)], dtype=torch.float64)).tolist()
     loss /= dist.get_world_size()
@@ -337,14 +317,11 @@ def clip_and_step(r: Run, loss: float) -> dict:
     r.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": norm, "skipped": skipped, "preempted": sigterms > 0}
 
-
 _SIGTERM = False  # set by on_sigterm; read at the end of each step (clip_and_step)
-
 
 def on_sigterm(signum, frame):
     global _SIGTERM
     _SIGTERM = True
-
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Linear warm-up over cfg.warmup of the steps, then cosine decay to 0 (App. A)."""
@@ -353,7 +330,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-
 # Rollouts and their costs -------------------------------------------------------------------------
 def row_generators(seed: int, step: int, rows, evaluation: bool = False):
     """One generator per row, keyed by (seed, step, the row's global index): ranks sample independently.
@@ -361,13 +337,11 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False):
     return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(evaluation), step, int(i)])
                                               .generate_state(1)[0])) for i in rows]
 
-
 def rollout(model, tok, prompts, cfg: Config, generators, step=decode_one_token):
     """Sample responses with top-p (App. A); call inside `gathered(model)`. step: the decode step (Run.decode_step)."""
     responses, ended = generate(model, prompts, cfg.max_new_tokens, data.stop_id(tok, cfg.chat_template),
                                 cfg.temperature, cfg.top_p, generators, cfg.top_k, step)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
-
 
 def costs(constraints, reward_models, samples) -> torch.Tensor:
     """c_i = b_i − r_i(y|x) for every constraint, (B, k); learned rewards score on gathered weights."""
@@ -375,7 +349,6 @@ def costs(constraints, reward_models, samples) -> torch.Tensor:
         for rm in reward_models:
             stack.enter_context(gathered(rm.model))
         return torch.stack([con.cost(samples) for con in constraints], 1)  # (B, k)
-
 
 def rollout_stats(samples) -> dict:
     """Mean, p10 and p90 of the global batch's response lengths, and its share cut at --max_new_tokens."""
@@ -385,18 +358,12 @@ def rollout_stats(samples) -> dict:
     p10, p90 = torch.quantile(both[:, 0], torch.tensor([0.1, 0.9])).tolist()
     return {"len_mean": both[:, 0].mean().item(), "len_p10": p10, "len_p90": p90, "truncated": both[:, 1].mean().item()}
 
-
 # Ledger, evaluation, reports ----------------------------------------------------------------------
 def open_ledger(r: Run, start: int):
     """The ledger keeps exactly the steps before `start` (all of a resumed run's, none of a new run's)."""
     if dist.get_rank() == 0:
-        lines = []
-        if start and os.path.isfile(r.ledger):
-            with open(r.ledger) as f:
-                lines = f.readlines()[:start]
-        with open(r.ledger, "w") as f:
-            f.writelines(lines)
-
+        kept = Path(r.ledger).read_text().splitlines(keepends=True)[:start] if os.path.isfile(r.ledger) else []
+        Path(r.ledger).write_text("".join(kept))
 
 def log_step(r: Run, bar, rec: dict):
     if r.device.type == "cuda":
@@ -411,7 +378,6 @@ def log_step(r: Run, bar, rec: dict):
         if "len_mean" in rec:
             show["len"] = f"{rec['len_mean']:.1f}"
         bar.set_postfix(show, refresh=False)
-
 
 def evaluate(r: Run, examples, split: str, model=None) -> dict:
     """Task perplexity (−ℓ̄ per sequence), rollout lengths and each constraint's mean reward on a split; a
@@ -462,7 +428,6 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
                                  for con, Ci, s in zip(r.constraints, C, se)}
     return report
 
-
 def report_before(r: Run):
     """The model before training: a reward model's validation accuracy, or the test split (not for a random
     init, whose report would say nothing)."""
@@ -473,7 +438,6 @@ def report_before(r: Run):
         r.reports["before"] = evaluate(r, r.test, "test (before)")
         print0(format_report(r.reports["before"]))
 
-
 def validate(r: Run, split: str):
     """A validation report; a reward model also keeps its best version so far (App. A.1)."""
     v = evaluate(r, r.val, split)
@@ -481,7 +445,6 @@ def validate(r: Run, split: str):
     if r.cfg.method == "reward" and (r.best is None or v["accuracy"] > r.best):
         r.best = v["accuracy"]
         save_final(r, "best")
-
 
 def finish(r: Run) -> dict:
     """The final report: the test split after training beside the one before, or a reward model's accuracy."""
@@ -509,7 +472,6 @@ def finish(r: Run) -> dict:
             json.dump({"config": dataclasses.asdict(cfg), **reports}, f, indent=2)
     return reports
 
-
 def held_bytes(r: Run) -> dict:
     """Bytes of the parameters and of the AdamW state that this rank holds (its shards of the DTensors)."""
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
@@ -517,9 +479,7 @@ def held_bytes(r: Run) -> dict:
             "optimizer": sum(local(v).nbytes for s in r.optimizer.state.values() for v in s.values()
                              if torch.is_tensor(v) and v.ndim > 0)}  # not the scalar step counts
 
-
 MARK = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}  # rewards.verdict, C ± its standard error
-
 
 def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> str:
     """The test split before and after fine-tuning, side by side (the paper's Fig. 2 columns), then samples."""
@@ -540,7 +500,6 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
                   f"  after  ({a['length']:3d} tokens): {a['response']}"]
     return "\n".join(lines)
 
-
 def format_report(r: dict) -> str:
     if "accuracy" in r:
         return f"{r['split']} ({r['n']} pairs): accuracy {r['accuracy']:.3f}"
@@ -551,7 +510,6 @@ def format_report(r: dict) -> str:
         lines.append(f"  {name:24s} mean reward {c['reward_mean']:9.3f} ± {c['se']:.3f}  b = {c['b']:9.3f}  "
                      f"{MARK[c['verdict']]} {c['verdict']}")
     return "\n".join(lines)
-
 
 # Checkpoints: sharded model + optimiser (torch.distributed.checkpoint) and a small state file -----
 def save_train_state(r: Run, steps_done: int):
@@ -575,7 +533,6 @@ def save_train_state(r: Run, steps_done: int):
         dist.barrier()  # every rank's shards are on disk before rank 0 renames the folder
     dist.barrier()
 
-
 def load_train_state(r: Run) -> int:
     """Restore the model, AdamW, the data positions, the multipliers and the reports; returns the step."""
     import torch.distributed.checkpoint as dcp
@@ -593,7 +550,6 @@ def load_train_state(r: Run) -> int:
     print0(f"resumed from {folder} at step {state['step']}")
     return state["step"]
 
-
 def save_final(r: Run, name: str):
     """The model in model.py's checkpoint format (loadable by model.load_model and `python model.py sample`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -602,10 +558,8 @@ def save_final(r: Run, name: str):
         save_checkpoint(None, os.path.join(r.cfg.out_dir, name), r.args, r.tok_path, state_dict=sd)
     dist.barrier()
 
-
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; a plain process is a world of one -------------
 _COMM_DEVICE = torch.device("cpu")  # NCCL reduces CUDA tensors only, gloo CPU ones
-
 
 def setup_distributed(device: str):
     global _COMM_DEVICE
@@ -622,20 +576,15 @@ def setup_distributed(device: str):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), torch.device(device, local_rank if device == "cuda" else None)
 
-
 def print0(*a, **k):
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank, also before the process group exists
         print(*a, **k, flush=True)
-
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum t over ranks, in place (also the all-reduce hook of l3m.ConstraintEMA); returns t."""
     x = t.to(_COMM_DEVICE)
     dist.all_reduce(x)
-    if x is not t:
-        t.copy_(x)
-    return t
-
+    return t.copy_(x) if x is not t else t
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from every rank, in rank order; on the CPU."""
@@ -643,7 +592,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.cat(out).cpu()
-
 
 # Model: meta-device init, activation checkpointing, FSDP2, strict load ----------------------------
 def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
@@ -674,14 +622,10 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
     return model.train(train), args
 
-
 @contextlib.contextmanager
 def gathered(model):
-    """All-gather every shard once and keep the full weights for a stretch of no-grad forwards.
-
-    Inside, forwards run no collective, so ranks may run different numbers of them (rollouts that stop
-    at different steps). On exit the weights are sharded again.
-    """
+    """All-gather every shard once and keep the full weights for a stretch of no-grad forwards: inside, forwards run
+    no collective, so ranks may run different numbers of them (rollouts that stop early). Resharded on exit."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()
@@ -693,7 +637,6 @@ def gathered(model):
         for m in units:
             m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
-
 
 # Data ---------------------------------------------------------------------------------------------
 class Stream:
@@ -709,7 +652,6 @@ class Stream:
         self.position += 1
         return next(data.epoch_batches(self.n, self.bs, seed=self.seed, epoch=epoch, rank=self.rank,
                                        world_size=self.world, start_batch=b))
-
 
 def load_data(cfg: Config, tok) -> tuple:
     """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for --method=reward."""
@@ -727,11 +669,9 @@ def load_data(cfg: Config, tok) -> tuple:
     train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)  # App. A.1: 5 % held out
     return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len, **chat).examples if test_paths else []
 
-
 # Entry point --------------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A flag that cannot work."""
-
 
 def check_config(cfg: Config):
     """Refuse a config before any work, with one message. Every rank runs the same checks on the same
@@ -801,9 +741,7 @@ def check_config(cfg: Config):
     known = {"length": rewards.length_reward, **{s.partition("=")[0]: rewards.length_reward for s in cfg.reward_model}}
     rewards.parse_constraints(cfg.constraint, known)
 
-
 DEMO_BASE = "demo_base_v2"  # v2: UltraChat turns drawn by the dialogue's text (data.read_ultrachat)
-
 
 def demo_base(cfg: Config, device) -> str:
     """The demo's 'pretrained LLaMA': SFT from random weights on the demo data, run once and cached."""
@@ -818,7 +756,6 @@ def demo_base(cfg: Config, device) -> str:
             os.rename(os.path.join(base.out_dir, "final"), folder)
         dist.barrier()
     return folder
-
 
 def main(argv):
     cfg = parse_config(argv)
@@ -836,7 +773,6 @@ def main(argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
