@@ -201,13 +201,14 @@ def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: 
 
 
 def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_dir: str, common: list,
-         with_feasibility: bool) -> tuple:
+         with_feasibility: bool, margin_steps: int = 0) -> tuple:
     """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3), over seeds.
 
     MM runs every η_λ in `etas` on the first seed and the best of them (most grid points met, then the
     smallest total violation) on the others. With margin_z, L3M also trains on thresholds tightened by
     margin_z standard errors of a test mean (the SFT model's spread of rewards / √n) and is judged against
-    the untightened ones: the recipe for a constraint that must hold on new prompts."""
+    the untightened ones: the recipe for a constraint that must hold on new prompts, trained for margin_steps
+    (0: `steps`) steps."""
     names, f3 = REWARDS, os.path.join(out, "fig3")
     accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common, before=with_feasibility)
     m = [sft["after"]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
@@ -220,9 +221,10 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
     def job(method, a, b, seed, eta=None, tight=False):
         key = (method + ("+margin" if tight else ""), a, b, seed, eta)
         ta, tb = (round(a + margin_z * se[0], 2), round(b + margin_z * se[1], 2)) if tight else (a, b)
+        n = margin_steps or steps if tight else steps
         name = method + (f"_margin{margin_z:g}" if tight else "") + f"_{a}_{b}_s{seed}" + (
-            f"_eta{eta:g}" if eta is not None else "")
-        flags = [f"--method={method}", f"--steps={steps}", f"--seed={seed}", *rm_flags, *common,
+            f"_eta{eta:g}" if eta is not None else "") + (f"_{n}steps" if n != steps else "")
+        flags = [f"--method={method}", f"--steps={n}", f"--seed={seed}", *rm_flags, *common,
                  f"--constraint=informative>={ta}", f"--constraint=cautious>={tb}"] + \
             ([f"--eta_lam={eta}"] if eta is not None else [])
         return key, os.path.join(f3, name), flags
@@ -255,8 +257,8 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
                             method.split("+")[0], a, b, seed, eta, "+margin" in method)[1]})
         results[-1].update(ledger_summary(results[-1]["run"]))
     summary = {"reward_model_accuracy": accuracy, "sft": {"rewards": m, "se": se}, "best_eta_lam": best,
-               "margin_z": margin_z, "feasibility_margin": {f"{a}, {b}": v for (a, b), v in feas.items()},
-               "runs": results}
+               "margin_z": margin_z, "margin_steps": margin_steps or steps,
+               "feasibility_margin": {f"{a}, {b}": v for (a, b), v in feas.items()}, "runs": results}
     return fig3_tables(out, summary, points, seeds, etas), summary
 
 
@@ -283,7 +285,8 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
              f"{m2:.2f} ± {se[1]:.2f} (± one standard error of the test mean). {len(seeds)} seed(s); MM's best "
              f"η_λ of {', '.join(f'{e:g}' for e in etas)}: {best:g}."
              + (f" L3M + margin trains on thresholds raised by {s['margin_z']:g} standard errors "
-                f"({s['margin_z'] * se[0]:.2f}, {s['margin_z'] * se[1]:.2f}) and is judged on the grid's."
+                f"({s['margin_z'] * se[0]:.2f}, {s['margin_z'] * se[1]:.2f}) for {s['margin_steps']} steps and is "
+                "judged on the grid's."
                 if s["margin_z"] else ""), "",
              "| (informative ≥ a, cautious ≥ b) | feasible by (tightened) | L3M: informative, cautious | met | "
              "perplexity | L3M + margin: met | MM: informative, cautious | met | perplexity |",
@@ -600,6 +603,8 @@ def main():
     p.add_argument("--seeds", type=int, default=3, help="seeds per band and grid point (--quick: 1)")
     p.add_argument("--margin", type=float, default=3.0,
                    help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: none; --quick: 0)")
+    p.add_argument("--margin_steps", type=int, default=0,
+                   help="steps of the L3M + margin runs (0: --steps; README: 800 make the margin hold)")
     p.add_argument("--feasibility", action="store_true",
                    help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet")
     a = p.parse_args()
@@ -630,7 +635,7 @@ def main():
         try:
             t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
                           0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3,
-                          with_feasibility=not a.quick)
+                          with_feasibility=not a.quick, margin_steps=a.margin_steps)
         finally:  # Fig. 2 waits for Fig. 3's reward models: never forever
             REWARD_MODELS_DONE.set()
         print(t3, flush=True)

@@ -1595,8 +1595,11 @@ def test_reproduce_fig3_picks_mm_best_eta_and_judges_margin_runs_on_the_grid(tmp
     but is judged on the grid's, and the tables are written."""
     import reproduce
 
+    steps = {}
+
     def fake_train(out, *flags, data_dir):
         os.makedirs(out, exist_ok=True)
+        steps[os.path.basename(out)] = next(x for x in flags if x.startswith("--steps="))
         f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
         if f["method"] == "reward":
             return {"test_accuracy": 0.9}
@@ -1613,7 +1616,11 @@ def test_reproduce_fig3_picks_mm_best_eta_and_judges_margin_runs_on_the_grid(tmp
     (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
     (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
     table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
-                                    with_feasibility=True)
+                                    with_feasibility=True, margin_steps=40)
+    # margin runs train for margin_steps, in folders of their own; the others for steps
+    assert {k: v for k, v in steps.items() if "margin" in k} == {f"l3m_margin2_-4.0_-9.5_s{s}_40steps": "--steps=40"
+                                                                  for s in (0, 1)}
+    assert {v for k, v in steps.items() if "margin" not in k and "rm_" not in k} == {"--steps=10"}
     # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
     assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
     assert summary["best_eta_lam"] == 1.0 and summary["sft"]["rewards"] == [-5.0, -10.0]
