@@ -17,7 +17,8 @@ with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains eve
 - The coin is a function of (seed, step), a row's sampling noise of (seed, step, global row): every rank flips the
   same coin, a response does not depend on how rows are split over ranks, and a resume needs no RNG state.
 - Rollouts, evaluation and reward scoring run on weights gathered once (one copy per rank, 14 GB at 7B): no collective
-  inside the decode loop, so ranks may stop decoding at different tokens.
+  inside the decode loop, so ranks may stop decoding at different tokens (sharded decoding in lock-step would
+  all-gather every block at every token).
 - One learning-rate schedule (linear warm-up, cosine to 0) and one AdamW state for both kinds of step; weight decay on
   the matrices only, as in transformers' Trainer. Sampling: top-p 0.9 alone, as App. A states (--top_k=50 adds
   transformers' default top-k).
