@@ -3,8 +3,8 @@ data with its own tokenizer that stands in for UltraChat and HH on a CPU ("Demo 
 
     task = read_ultrachat("ultrachat.jsonl.gz", tok)       # (prompt, response) pairs ≤ 512 tokens
     train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
-    for idx in epoch_batches(len(train), 8, seed=0, epoch=0, rank=rank, world_size=world):
-        tokens, mask = task_batch([train[i] for i in idx])   # (B, T) int64, (B, T) bool
+    idx = batch_indices(len(train), 8, position=0, seed=0, rank=rank, world_size=world)   # this rank's rows
+    tokens, mask = task_batch([train[i] for i in idx])       # (B, T) int64, (B, T) bool
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
@@ -25,7 +25,7 @@ import re
 from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -44,9 +44,7 @@ def render_dialogue(dialogue: Sequence[tuple]) -> str:
     return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
 
 def render_prompt(dialogue: Sequence[tuple]) -> str:
-    """A dialogue ending with a user turn as the prompt string, which ends where the answer starts."""
-    if not dialogue or dialogue[-1][0] != "user":
-        raise ValueError("a prompt dialogue must end with a user turn")
+    """The prompt string of a dialogue ending with a user turn (encode_prompt checks): it ends where answers start."""
     return render_dialogue(dialogue) + "\n\nAssistant:"
 
 def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain", system: str = "") -> np.ndarray:
@@ -248,19 +246,17 @@ def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
     """Batches per rank and epoch: the remainder that does not fill a global batch is dropped."""
     return n // (batch_size * world_size)
 
-def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  start_batch: int = 0) -> Iterator[np.ndarray]:
-    """Index arrays (batch_size,) of this rank's batches in an epoch, from start_batch on. Global batch b is the slice
-    [b·G, (b+1)·G), G = batch_size·world_size, of a permutation seeded by (seed, epoch); rank r takes its r-th part.
-    Ranks are disjoint, each num_batches long (equal FSDP collectives); a run resumed at b gets the same batches."""
+def batch_indices(n: int, batch_size: int, position: int, *, seed: int, rank: int = 0, world_size: int = 1):
+    """This rank's rows (batch_size,) of global batch number `position` of a stream of epochs. Epoch e is a permutation
+    seeded by (seed, e), cut into num_batches global batches of G = batch_size·world_size rows; rank r takes the r-th
+    part of each. Ranks are disjoint and equally long (equal FSDP collectives); a resume needs only the position."""
     nb = num_batches(n, batch_size, world_size)
-    if nb == 0:
-        raise ValueError(f"{n} examples do not fill one global batch of {batch_size} × {world_size} ranks")
-    if not (0 <= rank < world_size and 0 <= start_batch <= nb):
-        raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} and 0 <= start_batch={start_batch} <= {nb}")
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    grid = perm[:nb * world_size * batch_size].reshape(nb, world_size, batch_size)  # (batches, ranks, B)
-    return (grid[b, rank] for b in range(start_batch, nb))
+    if nb == 0 or not 0 <= rank < world_size:
+        raise ValueError(f"{n} examples, rank {rank} of {world_size}: need 0 <= rank < world_size and at least one "
+                         f"global batch of {batch_size} × {world_size}")
+    epoch, b = divmod(position, nb)
+    start = (b * world_size + rank) * batch_size
+    return np.random.default_rng([seed, epoch]).permutation(n)[start:start + batch_size]
 
 # Demo data ----------------------------------------------------------------------------------------
 # Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer. The length is a

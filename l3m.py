@@ -32,7 +32,6 @@ Where this departs from the paper, or fixes what it leaves open:
 """
 import torch
 
-# barrier ------------------------------------------------------------------------------------------
 def barrier(z, mu, s):
     """Relaxed log barrier B_{µ,s}(z) (Eq. 9), elementwise on a tensor z; µ, s > 0 (the paper: s = µ²).
 
@@ -56,7 +55,6 @@ def mu_at(step, total_steps, mu_0=1.0, mu_T=1e-6):
         return mu_T
     return mu_0 * (mu_T / mu_0) ** (step / total_steps)
 
-# multipliers --------------------------------------------------------------------------------------
 class ConstraintEMA:
     """Ĉ_i, the exponential moving average of the batch means of c_i = b_i − r_i (§5.4). C_i enters λ̂ without a
     gradient, so earlier batches may reduce its variance; θ moves, so they are forgotten at rate α:
@@ -88,14 +86,6 @@ class ConstraintEMA:
         else:
             self.value = (1 - self.alpha) * self.value.to(mean) + self.alpha * mean
         return self.value
-
-    def state_dict(self):
-        return {"alpha": self.alpha, "C_hat": None if self.value is None else self.value.tolist()}
-
-    def load_state_dict(self, state):
-        self.alpha = state["alpha"]
-        C_hat = state["C_hat"]
-        self.value = None if C_hat is None else torch.tensor(C_hat, dtype=torch.float64)
 
 def lambda_hat(C_hat, mu, k):
     """λ̂_i = µ / (k·max(−Ĉ_i, µ²)) = B'_{µ,µ²}(Ĉ_i)/k (§5.2), float32 and detached. Eq. 10–11: ∇G_µ = ∇L +
@@ -146,19 +136,19 @@ class Multipliers:
         return lambda_hat(self.ema.value, mu, self.k)
 
     def state_dict(self):
-        return {"k": self.k, "method": self.method, "eta_lam": self.eta_lam, "ema": self.ema.state_dict(),
-                "lam": None if self.lam_mm is None else self.lam_mm.tolist()}
+        """Plain Python numbers: a checkpoint holding them loads with weights_only=True."""
+        tolist = lambda t: None if t is None else t.tolist()
+        return {"k": self.k, "method": self.method, "eta_lam": self.eta_lam, "alpha": self.ema.alpha,
+                "C_hat": tolist(self.ema.value), "lam": tolist(self.lam_mm)}
 
     def load_state_dict(self, state):
         if (state["k"], state["method"]) != (self.k, self.method):
             raise ValueError(f"checkpoint is for k={state['k']}, {state['method']}; "
                              f"this run is k={self.k}, {self.method}")
-        self.eta_lam = state["eta_lam"]
-        self.ema.load_state_dict(state["ema"])
-        if state["lam"] is not None:
-            self.lam_mm = torch.tensor(state["lam"], dtype=torch.float64)
+        self.eta_lam, self.ema.alpha = state["eta_lam"], state["alpha"]
+        self.ema.value, self.lam_mm = (None if x is None else torch.tensor(x, dtype=torch.float64)
+                                       for x in (state["C_hat"], state["lam"]))
 
-# losses -------------------------------------------------------------------------------------------
 def logp_norm(logits, tokens, mask, temperature=1.0):
     """ℓ̄_θ(y|x) = (1/|y|)·Σ_t log π_θ(y_t | x, y_<t) over the response tokens, (B,) float32 (float64 for float64
     logits), differentiable in logits (B, T, V) = model(tokens); logits[:, t] scores tokens[:, t+1].

@@ -9,8 +9,8 @@ checkpoint needs no renaming) and, when known, `tokenizer.model`: the vocabulary
 
 Departures from Meta's reference: RoPE tables are made per call (no buffer: float32 under a bf16 cast, no care under
 meta-device init); sampling is batched over prompts of different lengths (left padding), each row stopping at EOS.
-Left out: tensor/pipeline parallelism (train.py uses FSDP2), LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE
-rescaling (both refused with a clear error)."""
+Left out, and refused with a clear error: LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE rescaling. No tensor or
+pipeline parallelism: train.py uses FSDP2."""
 import contextlib
 import glob
 import itertools
@@ -221,9 +221,8 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     lookup; temperature 0 is greedy. top_k > 0 first keeps the k likeliest tokens and renormalises (transformers'
     order: top-k, then top-p). generator: one torch.Generator, or a list of one per row so a row's draw ignores its
     batch-mates (train.py keys them by the row's global index: a run samples the same whatever its number of ranks).
-    A full sort of V dominates a small model's CPU decode step (~11 ms for 8 × 32000), so the nucleus is looked for
-    among the 128, then 1024 likeliest (partial sorts, ~0.5 and ~2 ms); the batch falls back to the full sort only
-    when they hold less than top_p."""
+    A full sort of V dominates a small model's CPU decode step (~11 ms for 8 × 32000): the nucleus is looked for among
+    the 128, then 1024 likeliest (partial sorts, ~0.5 and ~2 ms), the full sort only if they hold less than top_p."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
@@ -333,9 +332,8 @@ def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
     return out
 
 def merge_meta_shards(shards: list, args: ModelArgs) -> dict:
-    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict: wq, wk, wv, w1, w3 and
-    output are split along rows, wo and w2 along columns, norms replicated, the embedding along columns (LLaMA-1/2)
-    or rows (LLaMA-3)."""
+    """Merge Meta's model-parallel shards (13B: 2, 33B: 4, 65B/70B: 8) into one state dict: wq, wk, wv, w1, w3, output
+    split along rows, wo and w2 along columns, norms replicated, the embedding along columns (LLaMA-1/2) or rows (3)."""
     if len(shards) == 1:
         return shards[0]
     merged = {}
@@ -373,15 +371,11 @@ def atomic_folder(folder: str):
         raise
     if os.path.isdir(folder):
         os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, folder)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
-def save_checkpoint(model: nn.Module, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None,
-                    state_dict: Optional[dict] = None):
-    """Write our checkpoint folder atomically (atomic_folder)."""
-    sd = state_dict if state_dict is not None else model.state_dict()
+def save_checkpoint(sd: dict, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None):
+    """Write our checkpoint folder, the state dict sd and args, atomically (atomic_folder)."""
     with atomic_folder(folder) as tmp:
         torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
         Path(tmp, "args.json").write_text(json.dumps(asdict(args), indent=2))
@@ -465,7 +459,7 @@ def convert(src: str, dst: str):
     check_state_dict(sd, model, src)
     toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
     tok = next((t for t in toks if os.path.isfile(t)), None)  # beside the weights, or one up (Meta's releases)
-    save_checkpoint(model, dst, args, tok, state_dict=sd)
+    save_checkpoint(sd, dst, args, tok)
     if tok is None and os.path.isfile(os.path.join(src, "tokenizer.json")):  # load_model then says it is unsupported
         shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
     return args

@@ -65,12 +65,10 @@ def verdict(C: float, se: float, z: float = 2.0) -> str:
     where C ~ N(0, se²): it reads 'satisfied' half the time and, at z = 2, 'violated' 2 % of the time."""
     return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
 
-# Length (§6.2) ------------------------------------------------------------------------------------
 def length_reward(samples: Samples) -> torch.Tensor:
     """|y| in tokens, excluding the EOS."""
     return torch.tensor([len(r) - e for r, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
 
-# Learned preference rewards (App. A.1) ------------------------------------------------------------
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head), differentiable:
     the Bradley–Terry training calls it with gradients, scoring under no_grad."""
@@ -111,7 +109,6 @@ class LearnedReward:
             out.append(sequence_reward(self.model, tokens, mask).float().cpu())
         return torch.cat(out)  # (B,)
 
-# Constraints from text ----------------------------------------------------------------------------
 SYNTAX = "NAME>=NUMBER, NAME<=NUMBER, P[NAME>=NUMBER]>=PROB or P[NAME<=NUMBER]>=PROB"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BOUND = re.compile(rf"\s*(\w+)\s*(>=|<=)\s*({_NUMBER})\s*")
@@ -119,10 +116,6 @@ _CHANCE = re.compile(rf"\s*P\[(.*)\]\s*>=\s*({_NUMBER})\s*")
 
 class ConstraintError(ValueError):
     """A constraint that does not parse; the message says what is accepted."""
-
-def _chance(reward: RewardFn, sign: float, t: float) -> RewardFn:
-    """1{sign·r ≥ sign·t}: P[r ≥ t] (sign 1) or P[r ≤ t] (sign −1) as the mean of an indicator (l3m.chance)."""
-    return lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0]
 
 def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
     """NAME>=NUMBER or NAME<=NUMBER -> (reward, op, threshold)."""
@@ -144,8 +137,10 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         q = float(chance.group(2))
         if not 0.0 < q <= 1.0:
             raise ConstraintError(f"{text!r}: a probability must lie in (0, 1], not {q}")
-        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), here with 1 − ε = q
-        return Constraint(text.strip(), _chance(reward, 1.0 if op == ">=" else -1.0, t), q)
+        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), here with 1 − ε = q;
+        # P[r ≤ t] is P[−r ≥ −t]
+        sign = 1.0 if op == ">=" else -1.0
+        return Constraint(text.strip(), lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0], q)
     if text.lstrip().startswith("P["):
         raise ConstraintError(f"{text!r}: a chance constraint reads P[NAME>=NUMBER]>=PROB; expected {SYNTAX}")
     reward, op, t = _bound(text, text, rewards)

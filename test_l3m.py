@@ -129,7 +129,7 @@ def test_export_then_convert_is_exact(tmp_path, tied):
     model = M.Transformer(args).init_weights(6)
     if tied:
         model.output.weight = model.tok_embeddings.weight
-    M.save_checkpoint(model, str(tmp_path / "ours"), args)
+    M.save_checkpoint(model.state_dict(), str(tmp_path / "ours"), args)
     config = M.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
     assert config["tie_word_embeddings"] == tied and config["rope_parameters"]["rope_theta"] == 500000.0
     M.convert(str(tmp_path / "hf"), str(tmp_path / "back"))
@@ -167,7 +167,7 @@ def test_tokenizers_that_are_not_sentencepiece_are_named(tmp_path):
     """A folder with only a Hugging Face tokenizer.json, or a tokenizer.model that is tiktoken BPE (LLaMA-3's
     release), stops with one CheckpointError that says what is there and what is supported."""
     args = tiny_args()
-    M.save_checkpoint(M.Transformer(args).init_weights(0), str(tmp_path / "json"), args)
+    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "json"), args)
     (tmp_path / "json" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     with pytest.raises(M.CheckpointError, match="has tokenizer.json .* no tokenizer.model; supported: sentencepiece"):
         M.load_model(str(tmp_path / "json"))
@@ -399,24 +399,24 @@ def test_wrong_checkpoints_fail_clearly(tmp_path, sp_model):
     args = tiny_args(vocab_size=60)
     model = M.Transformer(args).init_weights(0)
     good = str(tmp_path / "good")
-    M.save_checkpoint(model, good, args, sp_model)
+    M.save_checkpoint(model.state_dict(), good, args, sp_model)
     loaded, tok = M.load_model(good)
     assert tok.vocab_size == 60 and torch.equal(loaded.output.weight, model.output.weight)
 
     sd = model.state_dict()
     del sd["layers.1.feed_forward.w3.weight"]
-    M.save_checkpoint(model, str(tmp_path / "missing"), args, state_dict=sd)
+    M.save_checkpoint(sd, str(tmp_path / "missing"), args)
     with pytest.raises(M.CheckpointError, match=r"missing key 'layers.1.feed_forward.w3.weight'"):
         M.load_model(str(tmp_path / "missing"))
 
     sd = model.state_dict()
     sd["layers.0.attention.wk.weight"] = sd["layers.0.attention.wk.weight"][:8]
-    M.save_checkpoint(model, str(tmp_path / "shape"), args, state_dict=sd)
+    M.save_checkpoint(sd, str(tmp_path / "shape"), args)
     with pytest.raises(M.CheckpointError, match=r"'layers.0.attention.wk.weight' has shape \(8, 64\).*\(32, 64\)"):
         M.load_model(str(tmp_path / "shape"))
 
     other = tiny_args(vocab_size=97)
-    M.save_checkpoint(M.Transformer(other), str(tmp_path / "vocab"), other, sp_model)
+    M.save_checkpoint(M.Transformer(other).state_dict(), str(tmp_path / "vocab"), other, sp_model)
     with pytest.raises(M.CheckpointError, match=r"60 pieces but args.json says vocab_size=97"):
         M.load_model(str(tmp_path / "vocab"))
 
@@ -427,9 +427,9 @@ def test_wrong_checkpoints_fail_clearly(tmp_path, sp_model):
 def test_save_checkpoint_replaces_atomically(tmp_path):
     args = tiny_args()
     folder = str(tmp_path / "ckpt")
-    M.save_checkpoint(M.Transformer(args).init_weights(0), folder, args)
+    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), folder, args)
     second = M.Transformer(args).init_weights(1)
-    M.save_checkpoint(second, folder, args)
+    M.save_checkpoint(second.state_dict(), folder, args)
     loaded, _ = M.load_model(folder)
     assert torch.equal(loaded.output.weight, second.output.weight)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left behind
@@ -1131,7 +1131,7 @@ def test_template_and_exact_boundary(tok):
     odd = "Ünïcode ✓\n\n  two spaces\ttab"  # unseen characters go through byte fallback
     assert tok.decode(tok.encode(odd)) == odd
     with pytest.raises(ValueError, match="user turn"):
-        D.render_prompt([("user", "a"), ("assistant", "b")])
+        D.encode_prompt(tok, [("user", "a"), ("assistant", "b")])
     with pytest.raises(ValueError, match="no system prompt"):
         D.encode_prompt(tok, dialogue, "plain", system="Be brief.")
 
@@ -1215,7 +1215,8 @@ def test_chat_models_added_tokens_travel_with_the_checkpoint(demo, tmp_path):
     decoder = {"0": {"content": "<unk>"}, str(V): {"content": "<|im_end|>"}, str(V + 1): {"content": "<|im_start|>"}}
     (src / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
     args = tiny_args(vocab_size=V + 2)
-    M.save_checkpoint(M.Transformer(args).init_weights(0), str(tmp_path / "ours"), args, str(src / "tokenizer.model"))
+    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "ours"), args,
+                      str(src / "tokenizer.model"))
     added = {"<|im_end|>": V, "<|im_start|>": V + 1}
     assert json.loads((tmp_path / "ours" / "added_tokens.json").read_text()) == added
     _, t = M.load_model(str(tmp_path / "ours"))
@@ -1391,22 +1392,21 @@ def test_split_disjoint_covering_reproducible():
 
 
 def test_shards_disjoint_equal_and_resumable():
-    n, bs, world = 103, 4, 3  # 103 // 12 = 8 global batches, 7 examples dropped
-    shards = [list(D.epoch_batches(n, bs, seed=5, epoch=2, rank=r, world_size=world)) for r in range(world)]
-    assert [len(s) for s in shards] == [D.num_batches(n, bs, world)] * world == [8] * world
-    seen = np.concatenate([b for s in shards for b in s])
+    n, bs, world = 103, 4, 3  # 103 // 12 = 8 global batches an epoch, 7 examples dropped
+    assert D.num_batches(n, bs, world) == 8
+    batch = lambda position, rank, seed=5: D.batch_indices(n, bs, position, seed=seed, rank=rank, world_size=world)
+    epoch = [[batch(p, r) for p in range(8)] for r in range(world)]  # epoch 0, every rank
+    seen = np.concatenate([b for shard in epoch for b in shard])
+    assert all(len(b) == bs for shard in epoch for b in shard)
     assert len(seen) == len(set(seen.tolist())) == 8 * bs * world  # disjoint across ranks and batches
-    for r in range(world):  # resume at batch 5 of the epoch: the same remaining batches
-        rest = list(D.epoch_batches(n, bs, seed=5, epoch=2, rank=r, world_size=world, start_batch=5))
-        assert [b.tolist() for b in rest] == [b.tolist() for b in shards[r][5:]]
-    again = list(D.epoch_batches(n, bs, seed=5, epoch=2, rank=0, world_size=world))
-    assert [b.tolist() for b in again] == [b.tolist() for b in shards[0]]
-    next_epoch = list(D.epoch_batches(n, bs, seed=5, epoch=3, rank=0, world_size=world))
-    assert [b.tolist() for b in next_epoch] != [b.tolist() for b in shards[0]]
-    with pytest.raises(ValueError, match="do not fill one global batch"):
-        D.epoch_batches(10, 4, seed=0, epoch=0, world_size=3)
-    with pytest.raises(ValueError, match="start_batch"):
-        D.epoch_batches(n, bs, seed=5, epoch=2, rank=0, world_size=world, start_batch=9)
+    assert [batch(p, 1).tolist() for p in range(8)] == [b.tolist() for b in epoch[1]]  # a function of the position
+    next_epoch = np.concatenate([batch(p, r) for p in range(8, 16) for r in range(world)])
+    assert next_epoch.tolist() != seen.tolist() and len(set(next_epoch.tolist())) == len(seen)  # a new permutation
+    assert batch(0, 0, seed=6).tolist() != epoch[0][0].tolist()
+    with pytest.raises(ValueError, match="at least one global batch"):
+        D.batch_indices(10, 4, 0, seed=0, world_size=3)
+    with pytest.raises(ValueError, match="rank"):
+        D.batch_indices(n, bs, 0, seed=5, rank=3, world_size=world)
 
 
 # -----------------------------------------------------------------------------

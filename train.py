@@ -556,7 +556,7 @@ def save_final(r: Run, name: str):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        save_checkpoint(None, os.path.join(r.cfg.out_dir, name), r.args, r.tok_path, state_dict=sd)
+        save_checkpoint(sd, os.path.join(r.cfg.out_dir, name), r.args, r.tok_path)
     dist.barrier()
 
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; a plain process is a world of one -------------
@@ -641,18 +641,16 @@ def gathered(model):
 
 # Data ---------------------------------------------------------------------------------------------
 class Stream:
-    """Global batches of one split, epoch after epoch; `position` (batches taken) is all a resume needs."""
+    """Global batches of one split, epoch after epoch (data.batch_indices); `position` is all a resume needs."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.per_epoch = data.num_batches(n, batch_size, world)
-        self.position = 0
+        self.per_epoch, self.position = data.num_batches(n, batch_size, world), 0
 
     def next(self) -> np.ndarray:
-        epoch, b = divmod(self.position, self.per_epoch)
         self.position += 1
-        return next(data.epoch_batches(self.n, self.bs, seed=self.seed, epoch=epoch, rank=self.rank,
-                                       world_size=self.world, start_batch=b))
+        return data.batch_indices(self.n, self.bs, self.position - 1, seed=self.seed, rank=self.rank,
+                                  world_size=self.world)
 
 def load_data(cfg: Config, tok) -> tuple:
     """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for --method=reward."""
