@@ -35,7 +35,6 @@ from model import CheckpointError, atomic_folder
 class DataError(ValueError):
     """A malformed input line: the parsers raise it with a short reason, the readers as file:line: reason."""
 
-# Chat templates -----------------------------------------------------------------------------------
 TEMPLATES = ("plain", "llama2", "chatml")  # --chat_template: the format the model was trained to chat in
 
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
@@ -107,7 +106,6 @@ class PreferenceExample:
     chosen: np.ndarray  # (R⁺,) int32 y⁺, EOS last
     rejected: np.ndarray  # (R⁻,) int32 y⁻, EOS last
 
-# Readers ------------------------------------------------------------------------------------------
 @dataclass
 class ReadResult:
     """What a reader kept, and an account of what it did not."""
@@ -224,7 +222,6 @@ def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, f
     val_idx, test_idx, train_idx = np.split(np.random.default_rng(seed).permutation(n), [n_val, n_val + n_test])
     return tuple([items[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
 
-# Batches ------------------------------------------------------------------------------------------
 def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
     """Right-padded prompt + response rows (task data, sampled responses): tokens (B, T) int64, mask (B, T) bool, True
     exactly at the response tokens, EOS included. The mask comes from lengths, not `tokens != pad_id`, so any pad_id and
@@ -258,14 +255,13 @@ def batch_indices(n: int, batch_size: int, position: int, *, seed: int, rank: in
     start = (b * world_size + rank) * batch_size
     return np.random.default_rng([seed, epoch]).permutation(n)[start:start + batch_size]
 
-# Demo data ----------------------------------------------------------------------------------------
-# Questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer. The length is a
-# free choice, not fixed by the question (10 to ~150 tokens for the same one), so a length constraint can move it at
-# little cost to the task. Each sentence is a fact about the thing asked ("The owl mostly eats mice and insects."), a
-# caution, i.e. a safety or hedging note ("Never try to touch or feed a wild owl."), or a filler, neither ("Many people
-# enjoy learning about the owl."). The analogues of helpful and harmless: informative = share of the sentences that are
-# facts, cautious = share that are cautions. Cautions take the place of facts, so the two are negatively correlated,
-# but fillers let a response lack both.
+# Demo data: questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer. The
+# length is a free choice, not fixed by the question (10 to ~150 tokens for the same one), so a length constraint can
+# move it at little cost to the task. Each sentence is a fact about the thing asked ("The owl mostly eats mice and
+# insects."), a caution, i.e. a safety or hedging note ("Never try to touch or feed a wild owl."), or a filler, neither
+# ("Many people enjoy learning about the owl."). The analogues of helpful and harmless: informative = share of the
+# sentences that are facts, cautious = share that are cautions. Cautions take the place of facts, so the two are
+# negatively correlated, but fillers let a response lack both.
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
 DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
 _DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model it is loaded into."""
 
-# Configuration ------------------------------------------------------------------------------------
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -86,7 +85,6 @@ class ModelArgs:
                    rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
                    norm_eps=config["rms_norm_eps"], max_seq_len=config.get("max_position_embeddings", 2048))
 
-# The model ----------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -147,8 +145,7 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, D)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # training: the whole sequence, causal; sampling: the new keys and values go to their slots, and the
-        # queries attend over all slots under the mask
+        # training: the whole sequence, causal; sampling: new keys and values go to their slots, queries see all slots
         if cache is not None:
             k, v = cache.k[layer].index_copy_(2, pos, k), cache.v[layer].index_copy_(2, pos, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None, enable_gqa=True)
@@ -209,7 +206,6 @@ class Transformer(nn.Module):
         # Few rows, a wide weight: CPU BLAS (MKL) runs W·hᵀ ~2× faster than h·Wᵀ (bench.py); on GPU, one GEMM.
         return (self.output.weight @ h[:, -1].T).T[:, None]  # (B, 1, V)
 
-# Sampling: prefill, decode, generate --------------------------------------------------------------
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing order (B, K), unnormalised:
     the smallest set of most likely tokens whose mass reaches top_p (a token stays while the mass before it < top_p)."""
@@ -291,7 +287,6 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)
 
-# Checkpoints: ours, Meta's and HF's ---------------------------------------------------------------
 _HF_LAYER_KEYS = {  # ours (Meta's names) -> Hugging Face's, per layer, without the ".weight" that all end with
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -306,16 +301,14 @@ def hf_key_map(args: ModelArgs) -> dict:
     return {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in pairs}
 
 def _rope_permute(key: str, w: torch.Tensor, args: ModelArgs, to_hf: bool) -> torch.Tensor:
-    """Reorder the rows of wq/wk (wk: n_kv_heads heads) between the two RoPE layouts; other weights pass through.
-    Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head, Hugging Face halves (x_j, x_{j+D/2}); moving
-    row 2j to j and 2j+1 to j + D/2 in each head, (heads, D/2, 2) <-> (heads, 2, D/2), keeps q·k identical."""
+    """Reorder the rows of wq/wk (n_heads, resp. n_kv_heads, heads of D rows) between the two RoPE layouts; other
+    weights pass through. Meta rotates interleaved pairs (x0, x1), (x2, x3), … of each head, Hugging Face halves
+    (x_j, x_{j+D/2}); moving row 2j to j and 2j+1 to j + D/2 in each head keeps q·k identical."""
     if not key.endswith(("attention.wq.weight", "attention.wk.weight")):
         return w
-    n_heads = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
-    rows, dim = w.shape
-    D = rows // n_heads
-    shape = (n_heads, D // 2, 2, dim) if to_hf else (n_heads, 2, D // 2, dim)
-    return w.view(shape).transpose(1, 2).reshape(rows, dim)
+    D, dim = args.head_dim, w.shape[1]
+    shape = (-1, D // 2, 2, dim) if to_hf else (-1, 2, D // 2, dim)  # (heads, D/2, 2) <-> (heads, 2, D/2)
+    return w.view(shape).transpose(1, 2).reshape(w.shape)
 
 def meta_to_hf(sd: dict, args: ModelArgs) -> dict:
     return {theirs: _rope_permute(ours, sd[ours], args, to_hf=True) for ours, theirs in hf_key_map(args).items()}
@@ -495,7 +488,6 @@ def export_hf(src: str, dst: str) -> dict:
             copy_added_tokens(src, tmp)
     return config
 
-# Tokenizer ----------------------------------------------------------------------------------------
 class Tokenizer:
     """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id. Added tokens
     (a chat model's markers, e.g. ChatML's <|im_start|>, with ids past the sentencepiece vocabulary) come from an
@@ -530,7 +522,6 @@ class Tokenizer:
         return "".join("".join(added[i] for i in run) if is_added else self.sp.decode(list(run))
                        for is_added, run in runs)
 
-# Command line -------------------------------------------------------------------------------------
 def main(argv: list):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -5,10 +5,9 @@
     torchrun --standalone --nproc_per_node=8 train.py --init=ckpt/llama-7b --data=ultrachat.jsonl \\
         --batch_size=64 --micro_batch=8 --lr=1e-6 --max_len=512 --max_new_tokens=512 \\
         --constraint="length>=50" --constraint="length<=100" --activation_checkpointing=True
-    torchrun --standalone --nproc_per_node=8 train.py --method=reward --init=ckpt/llama-7b \\
-        --data=hh/helpful-base/train.jsonl.gz,hh/helpful-online/train.jsonl.gz,... --data_test=... \\
-        --epochs=2 --batch_size=64 --micro_batch=8 --lr=1e-6 --warmup=0.1 --max_len=1024 --eval_every=0.1 \\
-        --activation_checkpointing=True --out_dir=out/rm_helpful      # App. A.1; README: every value, both RMs
+    torchrun --standalone --nproc_per_node=8 train.py --method=reward --init=ckpt/llama-7b --data=HH_TRAIN_FILES \\
+        --data_test=HH_TEST_FILES --epochs=2 --batch_size=64 --micro_batch=8 --lr=1e-6 --warmup=0.1 --max_len=1024 \\
+        --eval_every=0.1 --activation_checkpointing=True --out_dir=out/rm_helpful   # App. A.1 (README: both RMs)
 
 Read `run` first (set-up, then the loop), then its steps: `task_step` (heads), `constraint_step` (tails: Eq. 11
 with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains every flag. Choices the paper leaves open:
@@ -16,12 +15,10 @@ with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains eve
   steps; task and prompt batches come from two independent streams over the training split.
 - The coin is a function of (seed, step), a row's sampling noise of (seed, step, global row): every rank flips the
   same coin, a response does not depend on how rows are split over ranks, and a resume needs no RNG state.
-- Rollouts, evaluation and reward scoring run on weights gathered once (one copy per rank, 14 GB at 7B): no collective
-  inside the decode loop, so ranks may stop decoding at different tokens (sharded decoding in lock-step would
-  all-gather every block at every token).
+- Rollouts, evaluation and reward scoring run on weights gathered once (one copy per rank, 14 GB at 7B), not sharded in
+  lock-step (an all-gather per block and token): no collective in the decode loop, so ranks may stop at different steps.
 - One learning-rate schedule (linear warm-up, cosine to 0) and one AdamW state for both kinds of step; weight decay on
-  the matrices only, as in transformers' Trainer. Sampling: top-p 0.9 alone, as App. A states (--top_k=50 adds
-  transformers' default top-k).
+  the matrices only (transformers' Trainer). Sampling: top-p 0.9 alone (App. A); --top_k=50 adds transformers' top-k.
 - Reward models (App. A.1) train in the same loop with `reward_step` as their one kind of step: the optimiser,
   schedule, clipping, checkpoints and resume a second loop would only repeat.
 """
@@ -130,7 +127,6 @@ def parse_config(argv) -> Config:
             p.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
     return Config(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
-# The run: set-up, then the loop -------------------------------------------------------------------
 class Run:
     """Everything the steps share, built once: tokenizer, sharded model, constraints, data, AdamW."""
 
@@ -234,7 +230,6 @@ def run(cfg: Config, device) -> dict:
     bar.close()
     return finish(r)
 
-# The three kinds of step --------------------------------------------------------------------------
 def step_kind(cfg: Config, step: int) -> str:
     """'task' or 'constraint' by this step's fair coin (§5.4), a function of (seed, step): every rank flips the same
     one (FSDP's collectives match) and a resume needs no RNG state. SFT: always 'task'; a reward model: 'reward'."""
@@ -331,7 +326,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-# Rollouts and their costs -------------------------------------------------------------------------
 def row_generators(seed: int, step: int, rows, evaluation: bool = False):
     """One generator per row, keyed by (seed, step, the row's global index): ranks sample independently.
     Evaluations reuse the same keys every time, so before/after comparisons share their sampling noise."""
@@ -345,7 +339,9 @@ def rollout(model, tok, prompts, cfg: Config, generators, step=decode_one_token)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
 
 def costs(constraints, reward_models, samples) -> torch.Tensor:
-    """c_i = b_i − r_i(y|x) for every constraint, (B, k); learned rewards score on gathered weights."""
+    """c_i = b_i − r_i(y|x) for every constraint, (B, k), k ≥ 0; learned rewards score on gathered weights."""
+    if not constraints:
+        return torch.zeros(len(samples.prompts), 0)
     with contextlib.ExitStack() as stack:
         for rm in reward_models:
             stack.enter_context(gathered(rm.model))
@@ -359,7 +355,6 @@ def rollout_stats(samples) -> dict:
     p10, p90 = torch.quantile(both[:, 0], torch.tensor([0.1, 0.9])).tolist()
     return {"len_mean": both[:, 0].mean().item(), "len_p10": p10, "len_p90": p90, "truncated": both[:, 1].mean().item()}
 
-# Ledger, evaluation, reports ----------------------------------------------------------------------
 def open_ledger(r: Run, start: int):
     """The ledger keeps exactly the steps before `start` (all of a resumed run's, none of a new run's)."""
     if dist.get_rank() == 0:
@@ -390,48 +385,39 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
     keep = all_gather_cat(torch.tensor([rank + world * j < len(examples) for j in range(per_rank)]))
     was_training = model.training
     model.eval()
-    nll, lengths, ended, cs, plus, minus, shown = [], [], [], [], [], [], []
+    rows, shown = [], []  # per example: (−ℓ̄, |y|, ended, c_1 … c_k), or a reward model's (r(y⁺|x), r(y⁻|x))
     with gathered(model):
         for i in range(0, per_rank, cfg.micro_batch):
             batch = [examples[j] for j in idx[i:i + cfg.micro_batch]]
             if cfg.method == "reward":
-                r_plus, r_minus = rewards.preference_rewards(model, batch, pad_id=r.tok.eos_id)
-                plus.append(r_plus.float().cpu())
-                minus.append(r_minus.float().cpu())
+                rows.append(torch.stack(rewards.preference_rewards(model, batch, pad_id=r.tok.eos_id), 1).float().cpu())
                 continue
             tokens, mask = (x.to(r.device) for x in data.task_batch(batch, pad_id=r.tok.eos_id))
-            nll.append(-l3m.logp_norm(model(tokens), tokens, mask).float().cpu())
+            nll = -l3m.logp_norm(model(tokens), tokens, mask).float().cpu()
             samples = rollout(model, r.tok, [e.prompt.tolist() for e in batch], cfg,
                               row_generators(cfg.seed, 0, idx[i:i + cfg.micro_batch], evaluation=True), r.decode_step)
-            lengths.append(rewards.length_reward(samples))
-            ended.append(torch.tensor(samples.ended, dtype=torch.float32))
-            if r.constraints:
-                cs.append(costs(r.constraints, r.reward_models, samples))
+            lengths, ended = rewards.length_reward(samples), torch.tensor(samples.ended, dtype=torch.float32)
+            c = costs(r.constraints, r.reward_models, samples)  # (b, k)
+            rows.append(torch.cat([torch.stack([nll, lengths, ended], 1), c], 1))
             if i == 0:  # a few of rank 0's responses: the same prompts and sampling noise at every evaluation
                 shown = [{"prompt": p, "response": y, "length": int(n)} for p, y, n in
-                         zip(samples.prompt_texts[:cfg.show], samples.response_texts[:cfg.show], lengths[0])]
+                         zip(samples.prompt_texts[:cfg.show], samples.response_texts[:cfg.show], lengths)]
     model.train(was_training)
+    rows = all_gather_cat(torch.cat(rows))[keep]  # one gather, in the examples' order
     if cfg.method == "reward":
-        plus, minus = (all_gather_cat(torch.cat(x))[keep] for x in (plus, minus))
-        return {"split": split, "n": int(keep.sum()), "accuracy": rewards.pairwise_accuracy(plus, minus)}
-    nll, lengths, ended = (all_gather_cat(torch.cat(x))[keep] for x in (nll, lengths, ended))
+        return {"split": split, "n": len(rows), "accuracy": rewards.pairwise_accuracy(rows[:, 0], rows[:, 1])}
+    nll, lengths, ended, c = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:]  # c_i = b_i − r_i, (n, k)
     q = torch.quantile(lengths, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
-    report = {"split": split, "n": int(keep.sum()), "perplexity_mean": nll.mean().item(),
-              "perplexity_std": nll.std().item(), "length_mean": lengths.mean().item(),
-              "length_se": (lengths.std() / math.sqrt(len(lengths))).item(), "length_p10": q[0],
-              "length_q1": q[1], "length_median": q[2], "length_q3": q[3], "length_p90": q[4],
-              "ended_share": ended.mean().item(), "constraints": {}, "samples": shown}
-    if r.constraints:
-        c = all_gather_cat(torch.cat(cs))[keep]  # c_i = b_i − r_i per response, (n, k)
-        C, se = c.mean(0).tolist(), (c.std(0) / math.sqrt(len(c))).tolist()  # C_i = E[b_i − r_i] ± its std. error
-        report["constraints"] = {con.name: {"b": con.b, "reward_mean": con.b - Ci, "C": Ci, "se": s,
-                                            "satisfied": Ci <= 0, "verdict": rewards.verdict(Ci, s)}
-                                 for con, Ci, s in zip(r.constraints, C, se)}
-    return report
+    C, se = c.mean(0).tolist(), (c.std(0) / math.sqrt(len(c))).tolist()  # C_i = E[b_i − r_i] ± its std. error
+    constraints = {con.name: {"b": con.b, "reward_mean": con.b - Ci, "C": Ci, "se": s, "satisfied": Ci <= 0,
+                              "verdict": rewards.verdict(Ci, s)} for con, Ci, s in zip(r.constraints, C, se)}
+    return {"split": split, "n": len(rows), "perplexity_mean": nll.mean().item(), "perplexity_std": nll.std().item(),
+            "length_mean": lengths.mean().item(), "length_se": (lengths.std() / math.sqrt(len(lengths))).item(),
+            **dict(zip(["length_p10", "length_q1", "length_median", "length_q3", "length_p90"], q)),
+            "ended_share": ended.mean().item(), "constraints": constraints, "samples": shown}
 
 def report_before(r: Run):
-    """The model before training: a reward model's validation accuracy, or the test split (not for a random
-    init, whose report would say nothing)."""
+    """The model before training: a reward model's validation accuracy, or the test split (none for a random init)."""
     if r.cfg.method == "reward":
         r.reports["val_accuracy_before"] = evaluate(r, r.val, "val (before)")["accuracy"]
         print0(f"val accuracy before training: {r.reports['val_accuracy_before']:.3f}")
@@ -512,7 +498,6 @@ def format_report(r: dict) -> str:
                      f"{MARK[c['verdict']]} {c['verdict']}")
     return "\n".join(lines)
 
-# Checkpoints: sharded model + optimiser (torch.distributed.checkpoint) and a small state file -----
 def save_train_state(r: Run, steps_done: int):
     """Every rank writes its shards into rank 0's temporary folder, which then replaces out_dir/ckpt
     (model.atomic_folder): a run killed while writing leaves the previous checkpoint whole."""
@@ -559,10 +544,10 @@ def save_final(r: Run, name: str):
         save_checkpoint(sd, os.path.join(r.cfg.out_dir, name), r.args, r.tok_path)
     dist.barrier()
 
-# Distributed set-up: torchrun sets RANK/WORLD_SIZE; a plain process is a world of one -------------
 _COMM_DEVICE = torch.device("cpu")  # NCCL reduces CUDA tensors only, gloo CPU ones
 
 def setup_distributed(device: str):
+    """(rank, world size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain process is a world of one."""
     global _COMM_DEVICE
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -594,7 +579,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     dist.all_gather(out, x)
     return torch.cat(out).cpu()
 
-# Model: meta-device init, activation checkpointing, FSDP2, strict load ----------------------------
 def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
     """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -639,7 +623,6 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
 
-# Data ---------------------------------------------------------------------------------------------
 class Stream:
     """Global batches of one split, epoch after epoch (data.batch_indices); `position` is all a resume needs."""
 
@@ -668,7 +651,6 @@ def load_data(cfg: Config, tok) -> tuple:
     train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)  # App. A.1: 5 % held out
     return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len, **chat).examples if test_paths else []
 
-# Entry point --------------------------------------------------------------------------------------
 class ConfigError(ValueError):
     """A flag that cannot work."""
 
