@@ -8,9 +8,8 @@ data with its own tokenizer that stands in for UltraChat and HH on a CPU ("Demo 
     demo = prepare_demo("out")                              # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
-- Chat template (the paper names none): --chat_template, one for every source and for policy and reward models alike.
-  "plain" (the demo's, for base models) is HH-RLHF's without its leading blank line, "Human: {user}\\n\\nAssistant:
-  {answer}\\n\\nHuman: …\\n\\nAssistant:"; "llama2" is LLaMA-2-chat's [INST]; "chatml". A prompt ends where its
+- Chat template (the paper names none): --chat_template (encode_prompt), one for every source, policy and reward models
+  alike; "plain" (the demo's, for base models) is HH-RLHF's without its leading blank line. A prompt ends where its
   answer starts, and the answer ends with the stop token's *id* (EOS; ChatML's <|im_end|>), not text: an exact boundary.
 - UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
   in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
@@ -42,10 +41,6 @@ def render_dialogue(dialogue: Sequence[tuple]) -> str:
     names = {"user": "Human", "assistant": "Assistant"}
     return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
 
-def render_prompt(dialogue: Sequence[tuple]) -> str:
-    """The prompt string of a dialogue ending with a user turn (encode_prompt checks): it ends where answers start."""
-    return render_dialogue(dialogue) + "\n\nAssistant:"
-
 def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain", system: str = "") -> np.ndarray:
     """Prompt ids (int32) of a dialogue ending with a user turn, in a chat template; they end where the answer starts.
 
@@ -61,7 +56,7 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
     if template == "plain":
         if system:
             raise ValueError("the plain template has no system prompt")
-        return np.asarray(tokenizer.encode(render_prompt(dialogue), bos=True), dtype=np.int32)
+        return np.asarray(tokenizer.encode(render_dialogue(dialogue) + "\n\nAssistant:", bos=True), dtype=np.int32)
     if template == "chatml":
         turns = ([("system", system)] if system else []) + list(dialogue)
         text = "".join(f"<|im_start|>{role}\n{said.strip()}<|im_end|>\n" for role, said in turns)
@@ -95,16 +90,9 @@ def _chatml(tokenizer):
                               "tokens (added_tokens.json beside tokenizer.model; `python model.py convert` copies it)")
     return tokenizer
 
-@dataclass
-class TaskExample:
-    prompt: np.ndarray  # (P,) int32, BOS first
-    response: np.ndarray  # (R,) int32, EOS last
-
-@dataclass
-class PreferenceExample:
-    prompt: np.ndarray  # (P,) int32, BOS first
-    chosen: np.ndarray  # (R⁺,) int32 y⁺, EOS last
-    rejected: np.ndarray  # (R⁻,) int32 y⁻, EOS last
+# int32 token-id arrays: the prompt (P,), BOS first; the response, and HH's chosen y⁺ and rejected y⁻, EOS last
+TaskExample = namedtuple("TaskExample", ["prompt", "response"])
+PreferenceExample = namedtuple("PreferenceExample", ["prompt", "chosen", "rejected"])
 
 @dataclass
 class ReadResult:

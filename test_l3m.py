@@ -1121,7 +1121,7 @@ DIALOGUE = ["Tell me about the owl.", "The owl lives in old forests.", "And what
 
 def test_template_and_exact_boundary(tok):
     dialogue = [("user", "Hi there."), ("assistant", "Hello."), ("user", "Tell me about the owl.")]
-    prompt = D.render_prompt(dialogue)
+    prompt = D.render_dialogue(dialogue) + "\n\nAssistant:"
     assert prompt == "Human: Hi there.\n\nAssistant: Hello.\n\nHuman: Tell me about the owl.\n\nAssistant:"
     p, r = D.encode_prompt(tok, dialogue), D.encode_response(tok, " The owl lives in old forests.\n")
     assert p.tolist() == tok.encode(prompt, bos=True)
@@ -1263,7 +1263,8 @@ def test_ultrachat_turn_keyed_by_the_dialogue(tok, tmp_path):
     for e, d in zip(r1.examples, dialogues):
         k = d.index(text(tok, e.response))  # the response is an assistant turn, whole
         assert k % 2 == 1
-        expected = D.render_prompt([("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(d[:k])])
+        before = [("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(d[:k])]
+        expected = D.render_dialogue(before) + "\n\nAssistant:"
         assert text(tok, e.prompt) == expected  # the prompt is exactly the dialogue before it
         chosen.append(k)
     assert set(chosen) == {1, 3, 5}  # 40 draws of 3 turns: all appear (misses one with prob. < 1e-6)

@@ -33,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +169,7 @@ class Run:
         self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
         self.reports, self.best = {}, None  # evaluations so far; a reward model's best validation accuracy
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print0(f"config: {json.dumps(dataclasses.asdict(cfg))}\nmodel: {self.args}\n{self.total} steps, "
+        print0(f"config: {json.dumps(asdict(cfg))}\nmodel: {self.args}\n{self.total} steps, "
                f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test, global batch "
                f"{cfg.batch_size} = {world} rank(s) × {cfg.batch_size // world}")
 
@@ -240,8 +240,8 @@ def step_kind(cfg: Config, step: int) -> str:
 
 def task_step(r: Run) -> dict:
     """Heads (§5.4): one step on the task loss L(θ) = mean −ℓ̄_θ(y|x) over a task mini-batch (Eq. 5)."""
-    tokens, mask = data.task_batch([r.train[i] for i in r.task_stream.next()], pad_id=r.tok.eos_id)
-    tokens, mask = tokens.to(r.device), mask.to(r.device)  # (B, T)
+    batch = [r.train[i] for i in r.task_stream.next()]
+    tokens, mask = (x.to(r.device) for x in data.task_batch(batch, pad_id=r.tok.eos_id))  # (B, T)
     loss = 0.0
     for j, share in micro_batches(len(tokens), r.cfg.micro_batch):
         part = share * l3m.task_loss(l3m.logp_norm(r.model(tokens[j]), tokens[j], mask[j]))
@@ -269,8 +269,7 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
     t_sample = time.perf_counter() - t0
     # surrogate Σ_i λ̂_i·mean_b(c_bi·ℓ̄_θ(y_b)): with c and λ̂ held constant its gradient estimates
     # Σ_i λ̂_i·∇C_i (Eq. 12), with ∇ℓ̄_θ for ∇log π_θ (§5.4)
-    tokens, mask = data.response_batch(prompts, samples.responses, pad_id=r.tok.eos_id)
-    tokens, mask = tokens.to(r.device), mask.to(r.device)  # (B, T)
+    tokens, mask = (x.to(r.device) for x in data.response_batch(prompts, samples.responses, pad_id=r.tok.eos_id))
     loss = 0.0
     for j, share in micro_batches(len(tokens), cfg.micro_batch):
         logp = l3m.logp_norm(r.model(tokens[j]), tokens[j], mask[j], cfg.temperature or 1.0)  # ℓ̄_θ(y|x), (b,)
@@ -278,8 +277,7 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
         part.backward()
         loss += part.item()
     # clip the constraint gradient on its own (§5.4), then AdamW
-    rec = clip_and_step(r, loss)
-    return {**rec, "C": r.mult.ema.batch_mean.tolist(), "C_hat": C_hat.tolist(), "lam": lam.tolist(),
+    return {**clip_and_step(r, loss), "C": r.mult.ema.batch_mean.tolist(), "C_hat": C_hat.tolist(), "lam": lam.tolist(),
             "barrier": l3m.barrier(C_hat, mu, mu ** 2).tolist(),  # B_{µ,µ²}(Ĉ_i), Eq. 9
             "branch": ["log" if C <= -mu ** 2 else "linear" for C in C_hat.tolist()],
             "t_sample": t_sample, **rollout_stats(samples)}
@@ -455,8 +453,7 @@ def finish(r: Run) -> dict:
            "{optimizer:,} of AdamW state".format(**reports["bytes_per_rank"]))
     save_final(r, "final")
     if dist.get_rank() == 0:
-        with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), **reports}, f, indent=2)
+        Path(cfg.out_dir, "report.json").write_text(json.dumps({"config": asdict(cfg), **reports}, indent=2))
     return reports
 
 def held_bytes(r: Run) -> dict:
@@ -505,7 +502,7 @@ def save_train_state(r: Run, steps_done: int):
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
     state = {"step": steps_done, "task_pos": r.task_stream.position, "prompt_pos": r.prompt_stream.position,
-             "best": r.best, "reports": r.reports, "config": dataclasses.asdict(r.cfg),
+             "best": r.best, "reports": r.reports, "config": asdict(r.cfg),
              "multipliers": r.mult.state_dict() if r.mult is not None else None}
     rank0, ckpt = dist.get_rank() == 0, os.path.join(r.cfg.out_dir, "ckpt")
     for stale in glob.glob(f"{ckpt}.tmp*") if rank0 else []:  # the half-written folder of a killed save
@@ -694,7 +691,7 @@ def check_config(cfg: Config):
         saved = torch.load(os.path.join(c.out_dir, "ckpt", "state.pt"), weights_only=False)["config"]
         free = {"out_dir", "init", "resume", "overwrite", "stop_after", "eval_every", "ckpt_every", "show", "device",
                 "micro_batch", "activation_checkpointing"}  # out_dir: a run folder may be moved, then resumed
-        changed = [f"--{k}={v!r} (the checkpoint's: {saved.get(k)!r})" for k, v in dataclasses.asdict(c).items()
+        changed = [f"--{k}={v!r} (the checkpoint's: {saved.get(k)!r})" for k, v in asdict(c).items()
                    if k not in free and saved.get(k) != v]
         if changed:
             raise ConfigError(f"--resume with flags other than the checkpoint's: {', '.join(changed)}")
