@@ -95,8 +95,7 @@ def lambda_hat(C_hat, mu, k):
     return barrier_grad(C_hat.detach().double(), mu, mu**2).div(k).float()
 
 def chance(r, b, eps):
-    """Chance constraint P[r ≥ b] ≥ 1 − ε (§4.1) as an average constraint: reward 1{r ≥ b} with threshold
-    1 − ε, so c = (1 − ε) − 1{r ≥ b}. Returns (reward, threshold)."""
+    """P[r ≥ b] ≥ 1 − ε (§4.1) as an average constraint: returns (reward 1{r ≥ b}, threshold 1 − ε)."""
     return (r >= b).float(), 1.0 - eps
 
 class Multipliers:
@@ -120,8 +119,7 @@ class Multipliers:
         return bool(torch.rand((), generator=generator) < 0.5)
 
     def observe(self, c, all_reduce=None):
-        """Update Ĉ with a constraint batch c (B, k); for MM then λ ← max(0, λ + η_λ·Ĉ). None, and nothing
-        updated, if the batch holds a non-finite c."""
+        """Update Ĉ with a batch c (B, k), then MM's λ ← max(0, λ + η_λ·Ĉ); None (no update) if c is not finite."""
         C_hat = self.ema.update(c, all_reduce)
         if self.method == "mm" and C_hat is not None:
             self.lam_mm = torch.clamp(self.lam_mm.to(C_hat) + self.eta_lam * C_hat, min=0.0)

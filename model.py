@@ -215,8 +215,7 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
                  candidates: tuple = (128, 1024), top_k: int = 0) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus, (B, V) -> (B,), by inverse-CDF
     lookup; temperature 0 is greedy. top_k > 0 first keeps the k likeliest tokens and renormalises (transformers'
-    order: top-k, then top-p). generator: one torch.Generator, or a list of one per row so a row's draw ignores its
-    batch-mates (train.py keys them by the row's global index: a run samples the same whatever its number of ranks).
+    order: top-k, then top-p). generator: one torch.Generator, or one per row, so that a row's draw ignores its batch.
     A full sort of V dominates a small model's CPU decode step (~11 ms for 8 × 32000): the nucleus is looked for among
     the 128, then 1024 likeliest (partial sorts, ~0.5 and ~2 ms), the full sort only if they hold less than top_p."""
     if temperature == 0:
@@ -258,10 +257,9 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
              top_p: float = 0.9, generator=None, top_k: int = 0, step=decode_one_token):
-    """Sample a response for each prompt (token id lists of different lengths); returns trim_at_eos's result. Prompts
-    are left-padded so every row's next token sits in the same column; padding is masked out of attention and RoPE
-    positions start at each row's first real token, so padding changes no row's result. The only host syncs per
-    token: stopping once every row has ended and sample_top_p's candidate test. step: decode_one_token, or compiled."""
+    """Sample a response for each prompt (id lists of any lengths): trim_at_eos's result. Prompts are left-padded
+    (KVCache), masked out of attention, RoPE positions counted from each row's first real token: padding changes no
+    row's result. Host syncs per token: the all-ended test and sample_top_p's. step: see decode_one_token."""
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -489,10 +487,9 @@ def export_hf(src: str, dst: str) -> dict:
     return config
 
 class Tokenizer:
-    """A thin wrapper over a sentencepiece model (LLaMA-1/2's tokenizer.model works as is). No pad id. Added tokens
-    (a chat model's markers, e.g. ChatML's <|im_start|>, with ids past the sentencepiece vocabulary) come from an
-    added_tokens.json {text: id} beside tokenizer.model; the text between them is tokenised piece by piece, each
-    with sentencepiece's leading space, as transformers' LlamaTokenizer does (legacy=True, its default for LLaMA-2)."""
+    """A sentencepiece model (LLaMA-1/2's tokenizer.model as is), no pad id, and added tokens: a chat model's markers
+    (ChatML's <|im_start|>) with ids past the vocabulary, from added_tokens.json {text: id} beside it. The text between
+    them is tokenised run by run, each with a leading space, as transformers' LlamaTokenizer does (legacy=True)."""
 
     def __init__(self, path: str):
         import sentencepiece as spm

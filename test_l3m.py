@@ -2103,7 +2103,7 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     (["--method=ppo"], "--method=ppo must be sft, l3m, mm or reward"),
     (["--device=tpu"], "--device=tpu must be auto, cpu or cuda"),
     (["--chat_template=zephyr"], "--chat_template=zephyr must be one of plain, llama2, chatml"),
-    (["--chat_template=chatml"], "--chat_template=chatml needs <.im_start.> and <.im_end.> in demo/added_tokens"),
+    (["--chat_template=chatml"], "--chat_template=chatml needs <.im_start.> and <.im_end.> .* the demo model has none"),
     (["--system_prompt=Be brief."], "--system_prompt=Be brief. must be empty with --chat_template=plain"),
     (["--constraint=length>=inf"], "cannot read 'length>=inf' \\(the threshold must be a finite number\\)"),
     (["--constraint=length>=nan"], "the threshold must be a finite number"),

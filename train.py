@@ -662,14 +662,12 @@ def check_config(cfg: Config):
             (c.method in ("sft", "l3m", "mm", "reward"), "method", "sft, l3m, mm or reward"),
             (c.batch_size > 0, "batch_size", "> 0"), (c.micro_batch > 0, "micro_batch", "> 0"),
             (c.batch_size % max(c.micro_batch, 1) == 0, "batch_size", f"a multiple of --micro_batch={c.micro_batch}"),
-            (c.lr > 0, "lr", "> 0"), (c.weight_decay >= 0, "weight_decay", ">= 0"),
-            (c.grad_clip > 0, "grad_clip", "> 0"),
-            (0 <= c.warmup < 1, "warmup", "in [0, 1): a share of the steps"), (c.steps >= 0, "steps", ">= 0"),
+            (c.lr > 0, "lr", "> 0"), (c.weight_decay >= 0, "weight_decay", ">= 0"), (c.steps >= 0, "steps", ">= 0"),
+            (0 <= c.warmup < 1, "warmup", "in [0, 1): a share of the steps"), (c.grad_clip > 0, "grad_clip", "> 0"),
             (c.epochs > 0 or c.steps > 0, "epochs", "> 0 (or --steps > 0)"), (c.max_len > 0, "max_len", "> 0"),
             (c.max_new_tokens > 0, "max_new_tokens", "> 0"), (0 < c.top_p <= 1, "top_p", "in (0, 1]"),
-            (c.top_k >= 0, "top_k", ">= 0 (0: no top-k)"),
-            (c.temperature >= 0, "temperature", ">= 0 (0: greedy)"), (c.mu_0 > 0, "mu_0", "> 0"),
-            (0 < c.mu_T < c.mu_0, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays"),
+            (c.top_k >= 0, "top_k", ">= 0 (0: no top-k)"), (c.temperature >= 0, "temperature", ">= 0 (0: greedy)"),
+            (c.mu_0 > 0, "mu_0", "> 0"), (0 < c.mu_T < c.mu_0, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays"),
             (0 < c.ema_alpha <= 1, "ema_alpha", "in (0, 1]"), (c.eta_lam > 0, "eta_lam", "> 0"),
             (c.val >= 0 and c.test >= 0, "val" if c.val < 0 else "test", ">= 0"),
             (min(c.eval_every, c.ckpt_every, c.stop_after, c.show) >= 0,
@@ -702,11 +700,9 @@ def check_config(cfg: Config):
         need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
         need(os.path.join(cfg.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
              "tokenizer.model into the folder):")
-    if cfg.chat_template == "chatml":  # its markers must be added tokens of the --init model's tokenizer
-        added = os.path.join(cfg.init, "added_tokens.json")
-        if not {"<|im_start|>", "<|im_end|>"} <= (json.load(open(added)).keys() if os.path.isfile(added) else set()):
-            raise ConfigError(f"--chat_template=chatml needs <|im_start|> and <|im_end|> in {added} (a ChatML model's "
-                              "added tokens, which `python model.py convert` copies); the demo model has none")
+    if cfg.chat_template == "chatml" and cfg.init in ("demo", "scratch"):  # an --init model: data._chatml checks it
+        raise ConfigError("--chat_template=chatml needs <|im_start|> and <|im_end|> among the tokenizer's added "
+                          "tokens; the demo model has none")
     if cfg.data != "demo":
         tests = [p for p in cfg.data_test.split(",") if p] if cfg.method == "reward" else []
         for path in cfg.data.split(",") + tests:
