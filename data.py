@@ -243,13 +243,12 @@ def batch_indices(n: int, batch_size: int, position: int, *, seed: int, rank: in
     start = (b * world_size + rank) * batch_size
     return np.random.default_rng([seed, epoch]).permutation(n)[start:start + batch_size]
 
-# Demo data: questions about 24 animals and things, answered by 1 to 5 sentences and maybe an opener or a closer. The
-# length is a free choice, not fixed by the question (10 to ~150 tokens for the same one), so a length constraint can
-# move it at little cost to the task. Each sentence is a fact about the thing asked ("The owl mostly eats mice and
-# insects."), a caution, i.e. a safety or hedging note ("Never try to touch or feed a wild owl."), or a filler, neither
-# ("Many people enjoy learning about the owl."). The analogues of helpful and harmless: informative = share of the
-# sentences that are facts, cautious = share that are cautions. Cautions take the place of facts, so the two are
-# negatively correlated, but fillers let a response lack both.
+# Demo data: questions about 24 animals and things, answered by 1 to 5 sentences, maybe with an opener or a closer. The
+# length is a free choice (10 to ~150 tokens for the same question), so a length constraint can move it at little cost
+# to the task. A sentence is a fact about the thing asked ("The owl mostly eats mice and insects."), a caution, i.e. a
+# safety or hedging note ("Never try to touch or feed a wild owl."), or a filler, neither ("Many people enjoy learning
+# about the owl."). The analogues of helpful and harmless: informative and cautious, the shares of facts and of
+# cautions. Cautions take the place of facts, so the two are negatively correlated; fillers let a response lack both.
 MAX_BODY = 5  # body sentences: answers of 10 to ~150 demo tokens, median ~57
 DEMO_SIZES = {"task": 4000, "preference_train": 2000, "preference_test": 200}
 _DEMO_VERSION = 1  # bump when the generator changes, so stale caches are not reused
@@ -384,9 +383,8 @@ DemoFiles = namedtuple("DemoFiles", ["folder", "tokenizer", "task", "informative
                                      "cautious_train", "cautious_test"])
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
-    """Build the demo data under out_dir once, deterministic in seed (later calls reuse it), and return its paths: the
-    tokenizer, the task data (UltraChat {"id", "data"} format) and two preference sets (HH format) for the helpful-like
-    and harmless-like reward models. Suggested task split: split_dataset(..., val=200, test=200, seed=seed)."""
+    """Build the demo data under out_dir once, deterministic in seed (later calls reuse it); returns its paths: the
+    tokenizer, the task data (UltraChat's {"id", "data"}), two preference sets (HH's) for helpful/harmless-like RMs."""
     folder = Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}"
     files = DemoFiles(folder, folder / "tokenizer.model", folder / "task.jsonl",
                       *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))

@@ -15,8 +15,7 @@ average constraint they would mean the same as ≤ and ≥.
 
 Where this departs from the paper, or fixes what it leaves open:
 - Length (§6.2) is |y|, the number of response tokens *excluding* the EOS (a response cut at max_new_tokens has
-  none). "length>=l_low" gives r = |y|, b = l_low where §6.2 writes r₁ = |y| − l_low, b₁ = 0: the constant moves
-  from r to b; c = b − r = l_low − |y| and the constraint are the same (likewise for l_high).
+  none). "length>=l_low" gives r = |y|, b = l_low where §6.2 writes r₁ = |y| − l_low, b₁ = 0: the same c = l_low − |y|.
 - Learned rewards (App. A.1) are the reward model's ℓ̄_φ(y|x) *including* the EOS of an ended response, as in its
   Bradley–Terry training on full responses. Every reward returns float32 (B,) on the CPU.
 """
@@ -60,9 +59,8 @@ class Constraint:
         return self.b - self.reward(samples)
 
 def verdict(C: float, se: float, z: float = 2.0) -> str:
-    """A constraint's estimate C = mean of b − r over n responses, with standard error se, read as 'satisfied'
-    (C ≤ 0), 'within noise' (0 < C ≤ z·se) or 'violated'. An active constraint's KKT point lies on its threshold,
-    where C ~ N(0, se²): it reads 'satisfied' half the time and, at z = 2, 'violated' 2 % of the time."""
+    """An estimate C (mean of b − r over n responses) with standard error se: 'satisfied' (C ≤ 0), 'within noise'
+    (0 < C ≤ z·se) or 'violated'. At an active constraint's KKT point, C ~ N(0, se²): 'violated' 2 % of the time."""
     return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
 
 def length_reward(samples: Samples) -> torch.Tensor:
@@ -137,8 +135,7 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         q = float(chance.group(2))
         if not 0.0 < q <= 1.0:
             raise ConstraintError(f"{text!r}: a probability must lie in (0, 1], not {q}")
-        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), here with 1 − ε = q;
-        # P[r ≤ t] is P[−r ≥ −t]
+        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), 1 − ε = q; P[r ≤ t] = P[−r ≥ −t]
         sign = 1.0 if op == ">=" else -1.0
         return Constraint(text.strip(), lambda s: l3m.chance(sign * reward(s), sign * t, 0.0)[0], q)
     if text.lstrip().startswith("P["):

@@ -50,10 +50,9 @@ from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_fo
                    decode_one_token, generate, read_checkpoint, save_checkpoint)
 
 def flag(default, help: str):
-    """A Config field with the help text `python train.py --help` prints."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    """A Config field with the help text `python train.py --help` prints; each Config gets its own copy of a list."""
+    return field(default_factory=lambda: list(default) if isinstance(default, list) else default,
+                 metadata={"help": help})
 
 @dataclass
 class Config:
@@ -116,7 +115,7 @@ def parse_config(argv) -> Config:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = f.default_factory()
         help = f"{f.metadata['help']} (default: {default})"
         if isinstance(default, list):
             p.add_argument(f"--{f.name}", action="append", help=help)
