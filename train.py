@@ -23,7 +23,6 @@ with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains eve
   schedule, clipping, checkpoints and resume a second loop would only repeat.
 """
 import contextlib
-import dataclasses
 import glob
 import json
 import math
@@ -33,14 +32,18 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -114,7 +117,7 @@ class Config:
 def parse_config(argv) -> Config:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
+    for f in fields(Config):
         default = f.default_factory()
         help = f"{f.metadata['help']} (default: {default})"
         if isinstance(default, list):
@@ -497,8 +500,6 @@ def format_report(r: dict) -> str:
 def save_train_state(r: Run, steps_done: int):
     """Every rank writes its shards into rank 0's temporary folder, which then replaces out_dir/ckpt
     (model.atomic_folder): a run killed while writing leaves the previous checkpoint whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
     state = {"step": steps_done, "task_pos": r.task_stream.position, "prompt_pos": r.prompt_stream.position,
              "best": r.best, "reports": r.reports, "config": asdict(r.cfg),
@@ -517,8 +518,6 @@ def save_train_state(r: Run, steps_done: int):
 
 def load_train_state(r: Run) -> int:
     """Restore the model, AdamW, the data positions, the multipliers and the reports; returns the step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     folder = os.path.join(r.cfg.out_dir, "ckpt")  # check_config made sure it is there
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
@@ -534,7 +533,6 @@ def load_train_state(r: Run) -> int:
 
 def save_final(r: Run, name: str):
     """The model in model.py's checkpoint format (loadable by model.load_model and `python model.py sample`)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         save_checkpoint(sd, os.path.join(r.cfg.out_dir, name), r.args, r.tok_path)
@@ -577,8 +575,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
     """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded strictly."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.utils.checkpoint import checkpoint
     if init == "scratch":
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                          vocab_size=tokenizer_vocab, multiple_of=32, max_seq_len=cfg.max_len + cfg.max_new_tokens)
@@ -721,9 +717,9 @@ def demo_base(cfg: Config, device) -> str:
     folder = os.path.join(cfg.data_dir, DEMO_BASE)
     if not os.path.isfile(os.path.join(folder, "args.json")):
         print0(f"pretraining the demo base model once, cached in {folder}")
-        base = dataclasses.replace(cfg, method="sft", init="scratch", out_dir=folder + "_run", epochs=cfg.base_epochs,
-                                   steps=0, lr=cfg.base_lr, constraint=[], reward_model=[], resume=False,
-                                   overwrite=True, eval_every=0, ckpt_every=0)
+        base = replace(cfg, method="sft", init="scratch", out_dir=folder + "_run", epochs=cfg.base_epochs, steps=0,
+                       lr=cfg.base_lr, constraint=[], reward_model=[], resume=False, overwrite=True, eval_every=0,
+                       ckpt_every=0)
         run(base, device)
         if dist.get_rank() == 0:
             os.rename(os.path.join(base.out_dir, "final"), folder)
@@ -736,7 +732,7 @@ def main(argv):
         check_config(cfg)
         rank, world, device = setup_distributed(cfg.device)
         if cfg.init == "demo":
-            cfg = dataclasses.replace(cfg, init=demo_base(cfg, device))
+            cfg = replace(cfg, init=demo_base(cfg, device))
         run(cfg, device)
     except (ConfigError, CheckpointError, rewards.ConstraintError, data.DataError) as e:
         print0(f"error: {e}")
