@@ -446,8 +446,7 @@ def convert(src: str, dst: str):
     else:
         raise CheckpointError(f"{src}: neither Meta's consolidated.*.pth + params.json nor Hugging Face's config.json")
     with torch.device("meta"):
-        model = Transformer(args)
-    check_state_dict(sd, model, src)
+        check_state_dict(sd, Transformer(args), src)
     toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
     tok = next((t for t in toks if os.path.isfile(t)), None)  # beside the weights, or one up (Meta's releases)
     save_checkpoint(sd, dst, args, tok)

@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -189,7 +190,7 @@ def param_groups(model, weight_decay: float) -> list:
 def run(cfg: Config, device) -> dict:
     """One training run as configured. Returns the final report (the same on every rank)."""
     r = Run(cfg, device)
-    signal.signal(signal.SIGTERM, on_sigterm)  # preemption: finish the step, checkpoint, exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())  # preemption: finish the step, checkpoint, exit
     start = load_train_state(r) if cfg.resume else 0
     open_ledger(r, start)
     if start == 0 and cfg.eval_before:
@@ -233,8 +234,7 @@ def run(cfg: Config, device) -> dict:
     return finish(r)
 
 def step_kind(cfg: Config, step: int) -> str:
-    """'task' or 'constraint' by this step's fair coin (§5.4), a function of (seed, step): every rank flips the same
-    one (FSDP's collectives match) and a resume needs no RNG state. SFT: always 'task'; a reward model: 'reward'."""
+    """'task' or 'constraint' by the fair coin of (seed, step) (§5.4; the top says why); SFT: 'task'; RMs: 'reward'."""
     if cfg.method in ("sft", "reward"):
         return "task" if cfg.method == "sft" else "reward"
     heads = l3m.Multipliers.coin(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
@@ -303,7 +303,7 @@ def clip_and_step(r: Run, loss: float) -> dict:
     """Clip the accumulated gradient at --grad_clip (§5.4), take the AdamW step, clear the gradient. Loss and norm are
     all-reduced, so a non-finite one on any rank skips the step on every rank; the loss's all-reduce also carries
     whether a rank has received SIGTERM, so that all ranks stop after the same step."""
-    loss, sigterms = all_reduce_sum(torch.tensor([loss, float(_SIGTERM)], dtype=torch.float64)).tolist()
+    loss, sigterms = all_reduce_sum(torch.tensor([loss, float(_SIGTERM.is_set())], dtype=torch.float64)).tolist()
     loss /= dist.get_world_size()
     norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg.grad_clip)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # before clipping
@@ -313,11 +313,7 @@ def clip_and_step(r: Run, loss: float) -> dict:
     r.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": norm, "skipped": skipped, "preempted": sigterms > 0}
 
-_SIGTERM = False  # set by on_sigterm; read at the end of each step (clip_and_step)
-
-def on_sigterm(signum, frame):
-    global _SIGTERM
-    _SIGTERM = True
+_SIGTERM = threading.Event()  # set by run's SIGTERM handler; read at the end of each step (clip_and_step)
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Linear warm-up over cfg.warmup of the steps, then cosine decay to 0 (App. A)."""
@@ -376,9 +372,9 @@ def log_step(r: Run, bar, rec: dict):
         bar.set_postfix(show, refresh=False)
 
 def evaluate(r: Run, examples, split: str, model=None) -> dict:
-    """Task perplexity (−ℓ̄ per sequence), rollout lengths and each constraint's mean reward on a split; a
-    reward model's pairwise accuracy. Examples are dealt round-robin to the ranks and padded to equal
-    counts (the pads are dropped from the statistics), then gathered: exact, and alike on every rank."""
+    """Task perplexity (−ℓ̄ per sequence), rollout lengths and each constraint's mean reward on a split, or a reward
+    model's pairwise accuracy. Examples are dealt round-robin to the ranks and padded to equal counts (the pads are
+    dropped from the statistics), then gathered: exact, and alike on every rank."""
     rank, world, cfg, model = dist.get_rank(), dist.get_world_size(), r.cfg, model or r.model
     per_rank = math.ceil(len(examples) / world)
     idx = [min(rank + world * j, len(examples) - 1) for j in range(per_rank)]
@@ -498,8 +494,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 def save_train_state(r: Run, steps_done: int):
-    """Every rank writes its shards into rank 0's temporary folder, which then replaces out_dir/ckpt
-    (model.atomic_folder): a run killed while writing leaves the previous checkpoint whole."""
+    """Every rank's shards go to rank 0's temporary folder, which then replaces out_dir/ckpt (model.atomic_folder)."""
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
     state = {"step": steps_done, "task_pos": r.task_stream.position, "prompt_pos": r.prompt_stream.position,
              "best": r.best, "reports": r.reports, "config": asdict(r.cfg),
@@ -647,8 +642,7 @@ class ConfigError(ValueError):
     """A flag that cannot work."""
 
 def check_config(cfg: Config):
-    """Refuse a config before any work, with one message. Every rank runs the same checks on the same
-    flags and files, so every rank stops together and none waits at a collective for the others."""
+    """Refuse a bad config before any work, in one message (every rank checks alike: all stop together)."""
     def need(path, what):
         if not os.path.exists(path):
             raise ConfigError(f"{what} {path!r} does not exist")
