@@ -72,8 +72,7 @@ def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray
     plain, llama2: the space after "Assistant:"/"[/INST]" is the one sentencepiece puts before an answer tokenised alone
     (llama2 also keeps one before EOS); chatml: no space, so it is tokenised after "assistant\n", which is cut off."""
     if template != "chatml":
-        return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True),
-                          dtype=np.int32)
+        return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True), np.int32)
     head, ids = (_chatml(tokenizer).sp.encode(t) for t in ("assistant\n", "assistant\n" + text.strip()))
     if ids[:len(head)] != head:
         raise ValueError(f"{text!r}: the tokenizer merges it with the 'assistant\\n' before it")
@@ -110,7 +109,7 @@ class ReadResult:
                 f"{self.max_tokens} tokens, skipped {self.malformed.total()} malformed" + (f" ({why})" if why else ""))
 
 def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
-    """parse(record) -> example, or None if too long, over every line of the JSONL files, gzipped if named .gz."""
+    """parse(record) -> (prompt, response, …) over every line of the JSONL files, gzipped if named .gz."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     result = ReadResult(", ".join(map(str, paths)), max_tokens)
     for path in paths:
@@ -128,7 +127,7 @@ def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
                         raise DataError(f"{path}:{lineno}: {reason}") from None
                     result.malformed[reason] += 1
                     continue
-                if example is None:
+                if len(example.prompt) + max(map(len, example[1:])) > max_tokens:  # prompt + its longest response
                     result.too_long += 1
                 else:
                     result.examples.append(example)
@@ -167,8 +166,7 @@ def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, st
         dialogue = _ultrachat_dialogue(record)
         k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
         prompt = encode_prompt(tokenizer, dialogue[:k], template, system)
-        response = encode_response(tokenizer, dialogue[k][1], template)
-        return TaskExample(prompt, response) if len(prompt) + len(response) <= max_tokens else None
+        return TaskExample(prompt, encode_response(tokenizer, dialogue[k][1], template))
     return _read(paths, parse, max_tokens, strict)
 
 def _hh_dialogue(text) -> list:
@@ -196,9 +194,7 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False, t
         if [(r, t.strip()) for r, t in chosen[:-1]] != [(r, t.strip()) for r, t in rejected[:-1]]:
             raise DataError("'chosen' and 'rejected' have different prompts")
         prompt = encode_prompt(tokenizer, chosen[:-1], template, system)
-        y_plus, y_minus = (encode_response(tokenizer, d[-1][1], template) for d in (chosen, rejected))
-        fits = len(prompt) + max(len(y_plus), len(y_minus)) <= max_tokens
-        return PreferenceExample(prompt, y_plus, y_minus) if fits else None
+        return PreferenceExample(prompt, *(encode_response(tokenizer, d[-1][1], template) for d in (chosen, rejected)))
     return _read(paths, parse, max_tokens, strict)
 
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
@@ -316,9 +312,8 @@ _FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.", "W
 
 def _sentences(name: str) -> dict:
     """kind -> the sentences an answer about name may hold; "named"/"it": its six facts about "The {name}"/"It"."""
-    kind = "animal" if name in _ANIMALS else "thing"
-    values, facts = (_ANIMALS[name], _ANIMAL_FACTS) if kind == "animal" else (_THINGS[name], _THING_FACTS)
-    fmt = lambda ts, subject=None: [t.format(*values.split("; "), S=subject, name=name) for t in ts]
+    kind, table, facts = ("animal", _ANIMALS, _ANIMAL_FACTS) if name in _ANIMALS else ("thing", _THINGS, _THING_FACTS)
+    fmt = lambda ts, subject=None: [t.format(*table[name].split("; "), S=subject, name=name) for t in ts]
     return {"named": fmt(facts, f"The {name}"), "it": fmt(facts, "It"), "filler": fmt(_FILLERS),
             "caution": fmt(_CAUTIONS[kind] + _CAUTIONS["any"]), "opener": fmt(_OPENERS), "closer": fmt(_CLOSERS)}
 
@@ -347,9 +342,7 @@ def demo_dialogue(rng: random.Random) -> list:
     names = rng.sample(sorted(_ANIMALS) + sorted(_THINGS), 2)
     answer = lambda name: demo_answer(rng, name, rng.randint(1, MAX_BODY), *_style(rng))
     turns = [rng.choice(_QUESTIONS).format(name=names[0]), answer(names[0])]
-    if rng.random() < 0.3:
-        turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), answer(names[1])]
-    return turns
+    return turns + ([rng.choice(_FOLLOW_UPS).format(name=names[1]), answer(names[1])] if rng.random() < 0.3 else [])
 
 @functools.lru_cache(maxsize=1)
 def _sentence_kinds() -> dict:
@@ -361,10 +354,8 @@ def _sentence_kinds() -> dict:
 def demo_properties(response: str) -> tuple:
     """(informative, cautious) of a demo response: the shares of its sentences that are facts (about any subject)
     and cautions. A sentence the generator never writes (a garbled sample) is neither."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", response.strip()) if s]
-    kinds = [_sentence_kinds().get(s) for s in sentences]
-    n = max(len(sentences), 1)
-    return kinds.count("fact") / n, kinds.count("caution") / n
+    kinds = [_sentence_kinds().get(s) for s in re.split(r"(?<=[.!?])\s+", response.strip())]  # ≥ 1 piece: "" if empty
+    return kinds.count("fact") / len(kinds), kinds.count("caution") / len(kinds)
 
 def demo_preference(rng: random.Random, prop: str) -> dict:
     """An HH-format pair: two answers of the same number of sentences to one question, y⁺ the one with the larger
@@ -386,8 +377,7 @@ def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
     """Build the demo data under out_dir once, deterministic in seed (later calls reuse it); returns its paths: the
     tokenizer, the task data (UltraChat's {"id", "data"}), two preference sets (HH's) for helpful/harmless-like RMs."""
     folder = Path(out_dir) / f"demo_v{_DEMO_VERSION}_seed{seed}_vocab{vocab_size}"
-    files = DemoFiles(folder, folder / "tokenizer.model", folder / "task.jsonl",
-                      *(folder / f"{p}_{s}.jsonl" for p in ("informative", "cautious") for s in ("train", "test")))
+    files = DemoFiles(folder, folder / "tokenizer.model", *(folder / f"{f}.jsonl" for f in DemoFiles._fields[2:]))
     if folder.is_dir():
         return files
     # Every rank calls this at once: one builds while the others wait on the lock, then reuse its folder.

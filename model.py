@@ -48,8 +48,7 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.hidden_dim is None:
-            # Meta's rule: 2/3 of 4·dim (SwiGLU has three matrices instead of two), scaled, rounded up.
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4·dim (SwiGLU: three matrices, not two), scaled, rounded up
             hidden = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
@@ -65,10 +64,9 @@ class ModelArgs:
         """From Meta's params.json; LLaMA-1/2 store vocab_size=-1, so the caller reads it off the weights."""
         if params.get("use_scaled_rope"):
             raise CheckpointError("params.json asks for LLaMA-3.1's scaled RoPE, which this model does not implement")
-        args = {f.name: params[f.name] for f in fields(cls) if f.name in params}
-        if args.get("vocab_size", -1) <= 0:
-            args["vocab_size"] = vocab_size
-        return cls(**args)
+        if params.get("vocab_size", -1) <= 0:
+            params = {**params, "vocab_size": vocab_size}
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
     @classmethod
     def from_hf(cls, config: dict) -> "ModelArgs":
@@ -92,8 +90,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in float32 (bf16 squares lose precision), scale in the input dtype, as Meta and HF do.
-        x32 = x.float()
+        x32 = x.float()  # normalise in float32 (bf16 squares lose precision), scale in x's dtype, as Meta and HF do
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 def rope_table(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -132,24 +129,21 @@ class KVCache:
         return ((keys <= queries) & real)[:, None]
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.head_dim, self.layer = args.head_dim, layer
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None, layer: int = 0):
-        B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # training: the whole sequence, causal; sampling: new keys and values go to their slots, queries see all slots
-        if cache is not None:
-            k, v = cache.k[layer].index_copy_(2, pos, k), cache.v[layer].index_copy_(2, pos, v)
+    def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None):
+        q, k, v = (w(x).unflatten(-1, (-1, self.head_dim)) for w in (self.wq, self.wk, self.wv))  # (B, T, H or H_kv, D)
+        q, k, v = (t.transpose(1, 2) for t in (apply_rope(q, rope), apply_rope(k, rope), v))  # (B, H or H_kv, T, D)
+        if cache is not None:  # sampling: new keys and values go to their slots, queries see all slots (KVCache)
+            k, v = cache.k[self.layer].index_copy_(2, pos, k), cache.v[self.layer].index_copy_(2, pos, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).flatten(2))  # (B, T, H·D)
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -164,13 +158,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, layer: int, args: ModelArgs):
         super().__init__()
-        self.layer = layer
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.attention, self.feed_forward = Attention(args, layer), FeedForward(args)
         self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, rope, cache: Optional[KVCache] = None, pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, cache, pos, mask, self.layer)
+        h = x + self.attention(self.attention_norm(x), rope, cache, pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 class Transformer(nn.Module):
@@ -257,9 +249,8 @@ def trim_at_eos(out: torch.Tensor, eos_id: int):
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
              top_p: float = 0.9, generator=None, top_k: int = 0, step=decode_one_token):
-    """Sample a response for each prompt (id lists of any lengths): trim_at_eos's result. Prompts are left-padded
-    (KVCache), masked out of attention, RoPE positions counted from each row's first real token: padding changes no
-    row's result. Host syncs per token: the all-ended test and sample_top_p's. step: see decode_one_token."""
+    """Sample a response for each prompt (id lists of any lengths): trim_at_eos's result. Left padding (KVCache)
+    changes no row's result. Host syncs per token: the all-ended test and sample_top_p's. step: see decode_one_token."""
     device = model.output.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -344,8 +335,7 @@ def check_state_dict(sd: dict, model: nn.Module, source: str):
             raise CheckpointError(f"{source}: {what} key {keys[0]!r} ({len(keys)} {what} in all)")
     for k, shape in expected.items():
         if sd[k].shape != shape:
-            raise CheckpointError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, the model's args.json "
-                                  f"expects {tuple(shape)}")
+            raise CheckpointError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, ModelArgs expect {tuple(shape)}")
 
 @contextlib.contextmanager
 def atomic_folder(folder: str):
@@ -459,9 +449,8 @@ def export_hf(src: str, dst: str) -> dict:
     and the weights in their dtype with HF's names and RoPE layout (model.safetensors, else pytorch_model.bin)."""
     args, sd = read_checkpoint(src)
     hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
-    tied = torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"])
-    if tied:  # one matrix for input and output (LLaMA-3.2 1B/3B, as converted): stored once, marked tied again
-        del hf["lm_head.weight"]
+    if tied := torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):  # one matrix for input and output
+        del hf["lm_head.weight"]  # (LLaMA-3.2 1B/3B, as converted): stored once, marked tied again
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -470,19 +459,18 @@ def export_hf(src: str, dst: str) -> dict:
               "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
               "tie_word_embeddings": tied, "torch_dtype": str(hf["model.norm.weight"].dtype).removeprefix("torch.")}
     tok = os.path.join(src, "tokenizer.model")
-    if os.path.isfile(tok):
-        t = Tokenizer(tok)
-        config.update(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
     with atomic_folder(dst) as tmp:
+        if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
+            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
+            copy_added_tokens(src, tmp)
+            t = Tokenizer(tok)
+            config.update(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
         try:
             from safetensors.torch import save_file
             save_file(hf, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         except ImportError:
             torch.save(hf, os.path.join(tmp, "pytorch_model.bin"))
         Path(tmp, "config.json").write_text(json.dumps(config, indent=2))
-        if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
-            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
-            copy_added_tokens(src, tmp)
     return config
 
 class Tokenizer:
