@@ -2075,9 +2075,11 @@ train.main(sys.argv[1:])
 
 def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data_dir):
     """µ falling 1 -> 1e-6 in 4 steps is warned about at the start; a constraint no response can meet
-    (length >= 1000 with 8 new tokens) runs to the end, reports itself violated with its C, and λ̂ stays finite."""
-    out = run_train(tmp_path, data_dir, "--method=l3m", "--steps=4", "--constraint=length>=1000")
+    (length >= 1000 with 8 new tokens) runs to the end, reports itself violated with its C, and λ̂ stays finite.
+    --stop_after at the last step is no time slice: the run finishes (report, final model), nothing to resume."""
+    out = run_train(tmp_path, data_dir, "--method=l3m", "--steps=4", "--constraint=length>=1000", "--stop_after=4")
     assert "warning: µ falls from 1 to 1e-06 in 4 steps" in out and "raise --mu_T" in out
+    assert "--resume" not in out and (tmp_path / "final" / "model.pth").is_file() and not (tmp_path / "ckpt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     c = report["after"]["constraints"]["length>=1000"]
     assert c["C"] >= 1000 - 8 and c["verdict"] == "violated"
@@ -2085,6 +2087,15 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     import train
     cfg = train.parse_config([])  # µ 1 -> 1e-6: ×1/1.15 per step is 1e6^(1/(T − 1)), T = 99.8 steps
     assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False, False]
+
+
+def test_flag_values_parse_or_fail_as_usage_errors(capsys):
+    import train
+    cfg = train.parse_config(["--val=0.5", "--test=12", "--resume=tRUE", "--overwrite=false"])
+    assert (cfg.val, cfg.test, cfg.resume, cfg.overwrite) == (0.5, 12.0, True, False)  # fractions, any case
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--resume=maybe"])
+    assert e.value.code == 2 and "argument --resume: invalid true_false value: 'maybe'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -70,8 +70,8 @@ class Config:
     demo_reward: str = flag("informative", "the demo preference set --method=reward learns: informative | cautious")
     constraint: list = flag(["length>=20", "length<=35"], "E[r] >= b and the like (rewards.py); repeat the flag")
     reward_model: list = flag([], "NAME=FOLDER: a learned reward a constraint may name; repeat the flag")
-    val: float = flag(200, "validation examples (a count, or a fraction if < 1)")
-    test: float = flag(200, "test examples (a count, or a fraction if < 1)")
+    val: float = flag(200.0, "validation examples (a count, or a fraction if < 1)")
+    test: float = flag(200.0, "test examples (a count, or a fraction if < 1)")
     max_len: int = flag(512, "drop (prompt, response) pairs longer than this many tokens (App. A: 512)")
     chat_template: str = flag("plain", "the model's chat format: plain (Human: … Assistant:, the demo's) | llama2 "
                               "([INST] … [/INST], LLaMA-2-chat) | chatml (<|im_start|>, <|im_end|> as added tokens)")
@@ -115,6 +115,10 @@ class Config:
     device: str = flag("auto", "auto | cpu | cuda")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
 
+def true_false(text: str) -> bool:
+    """A bool flag's value: True or False, in any case (anything else raises a ValueError, which argparse reports)."""
+    return ["false", "true"].index(text.lower()) == 1
+
 def parse_config(argv) -> Config:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -124,8 +128,7 @@ def parse_config(argv) -> Config:
         if isinstance(default, list):
             p.add_argument(f"--{f.name}", action="append", help=help)
         elif isinstance(default, bool):
-            p.add_argument(f"--{f.name}", type=lambda s: {"true": True, "false": False}[s.lower()], default=default,
-                           help="True/False: " + help)
+            p.add_argument(f"--{f.name}", type=true_false, default=default, help="True/False: " + help)
         else:
             p.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
     return Config(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
@@ -183,9 +186,8 @@ def schedule_too_short(cfg: Config, total: int) -> bool:
 def param_groups(model, weight_decay: float) -> list:
     """AdamW's groups as transformers' Trainer makes them (App. A: its defaults): weight decay on the matrices,
     the embedding and the output layer included; none on the RMSNorm weights (LLaMA has no biases)."""
-    params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
 def run(cfg: Config, device) -> dict:
     """One training run as configured. Returns the final report (the same on every rank)."""
@@ -206,12 +208,10 @@ def run(cfg: Config, device) -> dict:
         # heads a task step, tails a constraint step: the same coin on every rank (§5.4)
         t0 = time.perf_counter()
         kind = step_kind(cfg, step)
-        if kind == "task":
-            rec = task_step(r)
-        elif kind == "constraint":
+        if kind == "constraint":
             rec = constraint_step(r, step, mu)
         else:
-            rec = reward_step(r)
+            rec = task_step(r) if kind == "task" else reward_step(r)
         rec["t_train"] = time.perf_counter() - t0 - rec.get("t_sample", 0.0)
         preempted = rec.pop("preempted", False)  # a SIGTERM on any rank, agreed on in clip_and_step
         # one ledger line, the progress bar
@@ -220,7 +220,7 @@ def run(cfg: Config, device) -> dict:
         steps_done = step + 1
         if r.eval_every and steps_done % r.eval_every == 0 and steps_done < r.total:
             validate(r, f"val @ {steps_done}")
-        stop = steps_done == cfg.stop_after
+        stop = steps_done == cfg.stop_after < r.total  # at the last step, the run simply finishes
         if (cfg.ckpt_every and steps_done % cfg.ckpt_every == 0 or stop or preempted) and steps_done < r.total:
             save_train_state(r, steps_done)
         if stop:
@@ -338,9 +338,7 @@ def costs(constraints, reward_models, samples) -> torch.Tensor:
     """c_i = b_i − r_i(y|x) for every constraint, (B, k), k ≥ 0; learned rewards score on gathered weights."""
     if not constraints:
         return torch.zeros(len(samples.prompts), 0)
-    with contextlib.ExitStack() as stack:
-        for rm in reward_models:
-            stack.enter_context(gathered(rm.model))
+    with gathered(*(rm.model for rm in reward_models)):
         return torch.stack([con.cost(samples) for con in constraints], 1)  # (B, k)
 
 def rollout_stats(samples) -> dict:
@@ -399,7 +397,7 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
                 shown = [{"prompt": p, "response": y, "length": int(n)} for p, y, n in
                          zip(samples.prompt_texts[:cfg.show], samples.response_texts[:cfg.show], lengths)]
     model.train(was_training)
-    rows = all_gather_cat(torch.cat(rows))[keep]  # one gather, in the examples' order
+    rows = all_gather_cat(torch.cat(rows))[keep]  # one gather; grouped by rank, which no statistic below minds
     if cfg.method == "reward":
         return {"split": split, "n": len(rows), "accuracy": rewards.pairwise_accuracy(rows[:, 0], rows[:, 1])}
     nll, lengths, ended, c = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:]  # c_i = b_i − r_i, (n, k)
@@ -515,9 +513,8 @@ def load_train_state(r: Run) -> int:
     """Restore the model, AdamW, the data positions, the multipliers and the reports; returns the step."""
     folder = os.path.join(r.cfg.out_dir, "ckpt")  # check_config made sure it is there
     model_sd, optim_sd = get_state_dict(r.model, r.optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=folder)
-    set_state_dict(r.model, r.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)  # in place, into these two dicts
+    set_state_dict(r.model, r.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
     r.task_stream.position, r.prompt_stream.position = state["task_pos"], state["prompt_pos"]
     r.best, r.reports = state["best"], state["reports"]
@@ -544,11 +541,8 @@ def setup_distributed(device: str):
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         _COMM_DEVICE = torch.device("cuda", local_rank)
-    backend = "nccl" if device == "cuda" else "gloo"
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}  # no torchrun
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", **alone)
     return dist.get_rank(), dist.get_world_size(), torch.device(device, local_rank if device == "cuda" else None)
 
 def print0(*a, **k):
@@ -581,13 +575,12 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, init)
-    if train and cfg.activation_checkpointing:  # recompute each block's activations in the backward pass
-        for block in model.layers:
-            block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
     # FSDP2: shard each block, then the root (embedding, final norm, output), over all ranks
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                               reduce_dtype=torch.float32)
     for block in model.layers:
+        if train and cfg.activation_checkpointing:  # recompute each block's activations in the backward pass
+            block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
@@ -595,10 +588,10 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     return model.train(train), args
 
 @contextlib.contextmanager
-def gathered(model):
+def gathered(*models):
     """All-gather every shard once and keep the full weights for a stretch of no-grad forwards: inside, forwards run
     no collective, so ranks may run different numbers of them (rollouts that stop early). Resharded on exit."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -614,39 +607,36 @@ class Stream:
     """Global batches of one split, epoch after epoch (data.batch_indices); `position` is all a resume needs."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.n, self.bs, self.where = n, batch_size, {"seed": seed, "rank": rank, "world_size": world}
         self.per_epoch, self.position = data.num_batches(n, batch_size, world), 0
 
     def next(self) -> np.ndarray:
         self.position += 1
-        return data.batch_indices(self.n, self.bs, self.position - 1, seed=self.seed, rank=self.rank,
-                                  world_size=self.world)
+        return data.batch_indices(self.n, self.bs, self.position - 1, **self.where)
 
 def load_data(cfg: Config, tok) -> tuple:
     """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for --method=reward."""
     demo = data.prepare_demo(cfg.data_dir, cfg.data_seed) if cfg.data == "demo" else None
-    chat = {"template": cfg.chat_template, "system": cfg.system_prompt}
+    reading = {"max_tokens": cfg.max_len, "template": cfg.chat_template, "system": cfg.system_prompt}
     if cfg.method != "reward":
-        read = data.read_ultrachat([demo.task] if demo else cfg.data.split(","), tok, max_tokens=cfg.max_len,
-                                   seed=cfg.data_seed, **chat)
+        read = data.read_ultrachat([demo.task] if demo else cfg.data.split(","), tok, seed=cfg.data_seed, **reading)
         print0(read)
         return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
     train_paths = [getattr(demo, f"{cfg.demo_reward}_train")] if demo else cfg.data.split(",")
     test_paths = [getattr(demo, f"{cfg.demo_reward}_test")] if demo else [p for p in cfg.data_test.split(",") if p]
-    read = data.read_hh(train_paths, tok, max_tokens=cfg.max_len, **chat)
+    read = data.read_hh(train_paths, tok, **reading)
     print0(read)
     train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)  # App. A.1: 5 % held out
-    return train, val, data.read_hh(test_paths, tok, max_tokens=cfg.max_len, **chat).examples if test_paths else []
+    return train, val, data.read_hh(test_paths, tok, **reading).examples if test_paths else []
 
 class ConfigError(ValueError):
     """A flag that cannot work."""
 
-def check_config(cfg: Config):
+def check_config(c: Config):
     """Refuse a bad config before any work, in one message (every rank checks alike: all stop together)."""
     def need(path, what):
         if not os.path.exists(path):
             raise ConfigError(f"{what} {path!r} does not exist")
-    c = cfg
     for ok, name, allowed in [
             (c.method in ("sft", "l3m", "mm", "reward"), "method", "sft, l3m, mm or reward"),
             (c.batch_size > 0, "batch_size", "> 0"), (c.micro_batch > 0, "micro_batch", "> 0"),
@@ -685,24 +675,24 @@ def check_config(cfg: Config):
     elif not c.overwrite and any(os.path.exists(os.path.join(c.out_dir, f)) for f in ("ledger.jsonl", "ckpt")):
         raise ConfigError(f"--out_dir={c.out_dir} holds a run: continue it with --resume=True, replace it with "
                           "--overwrite=True, or choose another --out_dir")
-    if cfg.init not in ("demo", "scratch"):
-        need(os.path.join(cfg.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
-        need(os.path.join(cfg.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
+    if c.init not in ("demo", "scratch"):
+        need(os.path.join(c.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
+        need(os.path.join(c.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
              "tokenizer.model into the folder):")
-    if cfg.chat_template == "chatml" and cfg.init in ("demo", "scratch"):  # an --init model: data._chatml checks it
+    if c.chat_template == "chatml" and c.init in ("demo", "scratch"):  # an --init model: data._chatml checks it
         raise ConfigError("--chat_template=chatml needs <|im_start|> and <|im_end|> among the tokenizer's added "
                           "tokens; the demo model has none")
-    if cfg.data != "demo":
-        tests = [p for p in cfg.data_test.split(",") if p] if cfg.method == "reward" else []
-        for path in cfg.data.split(",") + tests:
+    if c.data != "demo":
+        tests = [p for p in c.data_test.split(",") if p] if c.method == "reward" else []
+        for path in c.data.split(",") + tests:
             need(path, "data file")
-    for spec in cfg.reward_model:
+    for spec in c.reward_model:
         name, eq, folder = spec.partition("=")
         if not eq or not name:
             raise ConfigError(f"--reward_model={spec!r}: expected NAME=FOLDER")
         need(os.path.join(folder, "args.json"), f"--reward_model {name}:")
-    known = {"length": rewards.length_reward, **{s.partition("=")[0]: rewards.length_reward for s in cfg.reward_model}}
-    rewards.parse_constraints(cfg.constraint, known)
+    known = {"length": rewards.length_reward, **{s.partition("=")[0]: rewards.length_reward for s in c.reward_model}}
+    rewards.parse_constraints(c.constraint, known)
 
 DEMO_BASE = "demo_base_v2"  # v2: UltraChat turns drawn by the dialogue's text (data.read_ultrachat)
 
