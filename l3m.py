@@ -51,9 +51,7 @@ def mu_at(step, total_steps, mu_0=1.0, mu_T=1e-6):
     t = 0 gives µ_0 (x**0.0 == 1.0), t = T returns µ_T itself."""
     if not 0 <= step <= total_steps:
         raise ValueError(f"step {step} outside the schedule [0, {total_steps}]")
-    if step == total_steps:
-        return mu_T
-    return mu_0 * (mu_T / mu_0) ** (step / total_steps)
+    return mu_T if step == total_steps else mu_0 * (mu_T / mu_0) ** (step / total_steps)
 
 class ConstraintEMA:
     """Ĉ_i, the exponential moving average of the batch means of c_i = b_i − r_i (§5.4). C_i enters λ̂ without a
@@ -81,10 +79,7 @@ class ConstraintEMA:
         if stats[k] == 0:
             raise ValueError("no samples in the (global) batch: Ĉ cannot be updated")
         mean = self.batch_mean = stats[:k] / stats[k]  # (k,)
-        if self.value is None:
-            self.value = mean
-        else:
-            self.value = (1 - self.alpha) * self.value.to(mean) + self.alpha * mean
+        self.value = mean if self.value is None else (1 - self.alpha) * self.value.to(mean) + self.alpha * mean
         return self.value
 
 def lambda_hat(C_hat, mu, k):
@@ -129,9 +124,7 @@ class Multipliers:
         """The multipliers (k,) float32 that weight the constraint step at barrier parameter µ."""
         if self.ema.value is None:
             raise RuntimeError("observe a constraint batch before asking for multipliers")
-        if self.method == "mm":
-            return self.lam_mm.float()
-        return lambda_hat(self.ema.value, mu, self.k)
+        return self.lam_mm.float() if self.method == "mm" else lambda_hat(self.ema.value, mu, self.k)
 
     def state_dict(self):
         """Plain Python numbers: a checkpoint holding them loads with weights_only=True."""

@@ -46,8 +46,7 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
         if self.hidden_dim is None:  # Meta's rule: 2/3 of 4·dim (SwiGLU: three matrices, not two), scaled, rounded up
             hidden = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)

@@ -10,8 +10,7 @@ Constraints on the command line (one --constraint each):
     NAME<=NUMBER              E[r] ≤ NUMBER, i.e. reward −r, b = −NUMBER
     P[NAME>=NUMBER]>=PROB     chance constraint (§4.1): reward 1{r ≥ NUMBER}, b = PROB
     P[NAME<=NUMBER]>=PROB     reward 1{r ≤ NUMBER}, b = PROB
-NAME is a known reward ("length", or a learned reward model's name). Strict < and > are not accepted: for an
-average constraint they would mean the same as ≤ and ≥.
+NAME: "length", or a learned reward model's name. No strict < or >: on an average they would mean ≤ and ≥.
 
 Where this departs from the paper, or fixes what it leaves open:
 - Length (§6.2) is |y|, the number of response tokens *excluding* the EOS (a response cut at max_new_tokens has
@@ -68,8 +67,7 @@ def length_reward(samples: Samples) -> torch.Tensor:
     return torch.tensor([len(r) - e for r, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
 
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head), differentiable:
-    the Bradley–Terry training calls it with gradients, scoring under no_grad."""
+    """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head), differentiable."""
     device = next(model.parameters()).device
     tokens, mask = tokens.to(device), mask.to(device)
     return l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
@@ -91,12 +89,10 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     return (r_chosen > r_rejected).float().mean().item()
 
 class LearnedReward:
-    """A Bradley–Terry reward model used as a reward at fine-tuning time: eval mode, no gradients, scored in
-    micro-batches so that the (B, T, V) logits stay small."""
+    """A Bradley–Terry reward model as a reward: eval mode, no gradients, micro-batches (small (B, T, V) logits)."""
 
     def __init__(self, model, pad_id: int = 0, micro_batch: int = 16):
-        self.model, self.pad_id, self.micro_batch = model.eval(), pad_id, micro_batch
-        self.model.requires_grad_(False)
+        self.model, self.pad_id, self.micro_batch = model.eval().requires_grad_(False), pad_id, micro_batch
 
     @torch.no_grad()
     def __call__(self, samples: Samples) -> torch.Tensor:
