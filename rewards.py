@@ -63,11 +63,11 @@ def verdict(C: float, se: float, z: float = 2.0) -> str:
     return "satisfied" if C <= 0 else "within noise" if C <= z * se else "violated"
 
 def length_reward(samples: Samples) -> torch.Tensor:
-    """|y| in tokens, excluding the EOS."""
+    """|y| in tokens, excluding the EOS (§6.2)."""
     return torch.tensor([len(r) - e for r, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
 
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """r_φ(y|x) = ℓ̄_φ(y|x), the reward model's own length-normalised log-likelihood (no new head), differentiable."""
+    """r_φ(y|x) = ℓ̄_φ(y|x) (App. A.1), the reward model's own length-normalised log-likelihood, differentiable."""
     device = next(model.parameters()).device
     tokens, mask = tokens.to(device), mask.to(device)
     return l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
