@@ -133,6 +133,7 @@ class Multipliers:
                 "C_hat": tolist(self.ema.value), "lam": tolist(self.lam_mm)}
 
     def load_state_dict(self, state):
+        state = {**state, **state.get("ema", {})}  # checkpoints written before Ĉ moved here hold it under "ema"
         if (state["k"], state["method"]) != (self.k, self.method):
             raise ValueError(f"checkpoint is for k={state['k']}, {state['method']}; "
                              f"this run is k={self.k}, {self.method}")

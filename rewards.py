@@ -142,7 +142,6 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
 def parse_constraints(texts: Sequence[str], rewards: Mapping[str, RewardFn]) -> list:
     """Every --constraint, in order; names must be unique."""
     constraints = [parse_constraint(t, rewards) for t in texts]
-    names = [c.name for c in constraints]
-    if len(set(names)) != len(names):
-        raise ConstraintError(f"a constraint is given twice: {names}")
+    if len({c.name for c in constraints}) != len(constraints):
+        raise ConstraintError(f"a constraint is given twice: {[c.name for c in constraints]}")
     return constraints

@@ -609,6 +609,10 @@ def test_multipliers_state_round_trip(method, eta):
     buf.seek(0)
     b = Multipliers(3, method, eta)
     b.load_state_dict(torch.load(buf, weights_only=True))
+    flat, old = a.state_dict(), Multipliers(3, method, eta)  # older checkpoints nest Ĉ and α under "ema"
+    old.load_state_dict({**{k: flat[k] for k in ("k", "method", "eta_lam", "lam")},
+                         "ema": {"alpha": flat["alpha"], "C_hat": flat["C_hat"]}})
+    assert torch.equal(old.ema.value, b.ema.value) and torch.equal(old.lam(0.1), b.lam(0.1))
     for step, c in enumerate(batches[4:]):
         mu = mu_at(step, 10)
         assert torch.equal(a.observe(c), b.observe(c))
