@@ -8,8 +8,10 @@ a batch of 8 with top-p 0.9 (both sides sample, no early stop: EOS is an id the 
 --logit_scales (1: random weights' nearly flat next-token distribution; 10: a peaked one, as a trained
 model's), ours eager, ours with torch.compile'd decode step, and HF's. Each measurement is the median of
 --repeats runs after one warm-up, all contenders interleaved so that machine noise hits them alike.
-Sampling speed is also set against the weight-read bound: every decode step reads all weights once, so
-tokens/s ≤ batch × (memory read bandwidth, measured here by summing a 256 MB tensor) ÷ (bytes of weights).
+Sampling speed is also set against the read bound: every decode step reads the weights (all but the embedding
+table) and the KV cache once, so tokens/s ≤ batch × (memory read bandwidth, measured by summing a large tensor)
+÷ (those bytes). On CUDA the compiled decode step asks for CUDA graphs (mode="reduce-overhead"); bench.py says
+whether Inductor captured them or skipped them.
 """
 import argparse
 import copy
@@ -140,8 +142,10 @@ def main():
     for name, t in rows:
         h = t.get("HF", float("nan"))
         print(f"{name:52s} {t['ours']:9.3f} {h:9.3f} {t['ours'] / h:8.2f} {h / t['ours']:8.2f}")
-    bound = a.batch * bandwidth / weight_bytes
-    print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s: the weight-read bound is {bound:.0f})")
+    read = decode_bytes(ours, a.batch, a.prompt_len + a.new_tokens)
+    bound = a.batch * bandwidth / read
+    print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s; a decode step reads {read / 1e6:.0f} MB, "
+          f"the weights but the embedding table and the KV cache: the read bound is {bound:.0f})")
     print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} {'best/bound':>11s}")
     tokens = a.batch * a.new_tokens
     for name, t in rows[1:]:
@@ -149,6 +153,11 @@ def main():
         best = min(t["ours"], c) if c == c else t["ours"]
         print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {tokens / t.get('HF', float('nan')):9.0f} "
               f"{t['ours'] / c:15.2f} {tokens / best / bound:11.2f}")
+    if compiled is not None and a.device == "cuda":
+        from torch._dynamo.utils import counters
+        skips = counters["inductor"]["cudagraph_skips"]
+        said = "captured" if skips == 0 else f"skipped {skips} time(s) (TORCH_LOGS=perf_hints says why)"
+        print(f"CUDA graphs: {said}")
 
 
 def constraint_step_memory(a, reference: bool) -> dict:
@@ -170,7 +179,7 @@ def constraint_step_memory(a, reference: bool) -> dict:
         if step == 1 and a.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         responses, _ = M.generate(model, prompts, a.new_tokens, eos_id=a.vocab_size + 1,
-                                  generator=torch.Generator().manual_seed(step))
+                                  generator=torch.Generator(a.device).manual_seed(step))
         tokens, mask = (x.to(a.device) for x in data.response_batch(prompts, responses, pad_id=0))
         logp = l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
         c = torch.randn(a.batch, 1, device=a.device)  # the costs' values do not change the memory
@@ -206,11 +215,33 @@ def memory_table(a):
     print(f"the reference costs {extra / mb:.0f} MiB: {extra / cases['l3m']['peak_bytes']:.0%} more than L3M's step")
 
 
-def read_bandwidth(device, sync, nbytes: int = 256 * 2 ** 20) -> float:
-    """Bytes per second read by summing a float32 tensor too large for any cache (best of 5)."""
+def read_bandwidth(device, sync) -> float:
+    """Bytes per second read by summing a float32 tensor too large for any cache, best of 5. CUDA: 2 GiB, timed by
+    CUDA events (a host clock adds its launch and sync latency to a sum that takes well under a millisecond);
+    CPU: 256 MiB on the host clock."""
+    nbytes = 2 * 2 ** 30 if device == "cuda" else 256 * 2 ** 20
     x = torch.ones(nbytes // 4, device=device)
     x.sum()
-    return nbytes / min(timed(x.sum, sync) for _ in range(5))
+    if device != "cuda":
+        return nbytes / min(timed(x.sum, sync) for _ in range(5))
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / min(times)
+
+
+def decode_bytes(model: M.Transformer, batch: int, max_len: int) -> int:
+    """Bytes one decode step reads at least: every weight but the embedding table (a step reads `batch` of its rows),
+    and the whole KV cache (KVCache: a step attends over all max_len slots, masked)."""
+    args, size = model.args, model.output.weight.element_size()
+    weights = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel() + batch * args.dim
+    cache = 2 * args.n_layers * batch * args.n_kv_heads * max_len * args.head_dim
+    return (weights + cache) * size
 
 
 if __name__ == "__main__":

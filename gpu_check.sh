@@ -4,8 +4,14 @@
 # (2) bench.py's rollouts at batch 8 and 64: eager vs torch.compile'd decode step vs the HBM bound.
 #   bash gpu_check.sh          # one GPU
 #   bash gpu_check.sh tiny     # the same on the CPU with a tiny model: checks the script itself
+# PEAK_TFLOPS=… sets the GPU's dense bf16 peak for MFU (default: by model name); NO_COMPILE=1 skips torch.compile.
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" != tiny ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_check.sh: torch $(python -c 'import torch; print(torch.__version__)') sees no CUDA GPU (a CPU build, or" \
+       "no driver); install a CUDA build of torch, or run 'bash gpu_check.sh tiny' to check the script on the CPU" >&2
+  exit 1
+fi
 if [ "${1:-}" = tiny ]; then
   DEVICE=cpu DTYPE=float32 NEW=16 SHAPE="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2"
   BENCH="--vocab_size=1000 --seq_len=32 --new_tokens=16 --repeats=1"
@@ -19,21 +25,23 @@ python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=
   --eval_every=0 --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \
   --data_dir="$OUT" --out_dir="$OUT/gpu_check" --overwrite=True
 python - "$OUT/gpu_check" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 import torch
 import model as M
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/ledger.jsonl")][2:]  # the first steps include warm-up
 with torch.device("meta"):
     n = sum(p.numel() for p in M.Transformer(M.ModelArgs(**json.load(open(f"{sys.argv[1]}/final/args.json")))).parameters())
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-peak = 989e12 if ("H100" in name or "H200" in name) else None  # dense bf16 FLOP/s of an H100/H200 SXM
-print(f"{name}: {n / 1e9:.2f}B parameters")
+# dense bf16 TFLOP/s by the vendors' datasheets, the more specific names first
+peaks = [("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312)]
+peak = 1e12 * (float(os.environ.get("PEAK_TFLOPS", 0)) or next((p for key, p in peaks if key in name), 0))
+print(f"{name}: {n / 1e9:.2f}B parameters; peak for MFU {peak / 1e12:.0f} TFLOP/s (PEAK_TFLOPS=… to change)")
 for kind in ("task", "constraint"):
     t = [r["t_train"] + r.get("t_sample", 0.0) for r in rows if r["kind"] == kind]
     if t:
         print(f"{kind:10s} steps: {len(t):2d}, median {statistics.median(t):.2f} s per step")
 task = [r for r in rows if r["kind"] == "task"]
-if task and peak:  # model FLOPs 6·N per token (activation checkpointing's recomputation not counted)
+if task and peak:  # 6·N FLOPs per real token (no padding; attention and checkpointing's recomputation not counted)
     print(f"task-step MFU: {statistics.median(6 * n * r['tokens'] / r['t_train'] / peak for r in task):.0%}")
 c = [r for r in rows if r["kind"] == "constraint"]
 if c:
@@ -41,7 +49,11 @@ if c:
     print(f"rollouts: {tokens / sum(r['t_sample'] for r in c):.0f} tokens/s (batch 32, top-p 0.9), "
           f"training share of constraint steps {sum(r['t_train'] for r in c) / sum(r['t_train'] + r['t_sample'] for r in c):.0%}")
 print(f"peak memory: {max(r.get('peak_mem_gib', 0.0) for r in rows):.1f} GiB (0.0 on CPU)")
+held = json.load(open(f"{sys.argv[1]}/report.json"))["bytes_per_rank"]
+print(f"held by the one rank: parameters {held['parameters'] / 2**30:.2f} GiB, "
+      f"AdamW state {held['optimizer'] / 2**30:.2f} GiB")
 PY
 for B in 8 64; do
-  python bench.py --device=$DEVICE --dtype=$DTYPE $SHAPE $BENCH --batch=$B --logit_scales=10 --threads=2 | tail -6
+  python bench.py --device=$DEVICE --dtype=$DTYPE $SHAPE $BENCH --batch=$B --logit_scales=10 --threads=2 \
+    ${NO_COMPILE:+--no_compile} | tail -7
 done

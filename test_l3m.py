@@ -2017,6 +2017,59 @@ dist.destroy_process_group()
     assert "0 [1, 1]" in p.stdout and "1 [40, 40]" in p.stdout
 
 
+def test_rollouts_run_on_a_bare_model_and_gathered_restores_resharding(tmp_path):
+    """Inside `gathered`, rollouts decode on a plain Transformer that shares the unsharded weights: no FSDP unit and
+    no activation-checkpointing wrapper in it, the same tokens as through the FSDP model. On exit every unit reshards
+    after forward as build_model set it (blocks yes, the root no), before and after the first training forward."""
+    script = tmp_path / "bare.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {HERE!r})
+import train, model as M
+cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1",
+                          "--activation_checkpointing=True"])
+rank, world, device = train.setup_distributed("cpu")
+model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50)
+units = [m for m in model.modules() if isinstance(m, train.FSDPModule)]
+def reshards():  # FSDP2 keeps the setting as each parameter group's post-forward mesh (None: keep the weights)
+    return [g.post_forward_mesh_info is not None for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+assert reshards() == [False, True, True], reshards()  # the root, then the two blocks
+for _ in range(2):
+    with train.gathered(model) as (plain,):
+        assert not any(isinstance(m, train.FSDPModule) for m in plain.modules())
+        assert all("forward" not in vars(block) for block in plain.layers)  # no checkpoint() wrapper
+        assert all(p.data_ptr() == q.data_ptr() for p, q in zip(plain.parameters(), model.parameters()))
+        sample = lambda m: M.generate(m, [[1, 2, 3], [4]], 12, eos_id=49, generator=torch.Generator().manual_seed(0))
+        assert sample(plain) == sample(model)
+    assert reshards() == [False, True, True], reshards()
+    model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
+print("ok")
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py) on a tiny model."""
+    pytest.importorskip("transformers")
+    p = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "tiny"], capture_output=True, text=True,
+                       timeout=300, env={**ONE_THREAD, "OUT": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for line in ("task       steps:", "rollouts:", "held by the one rank:", "best/bound"):
+        assert line in p.stdout, line
+
+
+def test_decode_bound_counts_the_kv_cache_and_not_the_embedding():
+    """bench.decode_bytes: the weights a decode step reads (all but the embedding table, whose `batch` rows it
+    reads) plus the KV cache that the step attends over, byte for byte as KVCache allocates it."""
+    import bench
+    model, batch, max_len = tiny_model(), 3, 40
+    cache = M.KVCache(model.args, batch, max_len, torch.zeros(batch, dtype=torch.long), torch.float32, "cpu")
+    cache_bytes = sum(t.nbytes for t in cache.k + cache.v)
+    weights = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes
+    assert bench.decode_bytes(model, batch, max_len) == weights + batch * model.args.dim * 4 + cache_bytes
+
+
 @pytest.mark.parametrize("method", ["sft", "mm"])
 def test_methods_run_end_to_end(tmp_path, data_dir, method):
     run_train(tmp_path, data_dir, f"--method={method}", "--steps=4", "--constraint=length>=6")

@@ -212,6 +212,8 @@ def run(cfg: Config, device) -> dict:
             rec = constraint_step(r, step, mu)
         else:
             rec = task_step(r) if kind == "task" else reward_step(r)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the optimizer's kernels run on after step() returns
         rec["t_train"] = time.perf_counter() - t0 - rec.get("t_sample", 0.0)
         preempted = rec.pop("preempted", False)  # a SIGTERM on any rank, agreed on in clip_and_step
         # one ledger line, the progress bar
@@ -250,7 +252,8 @@ def task_step(r: Run) -> dict:
         part.backward()
         loss += part.item()
     # clip the task gradient on its own (§5.4), then AdamW
-    return {**clip_and_step(r, loss), "tokens": tokens.numel()}  # this rank's, padding included (MFU: gpu_check.sh)
+    real = sum(len(e.prompt) + len(e.response) for e in batch)  # this rank's tokens, padding left out (MFU)
+    return {**clip_and_step(r, loss), "tokens": real}
 
 def constraint_step(r: Run, step: int, mu: float) -> dict:
     """Tails (§5.4): one step along −Σ_i λ̂_i·∇C_i, the constraint part of ∇G_µ (Eq. 11)."""
@@ -258,8 +261,8 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
     # x: this rank's prompts; y ~ π_θ(·|x) with top-p (App. A), sampled on gathered weights
     rows = r.prompt_stream.next()  # global indices of the rows: they key the rows' sampling noise
     prompts = [r.train[i].prompt.tolist() for i in rows]
-    with gathered(r.model):
-        samples = rollout(r.model, r.tok, prompts, cfg, row_generators(cfg.seed, step, rows), r.decode_step)
+    with gathered(r.model) as (policy,):
+        samples = rollout(policy, r.tok, prompts, cfg, row_generators(cfg.seed, step, rows), r.decode_step)
     # c_i = b_i − r_i(y|x), per sample and constraint (Eq. 5)
     c = costs(r.constraints, r.reward_models, samples).to(r.device)  # (B, k)
     # Ĉ_i ← (1 − α)·Ĉ_i + α·(mean of c_i over the global batch), one all-reduce (§5.4)
@@ -377,18 +380,16 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
     per_rank = math.ceil(len(examples) / world)
     idx = [min(rank + world * j, len(examples) - 1) for j in range(per_rank)]
     keep = all_gather_cat(torch.tensor([rank + world * j < len(examples) for j in range(per_rank)]))
-    was_training = model.training
-    model.eval()
     rows, shown = [], []  # per example: (−ℓ̄, |y|, ended, c_1 … c_k), or a reward model's (r(y⁺|x), r(y⁻|x))
-    with gathered(model):
+    with gathered(model) as (plain,):
         for i in range(0, per_rank, cfg.micro_batch):
             batch = [examples[j] for j in idx[i:i + cfg.micro_batch]]
             if cfg.method == "reward":
-                rows.append(torch.stack(rewards.preference_rewards(model, batch, pad_id=r.tok.eos_id), 1).float().cpu())
+                rows.append(torch.stack(rewards.preference_rewards(plain, batch, pad_id=r.tok.eos_id), 1).float().cpu())
                 continue
             tokens, mask = (x.to(r.device) for x in data.task_batch(batch, pad_id=r.tok.eos_id))
-            nll = -l3m.logp_norm(model(tokens), tokens, mask).float().cpu()
-            samples = rollout(model, r.tok, [e.prompt.tolist() for e in batch], cfg,
+            nll = -l3m.logp_norm(plain(tokens), tokens, mask).float().cpu()
+            samples = rollout(plain, r.tok, [e.prompt.tolist() for e in batch], cfg,
                               row_generators(cfg.seed, 0, idx[i:i + cfg.micro_batch], evaluation=True), r.decode_step)
             lengths, ended = rewards.length_reward(samples), torch.tensor(samples.ended, dtype=torch.float32)
             c = costs(r.constraints, r.reward_models, samples)  # (b, k)
@@ -396,7 +397,6 @@ def evaluate(r: Run, examples, split: str, model=None) -> dict:
             if i == 0:  # a few of rank 0's responses: the same prompts and sampling noise at every evaluation
                 shown = [{"prompt": p, "response": y, "length": int(n)} for p, y, n in
                          zip(samples.prompt_texts[:cfg.show], samples.response_texts[:cfg.show], lengths)]
-    model.train(was_training)
     rows = all_gather_cat(torch.cat(rows))[keep]  # one gather; grouped by rank, which no statistic below minds
     if cfg.method == "reward":
         return {"split": split, "n": len(rows), "accuracy": rewards.pairwise_accuracy(rows[:, 0], rows[:, 1])}
@@ -581,27 +581,38 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     for block in model.layers:
         if train and cfg.activation_checkpointing:  # recompute each block's activations in the backward pass
             block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # the root's weights are needed at once by backward
     model.to_empty(device=device)
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
     return model.train(train), args
 
 @contextlib.contextmanager
 def gathered(*models):
-    """All-gather every shard once and keep the full weights for a stretch of no-grad forwards: inside, forwards run
-    no collective, so ranks may run different numbers of them (rollouts that stop early). Resharded on exit."""
-    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
+    """All-gather every shard once and keep the full weights for a stretch of no-grad forwards; yields one `bare` view
+    per model. Inside, forwards run no collective, so ranks may run different numbers of them (rollouts that stop
+    early). On exit each unit gets back the setting build_model gave it and is resharded."""
+    units = [(m, m is not model) for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+    for m, _ in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         with torch.no_grad():
-            yield
+            yield [bare(model) for model in models]
     finally:
-        for m in units:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m, reshard in units:
+            m.set_reshard_after_forward(reshard, recurse=False)  # blocks reshard after forward, the root does not
             m.reshard()
+
+def bare(model) -> Transformer:
+    """A plain Transformer on the unsharded weights of an FSDP model inside `gathered`. Rollouts decode on it: through
+    the FSDP model every token would run each block's FSDP hooks and, with --activation_checkpointing, checkpoint()
+    (which saves the RNG state even under no_grad): about 2× the time of a decode step. Built on the meta device and
+    assigned the same tensors, so it costs no memory; torch.compile traces it once, not once per instance."""
+    with torch.device("meta"):
+        plain = Transformer(model.args)
+    plain.load_state_dict(dict(model.named_parameters()), strict=True, assign=True)
+    return plain.eval()
 
 class Stream:
     """Global batches of one split, epoch after epoch (data.batch_indices); `position` is all a resume needs."""
