@@ -73,7 +73,7 @@ def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray
     (llama2 also keeps one before EOS); chatml: no space, so it is tokenised after "assistant\n", which is cut off."""
     if template != "chatml":
         return np.asarray(tokenizer.encode(text.strip() + " " * (template == "llama2"), bos=False, eos=True), np.int32)
-    head, ids = (_chatml(tokenizer).sp.encode(t) for t in ("assistant\n", "assistant\n" + text.strip()))
+    head, ids = (_chatml(tokenizer).encode(t, bos=False) for t in ("assistant\n", "assistant\n" + text.strip()))
     if ids[:len(head)] != head:
         raise ValueError(f"{text!r}: the tokenizer merges it with the 'assistant\\n' before it")
     return np.asarray(ids[len(head):] + [stop_id(tokenizer, template)], dtype=np.int32)
@@ -86,7 +86,8 @@ def _chatml(tokenizer):
     """The tokenizer, once it is known to have ChatML's markers as added tokens."""
     if not {"<|im_start|>", "<|im_end|>"} <= getattr(tokenizer, "added", {}).keys():
         raise CheckpointError("--chat_template=chatml needs <|im_start|> and <|im_end|> among the tokenizer's added "
-                              "tokens (added_tokens.json beside tokenizer.model; `python model.py convert` copies it)")
+                              "tokens (added_tokens.json beside tokenizer.model, or special tokens of a tokenizer.json; "
+                              "`python model.py convert` copies them)")
     return tokenizer
 
 # int32 token-id arrays: the prompt (P,), BOS first; the response, and HH's chosen y⁺ and rejected y⁻, EOS last

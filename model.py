@@ -1,15 +1,17 @@
 """A self-contained LLaMA (1, 2 and 3 shapes): the model, fast sampling, checkpoints, tokenizer.
 
-    python model.py convert SRC DST        # Meta consolidated.*.pth or Hugging Face folder -> ours
+    python model.py convert SRC DST        # Meta consolidated.*.pth, Hugging Face folder or llama.cpp FILE.gguf -> ours
     python model.py export OURS HF_DIR     # ours -> Hugging Face folder (transformers, vLLM, llama.cpp)
     python model.py sample DST --prompt "Hello"
 
 Our checkpoint is a folder: `args.json` (ModelArgs), `model.pth` (state dict with Meta's key names, so a Meta
-checkpoint needs no renaming) and, when known, `tokenizer.model`: the vocabulary travels with the weights.
+checkpoint needs no renaming) and, when known, the tokenizer: sentencepiece's `tokenizer.model`, or Hugging Face's
+`tokenizer.json` (byte-level BPE) with its `tokenizer_config.json`. The vocabulary travels with the weights.
 
 Departures from Meta's reference: RoPE tables are made per call (no buffer: float32 under a bf16 cast, no care under
 meta-device init); sampling is batched over prompts of different lengths (left padding), each row stopping at EOS.
-Left out, and refused with a clear error: LLaMA-3's tiktoken tokenizer and LLaMA-3.1's RoPE rescaling. No tensor or
+Left out, and refused with a clear error: LLaMA-3's tiktoken tokenizer.model (its tokenizer.json works) and
+LLaMA-3.1's RoPE rescaling. No tensor or
 pipeline parallelism: train.py uses FSDP2."""
 import contextlib
 import glob
@@ -20,10 +22,12 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -355,13 +359,23 @@ def atomic_folder(folder: str):
     shutil.rmtree(old, ignore_errors=True)
 
 def save_checkpoint(sd: dict, folder: str, args: ModelArgs, tokenizer_path: Optional[str] = None):
-    """Write our checkpoint folder, the state dict sd and args, atomically (atomic_folder)."""
+    """Write our checkpoint folder, the state dict sd and args, atomically (atomic_folder), and the tokenizer at
+    tokenizer_path (find_tokenizer) with the files that go with it."""
     with atomic_folder(folder) as tmp:
         torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, "model.pth"))
         Path(tmp, "args.json").write_text(json.dumps(asdict(args), indent=2))
         if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-            copy_added_tokens(os.path.dirname(tokenizer_path), tmp)
+            copy_tokenizer(tokenizer_path, tmp)
+
+def copy_tokenizer(path: str, dst: str):
+    """A tokenizer file into folder dst, with what goes with it: a sentencepiece model's added tokens, a tokenizer.json's
+    tokenizer_config.json (its BOS and EOS)."""
+    shutil.copyfile(path, os.path.join(dst, "tokenizer.json" if path.endswith(".json") else "tokenizer.model"))
+    config = Path(path).with_name("tokenizer_config.json")
+    if path.endswith(".json") and config.is_file():
+        shutil.copyfile(config, os.path.join(dst, config.name))
+    elif not path.endswith(".json"):
+        copy_added_tokens(os.path.dirname(path), dst)
 
 def copy_added_tokens(src: str, dst: str):
     """A chat model's added tokens into dst/added_tokens.json: from src's added_tokens.json, or the tokens past the
@@ -402,18 +416,17 @@ def load_model(folder: str, device="cpu", dtype=torch.float32):
     check_state_dict(sd, model, os.path.join(folder, "model.pth"))
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
-    tok_path = os.path.join(folder, "tokenizer.model")
-    tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        raise CheckpointError(f"{folder} has tokenizer.json (Hugging Face tokenizers: byte-level BPE, tiktoken) but "
-                              "no tokenizer.model; supported: sentencepiece tokenizers (LLaMA-1/2, TinyLlama, Mistral)")
+    tok_path = find_tokenizer(folder)
+    tokenizer = load_tokenizer(tok_path) if tok_path else None
     if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
         raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} pieces but args.json says vocab_size="
                               f"{args.vocab_size}: the tokenizer belongs to another model")
     return model, tokenizer
 
 def convert(src: str, dst: str):
-    """Detect the layout of src (Meta or Hugging Face) and write our checkpoint folder to dst."""
+    """Detect the layout of src (Meta, Hugging Face or a GGUF file) and write our checkpoint folder to dst."""
+    if src.endswith(".gguf"):
+        return convert_gguf(src, dst)
     meta_paths = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
     if meta_paths:  # Meta: params.json + consolidated.00.pth (… .NN.pth for model-parallel releases)
         params = json.loads(Path(src, "params.json").read_text())
@@ -436,11 +449,85 @@ def convert(src: str, dst: str):
         raise CheckpointError(f"{src}: neither Meta's consolidated.*.pth + params.json nor Hugging Face's config.json")
     with torch.device("meta"):
         check_state_dict(sd, Transformer(args), src)
-    toks = [os.path.join(d, "tokenizer.model") for d in (src, os.path.dirname(os.path.abspath(src)))]
-    tok = next((t for t in toks if os.path.isfile(t)), None)  # beside the weights, or one up (Meta's releases)
+    # the tokenizer beside the weights, or one folder up (Meta's releases)
+    tok = find_tokenizer(src) or find_tokenizer(os.path.dirname(os.path.abspath(src)))
     save_checkpoint(sd, dst, args, tok)
-    if tok is None and os.path.isfile(os.path.join(src, "tokenizer.json")):  # load_model then says it is unsupported
-        shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
+    return args
+
+_GGUF_LAYER_KEYS = {  # llama.cpp's tensor names -> ours, per layer ("blk.N.attn_q.weight" -> "layers.N.attention.wq…")
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_GGUF_TOP_KEYS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+def read_gguf(path: str):
+    """(ModelArgs, float32 state dict, gguf.GGUFReader) of a llama.cpp GGUF file of a LLaMA, every tensor dequantised
+    by the gguf package (any type it reads: F32, F16, BF16, Q4_0 … Q8_0, the K-quants). q/k layout: llama.cpp's
+    converter stores wq and wk rows in Meta's order (interleaved RoPE pairs, undoing Hugging Face's permutation),
+    which is ours, so they are taken as they are; transformers permutes them back to its halves when it loads one."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading *.gguf needs `pip install gguf`") from e
+    reader = gguf.GGUFReader(path)
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    if field("general.architecture") != "llama":
+        raise CheckpointError(f"{path}: general.architecture={field('general.architecture')!r}; only 'llama' is read")
+    if field("llama.rope.scaling.type", "none") != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise CheckpointError(f"{path} asks for scaled RoPE (LLaMA-3.1), which this model does not implement")
+    sd = {}
+    for t in reader.tensors:  # dequantize returns the (out, in) rows of torch; GGUF's t.shape lists (in, out)
+        parts = t.name.split(".")  # blk.N.KIND.weight or KIND.weight
+        ours = f"layers.{parts[1]}.{_GGUF_LAYER_KEYS[parts[2]]}" if parts[0] == "blk" else _GGUF_TOP_KEYS[parts[0]]
+        sd[f"{ours}.weight"] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+    sd.setdefault("output.weight", sd["tok_embeddings.weight"])  # no output.weight: tied to the embedding
+    n_heads = field("llama.attention.head_count")
+    args = ModelArgs(dim=field("llama.embedding_length"), n_layers=field("llama.block_count"), n_heads=n_heads,
+                     n_kv_heads=field("llama.attention.head_count_kv", n_heads),
+                     vocab_size=sd["tok_embeddings.weight"].shape[0], hidden_dim=field("llama.feed_forward_length"),
+                     norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+                     rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+                     max_seq_len=field("llama.context_length", 2048))
+    if field("llama.rope.dimension_count", args.head_dim) != args.head_dim:
+        raise CheckpointError(f"{path}: RoPE on {field('llama.rope.dimension_count')} of {args.head_dim} dimensions")
+    return args, sd, reader
+
+# llama.cpp's pre-tokenizer names whose splitting is GPT-2's byte-level regex, after splitting off each digit or not
+_GGUF_PRE = {"default": False, "gpt2": False, "smollm": True, "starcoder": True}
+
+def gguf_tokenizer(reader, path: str, folder: str):
+    """Write a GGUF file's byte-level BPE (tokenizer.ggml.model "gpt2") as tokenizer.json, built by the tokenizers
+    library from its vocabulary and merges, and a tokenizer_config.json naming BOS and EOS, into folder."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in _GGUF_PRE:
+        raise CheckpointError(f"{path}: tokenizer {model!r} with pre-tokenizer {pre!r}; read here: byte-level BPE "
+                              f"('gpt2') with {', '.join(_GGUF_PRE)}. For others, load the file with transformers "
+                              "(from_pretrained(..., gguf_file=…)), save_pretrained, and convert that folder")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if _GGUF_PRE[pre] else byte_level
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    bos, eos = (tokens[field(f"tokenizer.ggml.{name}_token_id")] for name in ("bos", "eos"))
+    if field("tokenizer.ggml.add_bos_token", False):  # the BOS that encode(bos=True) adds (BPETokenizer)
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))])
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    Path(folder, "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2))
+
+def convert_gguf(src: str, dst: str) -> ModelArgs:
+    """A llama.cpp GGUF file of a LLaMA (read_gguf) and its byte-level BPE tokenizer -> our checkpoint folder dst."""
+    args, sd, reader = read_gguf(src)
+    with torch.device("meta"):
+        check_state_dict(sd, Transformer(args), src)
+    with tempfile.TemporaryDirectory() as tok_folder:
+        gguf_tokenizer(reader, src, tok_folder)
+        save_checkpoint(sd, dst, args, os.path.join(tok_folder, "tokenizer.json"))
     return args
 
 def export_hf(src: str, dst: str) -> dict:
@@ -457,12 +544,11 @@ def export_hf(src: str, dst: str) -> dict:
               "rope_theta": args.rope_theta,  # transformers < 5 reads this, ≥ 5 the dict below
               "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
               "tie_word_embeddings": tied, "torch_dtype": str(hf["model.norm.weight"].dtype).removeprefix("torch.")}
-    tok = os.path.join(src, "tokenizer.model")
+    tok = find_tokenizer(src)
     with atomic_folder(dst) as tmp:
-        if os.path.isfile(tok):  # for sentencepiece and llama.cpp; transformers' AutoTokenizer wants the base
-            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))  # model's tokenizer_config.json beside it
-            copy_added_tokens(src, tmp)
-            t = Tokenizer(tok)
+        if tok:  # a sentencepiece model also wants the base model's tokenizer_config.json beside it for AutoTokenizer
+            copy_tokenizer(tok, tmp)
+            t = load_tokenizer(tok)
             config.update(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
         try:
             from safetensors.torch import save_file
@@ -483,7 +569,7 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:  # e.g. LLaMA-3's tokenizer.model, which is tiktoken BPE
             raise CheckpointError(f"{path} is not a sentencepiece model ({e}); supported: sentencepiece tokenizers "
-                                  "(LLaMA-1/2, TinyLlama, Mistral), not tiktoken (LLaMA-3) or byte-level BPE") from None
+                                  "(LLaMA-1/2, TinyLlama, Mistral) here; for tiktoken (LLaMA-3) use the model's tokenizer.json") from None
         added = Path(path).with_name("added_tokens.json")
         self.added = json.loads(added.read_text()) if added.is_file() else {}  # {text: id}
         if any(i < self.sp.vocab_size() for i in self.added.values()):
@@ -505,11 +591,53 @@ class Tokenizer:
         return "".join("".join(added[i] for i in run) if is_added else self.sp.decode(list(run))
                        for is_added, run in runs)
 
+class BPETokenizer:
+    """A Hugging Face tokenizer.json (byte-level BPE: LLaMA-3, SmolLM2, most current models), run by the tokenizers
+    library, with Tokenizer's interface. BOS is what the tokenizer's own post-processor adds (LLaMA-3's
+    <|begin_of_text|>; SmolLM2 adds none); the BOS and EOS ids come from tokenizer_config.json beside it. Special
+    tokens (ChatML's <|im_start|>) are `added`, and are recognised in text as transformers recognises them."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError as e:
+            raise ImportError(f"{path} is a Hugging Face tokenizer: reading it needs `pip install tokenizers`") from e
+        try:
+            self.tk = HFTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a plain Exception for a file it cannot read
+            raise CheckpointError(f"{path} is not a Hugging Face tokenizer.json that the tokenizers library reads "
+                                  f"({e})") from None
+        config_path = Path(path).with_name("tokenizer_config.json")
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        names = {key: config.get(key) for key in ("bos_token", "eos_token")}
+        names = {key: name["content"] if isinstance(name, dict) else name for key, name in names.items()}
+        self.bos_id, self.eos_id = (self.tk.token_to_id(name) if name else None for name in names.values())
+        if self.eos_id is None:
+            raise CheckpointError(f"{config_path}: no eos_token in the tokenizer's vocabulary ({names['eos_token']!r})")
+        self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}  # {text: id}
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        return self.tk.encode(text, add_special_tokens=bos).ids + [self.eos_id] * eos
+
+    def decode(self, ids: list) -> str:
+        """The text of ids, EOS left out, special tokens as their text."""
+        return self.tk.decode([i for i in ids if i != self.eos_id], skip_special_tokens=False)
+
+def find_tokenizer(folder: str) -> Optional[str]:
+    """The tokenizer file in a folder: sentencepiece's tokenizer.model first, else tokenizer.json; None if neither."""
+    paths = [os.path.join(folder, name) for name in ("tokenizer.model", "tokenizer.json")]
+    return next((p for p in paths if os.path.isfile(p)), None)
+
+def load_tokenizer(path: str):
+    """Tokenizer (sentencepiece) or BPETokenizer (tokenizer.json), by the file's name."""
+    return BPETokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
 def main(argv: list):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for cmd, text in (("convert", "Meta or Hugging Face checkpoint folder -> our checkpoint folder"),
+    for cmd, text in (("convert", "Meta or Hugging Face checkpoint folder, or GGUF file -> our checkpoint folder"),
                       ("export", "our checkpoint folder -> a Hugging Face LLaMA folder (transformers, vLLM)")):
         c = sub.add_parser(cmd, help=text)
         c.add_argument("src")
@@ -526,7 +654,7 @@ def main(argv: list):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(a.checkpoint, device, torch.bfloat16 if device == "cuda" else torch.float32)
     if tok is None:
-        raise SystemExit(f"{a.checkpoint} has no tokenizer.model: copy the model's tokenizer.model into it")
+        raise SystemExit(f"{a.checkpoint} has no tokenizer: copy the model's tokenizer.model or tokenizer.json into it")
     outs, ended = generate(model, [tok.encode(p) for p in a.prompt], a.max_new_tokens, tok.eos_id,
                            a.temperature, a.top_p, torch.Generator(device).manual_seed(a.seed), a.top_k)
     for p, o, e in zip(a.prompt, outs, ended):

@@ -50,8 +50,8 @@ from tqdm import tqdm
 import data
 import l3m
 import rewards
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_folder, check_state_dict,
-                   decode_one_token, generate, read_checkpoint, save_checkpoint)
+from model import (CheckpointError, ModelArgs, Transformer, atomic_folder, check_state_dict, decode_one_token,
+                   find_tokenizer, generate, load_tokenizer, read_checkpoint, save_checkpoint)
 
 def flag(default, help: str):
     """A Config field with the help text `python train.py --help` prints; each Config gets its own copy of a list."""
@@ -142,9 +142,11 @@ class Run:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} ranks")
         torch.manual_seed(cfg.seed)
         self.cfg, self.device = cfg, device
-        self.tok_path = os.path.join(cfg.init, "tokenizer.model") if cfg.init != "scratch" \
-            else str(data.prepare_demo(cfg.data_dir, cfg.data_seed).tokenizer)
-        self.tok = Tokenizer(self.tok_path)
+        if cfg.init == "scratch":
+            self.tok_path = str(data.prepare_demo(cfg.data_dir, cfg.data_seed).tokenizer)
+        else:
+            self.tok_path = find_tokenizer(cfg.init)
+        self.tok = load_tokenizer(self.tok_path)
         data.stop_id(self.tok, cfg.chat_template)  # ChatML: the tokenizer must have its markers
         self.model, self.args = build_model(cfg, device, cfg.init, self.tok.vocab_size)
         # model.decode_one_token has the same shapes at every token: traced once, whatever the batch and length
@@ -688,8 +690,9 @@ def check_config(c: Config):
                           "--overwrite=True, or choose another --out_dir")
     if c.init not in ("demo", "scratch"):
         need(os.path.join(c.init, "args.json"), "--init checkpoint (convert it with `python model.py convert`):")
-        need(os.path.join(c.init, "tokenizer.model"), "--init checkpoint's sentencepiece tokenizer (copy the model's "
-             "tokenizer.model into the folder):")
+        if not find_tokenizer(c.init):
+            raise ConfigError(f"--init={c.init} has no tokenizer: copy the model's tokenizer.model (sentencepiece) or "
+                              "tokenizer.json (with its tokenizer_config.json) into the folder")
     if c.chat_template == "chatml" and c.init in ("demo", "scratch"):  # an --init model: data._chatml checks it
         raise ConfigError("--chat_template=chatml needs <|im_start|> and <|im_end|> among the tokenizer's added "
                           "tokens; the demo model has none")
