@@ -163,6 +163,144 @@ def test_exported_training_output_loads_in_transformers(tmp_path, tiny_base, fmt
     assert hf.config.eos_token_id == tok.eos_id and hf.config.bos_token_id == tok.bos_id
 
 
+# -----------------------------------------------------------------------------
+# llama.cpp GGUF files and byte-level BPE tokenizers, written here with the gguf and tokenizers packages
+
+CHAT_MARKERS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def varied_lines(n, seed=0):
+    """n lines of text a tokenizer can get wrong: Unicode (accents, CJK, emoji), digits, runs of spaces, tabs and
+    newlines, code, contractions, and ChatML markers between turns."""
+    rng = np.random.default_rng(seed)
+    words = ["hello", "world", "Ünïcödé", "naïve", "café", "東京", "日本語", "🙂", "🚀🚀", "don't", "we'll", "x_1",
+             "2024", "3.14159", "-42", "1,000,000", "def", "f(x):", "return", "{'a': [1, 2]}", "==", "->", "#",
+             "   ", "\t", "\n", "\n\n", "  \t ", "The", "quick", "brown", "fox", "ǅ", "Ω≈ç√", "™", "...", "?!"]
+    lines = []
+    for i in range(n):
+        text = "".join(str(rng.choice(words)) + str(rng.choice(["", " ", "  ", "\n"])) for _ in range(rng.integers(1, 12)))
+        if i % 5 == 0:
+            text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        lines.append(text)
+    return lines
+
+
+def byte_level_bpe(vocab_size=600):
+    """(tokens by id, merges "a b") of a byte-level BPE trained on varied_lines, the chat markers its first ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_MARKERS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(varied_lines(2000, seed=1), trainer)
+    vocab = tk.get_vocab()
+    merges = json.loads(tk.to_str())["model"]["merges"]  # pairs
+    return sorted(vocab, key=vocab.get), [" ".join(m) if isinstance(m, list) else m for m in merges]
+
+
+def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96):
+    """A llama GGUF with random weights in one quantisation type (the norms in F32, as llama.cpp writes them), no
+    output.weight (tied), and the byte-level BPE tokenizer. Rows must be whole blocks of 32: dim and ffn are."""
+    gguf = pytest.importorskip("gguf")
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    tokens, merges = byte_level_bpe()
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in CHAT_MARKERS else 1 for t in tokens])  # 3: a control token, 1: a normal one
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+
+    def add(name, shape):
+        a = (rng.standard_normal(shape) * 0.1 + (len(shape) == 1)).astype(np.float32)  # norms around 1
+        if len(shape) == 1 or qtype_name == "F32":
+            w.add_tensor(name, a)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+    head_dim = dim // n_heads
+    add("token_embd.weight", (len(tokens), dim))
+    for i in range(n_layers):
+        for kind, shape in [("attn_norm", (dim,)), ("attn_q", (n_heads * head_dim, dim)),
+                            ("attn_k", (n_kv_heads * head_dim, dim)), ("attn_v", (n_kv_heads * head_dim, dim)),
+                            ("attn_output", (dim, dim)), ("ffn_norm", (dim,)), ("ffn_gate", (ffn, dim)),
+                            ("ffn_up", (ffn, dim)), ("ffn_down", (dim, ffn))]:
+            add(f"blk.{i}.{kind}.weight", shape)
+    add("output_norm.weight", (dim,))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_converts_as_transformers_loads_it(tmp_path, qtype):
+    """`python model.py convert FILE.gguf` against transformers' own GGUF loader (its dequantisation and its q/k
+    permutation, not ours): logits within 2e-4 (the same float32 weights summed in another order: ~1e-6) and the
+    same 20 greedy tokens. The q/k layout, exactly: GGUF's attn_q/attn_k rows are our wq/wk as they are, and
+    transformers' q_proj/k_proj are them in its rotate-half order."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers loads GGUF files through it
+    gguf = pytest.importorskip("gguf")
+    path = write_gguf(tmp_path / "tiny.gguf", qtype)
+    subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "convert", str(path), str(tmp_path / "ours")],
+                   check=True, capture_output=True)
+    ours, tok = M.load_model(str(tmp_path / "ours"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
+                                                           dtype=torch.float32).eval()
+    tensors = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in gguf.GGUFReader(str(path)).tensors}
+    for ours_key, theirs in (("wq", "q_proj"), ("wk", "k_proj")):
+        w = getattr(ours.layers[1].attention, ours_key).weight
+        assert torch.equal(w, torch.from_numpy(tensors[f"blk.1.attn_{ours_key[1]}.weight"]))
+        hf_w = getattr(hf.model.layers[1].self_attn, theirs).weight
+        assert torch.equal(M._rope_permute(f"layers.1.attention.{ours_key}.weight", w, ours.args, to_hf=True), hf_w)
+    x = torch.tensor([tok.encode("<|im_start|>user\nHello, world! 2024<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 2e-4
+    theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    out, _ = M.generate(ours, x.tolist(), 20, eos_id=len(tok.added) + 10 ** 6, temperature=0)
+    assert out[0] == theirs[0, x.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_bpe_tokenizer_matches_transformers(tmp_path, add_bos):
+    """Our BPETokenizer, from a GGUF file (built by gguf_tokenizer) and from the Hugging Face folder that export
+    writes (convert carries its tokenizer.json), gives transformers' ids on 2,400 varied lines, BOS included when
+    the model adds one; decode gives the text back (EOS left out); the chat markers are added tokens that ChatML can use."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = write_gguf(tmp_path / "tiny.gguf", "F16", add_bos=add_bos)
+    M.convert(str(path), str(tmp_path / "ours"))
+    _, tok = M.load_model(str(tmp_path / "ours"))
+    M.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
+    M.convert(str(tmp_path / "hf"), str(tmp_path / "back"))
+    _, back = M.load_model(str(tmp_path / "back"))
+    references = [transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf"),
+                  transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))]
+    assert isinstance(tok, M.BPETokenizer) and isinstance(back, M.BPETokenizer)
+    lines = varied_lines(2400)
+    for reference in references:
+        assert [tok.encode(line) for line in lines] == [reference(line)["input_ids"] for line in lines]
+    assert [back.encode(line) for line in lines] == [tok.encode(line) for line in lines]
+    assert all(tok.decode(tok.encode(line, bos=False)) == line.replace("<|im_end|>", "") for line in lines)  # EOS
+    assert tok.encode("hi", bos=True)[:1] == [1] * add_bos + tok.encode("hi", bos=False)[:1 - add_bos]
+    assert tok.added == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2} and tok.eos_id == 2
+    assert D.stop_id(tok, "chatml") == 2 and tok.vocab_size == 600
+
+
 def test_tokenizers_that_cannot_be_read_are_named(tmp_path):
     """A tokenizer.json the tokenizers library cannot read, a tokenizer.model that is tiktoken BPE (LLaMA-3's
     release), or no tokenizer at all: one error that says what is there and what to do."""
