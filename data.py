@@ -1,5 +1,5 @@
-"""Data for L3M fine-tuning: chat templates, UltraChat and HH-RLHF readers, splits, batches per rank, and small demo
-data with its own tokenizer that stands in for UltraChat and HH on a CPU ("Demo data" below).
+"""Data for L3M fine-tuning: chat templates, UltraChat, chatterbot-corpus and HH-RLHF readers, splits, batches per
+rank, and small demo data with its own tokenizer that stands in for UltraChat and HH on a CPU ("Demo data" below).
 
     task = read_ultrachat("ultrachat.jsonl.gz", tok)       # (prompt, response) pairs ≤ 512 tokens
     train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
@@ -13,6 +13,8 @@ Where this departs from the paper, or fixes what it leaves open:
   answer starts, and the answer ends with the stop token's *id* (EOS; ChatML's <|im_end|>), not text: an exact boundary.
 - UltraChat: the assistant turn kept as the response is drawn with a seed keyed by the dialogue's text (the same pair
   in any file, compressed or not, at any line); pairs over max_tokens, BOS and EOS included, are dropped, not truncated.
+- chatterbot-corpus (real dialogues for a small chat model on a CPU): each YAML conversation is read as an UltraChat
+  dialogue; repeated examples are kept once.
 - HH-RLHF: a pair is kept when both prompt + y⁺ and prompt + y⁻ fit in max_tokens (1024; the paper's text reads
   2024). The test file is HH's own; 5 % of train is held out for validation."""
 import fcntl
@@ -103,36 +105,50 @@ class ReadResult:
     lines: int = 0
     too_long: int = 0
     malformed: Counter = field(default_factory=Counter)  # reason -> number of lines
+    repeats: int = 0  # examples equal to one kept before (read_chatterbot)
 
     def __str__(self):
         why = "; ".join(f"{n} {reason}" for reason, n in self.malformed.most_common())
+        repeats = f", {self.repeats} repeats of kept examples" if self.repeats else ""
         return (f"{self.source}: kept {len(self.examples)} of {self.lines} lines, dropped {self.too_long} over "
-                f"{self.max_tokens} tokens, skipped {self.malformed.total()} malformed" + (f" ({why})" if why else ""))
+                f"{self.max_tokens} tokens{repeats}, skipped {self.malformed.total()} malformed"
+                + (f" ({why})" if why else ""))
 
-def _read(paths, parse, max_tokens: int, strict: bool) -> ReadResult:
-    """parse(record) -> (prompt, response, …) over every line of the JSONL files, gzipped if named .gz."""
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    result = ReadResult(", ".join(map(str, paths)), max_tokens)
+def _read(records, parse, result: ReadResult, strict: bool) -> ReadResult:
+    """parse(record) -> (prompt, response, …) for every (where, record) of `records`, into result. A record that is
+    a DataError is malformed already; where is "file:line"."""
+    for where, record in records:
+        result.lines += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            example = parse(record)
+        except DataError as e:
+            if strict:
+                raise DataError(f"{where}: {e}") from None
+            result.malformed[str(e)] += 1
+            continue
+        if len(example.prompt) + max(map(len, example[1:])) > result.max_tokens:  # prompt + its longest response
+            result.too_long += 1
+        else:
+            result.examples.append(example)
+    return result
+
+def _paths(paths) -> list:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+def _jsonl_records(paths):
+    """(file:line, JSON object or DataError) for every line of the JSONL files, gzipped if named .gz."""
     for path in paths:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
-                result.lines += 1
                 try:
                     record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise DataError("not a JSON object")
-                    example = parse(record)
-                except (json.JSONDecodeError, DataError) as e:
-                    reason = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
-                    if strict:
-                        raise DataError(f"{path}:{lineno}: {reason}") from None
-                    result.malformed[reason] += 1
-                    continue
-                if len(example.prompt) + max(map(len, example[1:])) > max_tokens:  # prompt + its longest response
-                    result.too_long += 1
-                else:
-                    result.examples.append(example)
-    return result
+                except json.JSONDecodeError:
+                    record = DataError("not JSON")
+                if not isinstance(record, (dict, DataError)):
+                    record = DataError("not a JSON object")
+                yield f"{path}:{lineno}", record
 
 def _text(turn) -> str:
     if not isinstance(turn, str) or not turn.strip():
@@ -163,12 +179,69 @@ def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, st
                    template: str = "plain", system: str = "") -> ReadResult:
     """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples: an assistant turn drawn with (seed, the dialogue's
     text) is the response, the dialogue before it the prompt (App. A). strict=True: DataError at a malformed line."""
-    def parse(record):
-        dialogue = _ultrachat_dialogue(record)
-        k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
-        prompt = encode_prompt(tokenizer, dialogue[:k], template, system)
-        return TaskExample(prompt, encode_response(tokenizer, dialogue[k][1], template))
-    return _read(paths, parse, max_tokens, strict)
+    parse = functools.partial(_ultrachat_example, tokenizer=tokenizer, seed=seed, template=template, system=system)
+    paths = _paths(paths)
+    return _read(_jsonl_records(paths), parse, ReadResult(", ".join(map(str, paths)), max_tokens), strict)
+
+def _ultrachat_example(record: dict, tokenizer, seed: int, template: str, system: str) -> TaskExample:
+    dialogue = _ultrachat_dialogue(record)
+    k = random.Random(f"{seed}:{json.dumps(dialogue)}").randrange(1, len(dialogue), 2)  # an assistant turn
+    prompt = encode_prompt(tokenizer, dialogue[:k], template, system)
+    return TaskExample(prompt, encode_response(tokenizer, dialogue[k][1], template))
+
+def read_chatterbot(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False,
+                    template: str = "plain", system: str = "") -> ReadResult:
+    """chatterbot-corpus YAML files ({categories, conversations: [[user, assistant, user, …], …]}), or folders of
+    them, -> ReadResult of TaskExamples, each conversation read as one UltraChat dialogue (read_ultrachat). An
+    example equal to one kept before is dropped (the corpus repeats its tech-support answers 105 times each), so
+    that no test answer is also a training answer. Needs PyYAML."""
+    source = ", ".join(map(str, _paths(paths)))
+    paths = [p for path in _paths(paths) for p in (sorted(path.glob("*.yml")) if path.is_dir() else [path])]
+    parse = functools.partial(_ultrachat_example, tokenizer=tokenizer, seed=seed, template=template, system=system)
+    result = _read(_chatterbot_records(paths), parse, ReadResult(source, max_tokens), strict)
+    seen, unique = set(), []
+    for example in result.examples:
+        key = (example.prompt.tobytes(), example.response.tobytes())
+        if key not in seen:
+            seen.add(key)
+            unique.append(example)
+    result.repeats = len(result.examples) - len(unique)
+    result.examples = unique
+    return result
+
+def _chatterbot_records(paths):
+    """(file:line, {"data": turns} or DataError) for every conversation of chatterbot-corpus YAML files."""
+    try:
+        import yaml
+    except ImportError as e:
+        raise ImportError("reading chatterbot-corpus YAML needs `pip install pyyaml`") from e
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            try:
+                root = yaml.compose(f, Loader=yaml.SafeLoader)  # nodes, which know their lines
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                yield f"{path}:{mark.line + 1 if mark else 1}", DataError(f"not YAML: {getattr(e, 'problem', e)}")
+                continue
+        conversations = None
+        if isinstance(root, yaml.MappingNode):
+            conversations = next((v for k, v in root.value if k.value == "conversations"), None)
+        if not isinstance(conversations, yaml.SequenceNode):
+            yield f"{path}:1", DataError("no 'conversations' list")
+            continue
+        for node in conversations.value:
+            turns = node.value if isinstance(node, yaml.SequenceNode) else []
+            if turns and all(isinstance(t, yaml.ScalarNode) for t in turns):
+                yield f"{path}:{node.start_mark.line + 1}", {"data": [t.value for t in turns]}
+            else:
+                yield f"{path}:{node.start_mark.line + 1}", DataError("a conversation is not a list of turns")
+
+def read_task(paths, tokenizer, **kwargs) -> ReadResult:
+    """Task pairs from UltraChat JSONL files, or from chatterbot-corpus YAML files and folders, told by their names."""
+    is_yaml = [p.is_dir() or p.suffix in (".yml", ".yaml") for p in _paths(paths)]
+    if any(is_yaml) and not all(is_yaml):
+        raise DataError(f"{', '.join(map(str, paths))}: UltraChat JSONL and chatterbot YAML files in one --data")
+    return (read_chatterbot if all(is_yaml) else read_ultrachat)(paths, tokenizer, **kwargs)
 
 def _hh_dialogue(text) -> list:
     """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending with the answer."""
@@ -196,7 +269,8 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 1024, strict: bool = False, t
             raise DataError("'chosen' and 'rejected' have different prompts")
         prompt = encode_prompt(tokenizer, chosen[:-1], template, system)
         return PreferenceExample(prompt, *(encode_response(tokenizer, d[-1][1], template) for d in (chosen, rejected)))
-    return _read(paths, parse, max_tokens, strict)
+    paths = _paths(paths)
+    return _read(_jsonl_records(paths), parse, ReadResult(", ".join(map(str, paths)), max_tokens), strict)
 
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0, seed: int = 0) -> tuple:
     """A seeded random split into (train, val, test) lists; val/test are counts, or fractions if < 1."""

@@ -65,7 +65,8 @@ class Config:
     out_dir: str = flag("out/l3m", "where checkpoints, ledger.jsonl and report.json go")
     init: str = flag("demo", "our checkpoint folder (model.py convert); 'scratch'; 'demo': the demo base, cached")
     data_dir: str = flag("out", "where the demo data, its tokenizer and the demo base model are cached")
-    data: str = flag("demo", "'demo', or UltraChat JSONL(.gz) files (HH-RLHF for --method=reward), comma-separated")
+    data: str = flag("demo", "'demo', or UltraChat JSONL(.gz) files, or chatterbot-corpus YAML files or folders "
+                             "(HH-RLHF JSONL for --method=reward), comma-separated")
     data_test: str = flag("", "HH-RLHF test file(s) for --method=reward (with demo data: the demo's)")
     demo_reward: str = flag("informative", "the demo preference set --method=reward learns: informative | cautious")
     constraint: list = flag(["length>=20", "length<=35"], "E[r] >= b and the like (rewards.py); repeat the flag")
@@ -632,7 +633,7 @@ def load_data(cfg: Config, tok) -> tuple:
     demo = data.prepare_demo(cfg.data_dir, cfg.data_seed) if cfg.data == "demo" else None
     reading = {"max_tokens": cfg.max_len, "template": cfg.chat_template, "system": cfg.system_prompt}
     if cfg.method != "reward":
-        read = data.read_ultrachat([demo.task] if demo else cfg.data.split(","), tok, seed=cfg.data_seed, **reading)
+        read = data.read_task([demo.task] if demo else cfg.data.split(","), tok, seed=cfg.data_seed, **reading)
         print0(read)
         return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
     train_paths = [getattr(demo, f"{cfg.demo_reward}_train")] if demo else cfg.data.split(",")
