@@ -30,6 +30,8 @@ Where this departs from the paper, or fixes what it leaves open:
 - MM baseline: on each constraint step λ_i ← max(0, λ_i + η_λ·Ĉ_i) with the fresh Ĉ (L3M's estimate), then a step
   on Σ_i λ_i·surrogate_i. No 1/k: the learned λ_i are the Lagrangian's own (Eq. 8); L3M's 1/k is inside λ̂.
 """
+import math
+
 import torch
 
 def barrier(z, mu, s):
@@ -38,9 +40,13 @@ def barrier(z, mu, s):
         B(z) = −µ·log(−z)                 z ≤ −s
              = (µ/s)·z + µ − µ·log(s)     z > −s
 
-    as one expression, −µ·log max(−z, s) + (µ/s)·max(z + s, 0). At z = −s the clamp passes its gradient and relu
-    does not, so autograd gives µ/s there."""
-    return -mu * torch.log(torch.clamp(-z, min=s)) + (mu / s) * torch.relu(z + s)
+    Each branch is chosen by torch.where, so autograd gives each branch's own derivative, µ/s at z = −s from both
+    sides, whatever convention a torch version keeps for clamp or relu at their kinks. The log's argument is −z
+    only where that branch is taken (elsewhere s), so the branch not taken has no NaN to leak into the gradient."""
+    log_branch = z <= -s
+    log_part = -mu * torch.log(torch.where(log_branch, -z, s))
+    linear_part = (mu / s) * z + mu - mu * math.log(s)
+    return torch.where(log_branch, log_part, linear_part)
 
 def barrier_grad(z, mu, s):
     """B'_{µ,s}(z) = µ / max(−z, s) (Eq. 9): continuous, and non-decreasing (B is convex)."""

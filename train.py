@@ -23,6 +23,7 @@ with Eq. 12) and `reward_step` (App. A.1). `python train.py --help` explains eve
   schedule, clipping, checkpoints and resume a second loop would only repeat.
 """
 import contextlib
+import datetime
 import glob
 import json
 import math
@@ -42,6 +43,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
@@ -251,6 +253,8 @@ def task_step(r: Run) -> dict:
     tokens, mask = (x.to(r.device) for x in data.task_batch(batch, pad_id=r.tok.eos_id))  # (B, T)
     loss = 0.0
     for j, share in micro_batches(len(tokens), r.cfg.micro_batch):
+        # one reduce-scatter, after the last micro-batch; until then FSDP2 sums the unsharded gradients in place
+        r.model.set_requires_gradient_sync(j.stop == len(tokens))
         part = share * l3m.task_loss(l3m.logp_norm(r.model(tokens[j]), tokens[j], mask[j]))
         part.backward()
         loss += part.item()
@@ -280,6 +284,7 @@ def constraint_step(r: Run, step: int, mu: float) -> dict:
     tokens, mask = (x.to(r.device) for x in data.response_batch(prompts, samples.responses, pad_id=r.tok.eos_id))
     loss = 0.0
     for j, share in micro_batches(len(tokens), cfg.micro_batch):
+        r.model.set_requires_gradient_sync(j.stop == len(tokens))
         logp = l3m.logp_norm(r.model(tokens[j]), tokens[j], mask[j], cfg.temperature or 1.0)  # ℓ̄_θ(y|x), (b,)
         part = share * l3m.reinforce_surrogate(logp, c[j], lam)
         part.backward()
@@ -295,6 +300,7 @@ def reward_step(r: Run) -> dict:
     batch = [r.train[i] for i in r.task_stream.next()]
     loss = 0.0
     for j, share in micro_batches(len(batch), r.cfg.micro_batch):
+        r.model.set_requires_gradient_sync(j.stop == len(batch))
         part = share * rewards.bradley_terry_loss(*rewards.preference_rewards(r.model, batch[j], pad_id=r.tok.eos_id))
         part.backward()
         loss += part.item()
@@ -542,10 +548,16 @@ def setup_distributed(device: str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local_rank}, but torch sees {torch.cuda.device_count()} GPU(s) here: start "
+                              "at most one process per GPU (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         _COMM_DEVICE = torch.device("cuda", local_rank)
     alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}  # no torchrun
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", **alone)
+    # One hour, not NCCL's 10 minutes: the other ranks wait at a barrier while rank 0 writes a 7B model's 27 GB
+    # final model.pth (save_final); a rank that truly hangs is also found an hour late.
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
+                            device_id=_COMM_DEVICE if device == "cuda" else None, **alone)
     return dist.get_rank(), dist.get_world_size(), torch.device(device, local_rank if device == "cuda" else None)
 
 def print0(*a, **k):
@@ -578,14 +590,16 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, init)
-    # FSDP2: shard each block, then the root (embedding, final norm, output), over all ranks
+    # FSDP2: shard each block, then the root (embedding, final norm, output), over all ranks of a mesh on the device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                               reduce_dtype=torch.float32)
     for block in model.layers:
         if train and cfg.activation_checkpointing:  # recompute each block's activations in the backward pass
             block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
-        fully_shard(block, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # the root's weights are needed at once by backward
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # the root keeps its weights after forward: backward needs them at once
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     model.to_empty(device=device)
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
     return model.train(train), args
