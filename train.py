@@ -624,7 +624,7 @@ def gathered(*models):
 def bare(model) -> Transformer:
     """A plain Transformer on the unsharded weights of an FSDP model inside `gathered`. Rollouts decode on it: through
     the FSDP model every token would run each block's FSDP hooks and, with --activation_checkpointing, checkpoint()
-    (which saves the RNG state even under no_grad): about 2× the time of a decode step. Built on the meta device and
+    (which saves the RNG state even under no_grad): host work per layer and token. Built on the meta device and
     assigned the same tensors, so it costs no memory; torch.compile traces it once, not once per instance."""
     with torch.device("meta"):
         plain = Transformer(model.args)
