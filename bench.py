@@ -56,6 +56,9 @@ def main():
     p.add_argument("--memory", action="store_true",
                    help="instead: peak memory of an L3M constraint step without and with a reference model (§5.3)")
     p.add_argument("--memory_case", choices=["l3m", "l3m+reference"], help=argparse.SUPPRESS)  # one, in a child
+    p.add_argument("--fsdp_rollout", action="store_true",
+                   help="instead: rollouts through train.py's FSDP2 model (activation checkpointing on) against the "
+                        "bare model that train.py decodes on (train.bare), both on the gathered weights")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -64,6 +67,8 @@ def main():
         return print(json.dumps(constraint_step_memory(a, a.memory_case == "l3m+reference")))
     if a.memory:
         return memory_table(a)
+    if a.fsdp_rollout:
+        return fsdp_rollout(a)
     try:
         import transformers
     except ImportError:
@@ -194,6 +199,33 @@ def constraint_step_memory(a, reference: bool) -> dict:
     peak = torch.cuda.max_memory_allocated() if a.device == "cuda" else rss() - base
     return {"peak_bytes": peak, "weight_bytes": sum(p.nbytes for p in model.parameters()),
             "adam_bytes": sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
+
+
+def fsdp_rollout(a):
+    """Seconds per rollout (batch × new tokens, no early stop) through the FSDP2 model, whose every decode step runs
+    each block's FSDP hooks and checkpoint(), against the bare model on the same gathered weights; interleaved,
+    median of --repeats after a warm-up. A world of one process (gloo on the CPU, NCCL on CUDA)."""
+    import train
+    torch.set_num_threads(a.threads)
+    cfg = train.parse_config([f"--dim={a.dim}", f"--n_layers={a.n_layers}", f"--n_heads={a.n_heads}",
+                              f"--n_kv_heads={a.n_kv_heads}", f"--max_len={a.prompt_len}",
+                              f"--max_new_tokens={a.new_tokens}", "--activation_checkpointing=True"])
+    _, _, device = train.setup_distributed(a.device)
+    model, args = train.build_model(cfg, device, "scratch", a.vocab_size)
+    prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len)).tolist()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {"through FSDP2 (hooks, checkpoint)": [], "bare model": []}
+    with train.gathered(model) as (plain,):
+        for i in range(a.repeats + 1):
+            for (name, t), m in zip(times.items(), (model, plain)):
+                g = torch.Generator().manual_seed(0)
+                t.append(timed(lambda: M.generate(m, prompts, a.new_tokens, a.vocab_size + 1, generator=g), sync))
+    print(f"rollouts of {a.batch} × {a.new_tokens} tokens, {a.n_layers} layers, dim {a.dim}, {device.type}, "
+          f"{torch.get_num_threads()} threads (median of {a.repeats} after a warm-up)")
+    medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+    for name, m in medians.items():
+        print(f"{name:36s} {m:8.3f} s")
+    print(f"{'FSDP2 / bare':36s} {medians['through FSDP2 (hooks, checkpoint)'] / medians['bare model']:8.2f}")
 
 
 def memory_table(a):
