@@ -11,9 +11,9 @@ checkpoint needs no renaming) and, when known, the tokenizer: sentencepiece's `t
 Departures from Meta's reference: RoPE tables are made per call (no buffer: float32 under a bf16 cast, no care under
 meta-device init); sampling is batched over prompts of different lengths (left padding), each row stopping at EOS.
 Left out, and refused with a clear error: LLaMA-3's tiktoken tokenizer.model (its tokenizer.json works) and
-LLaMA-3.1's RoPE rescaling. No tensor or
-pipeline parallelism: train.py uses FSDP2."""
+LLaMA-3.1's RoPE rescaling. No tensor or pipeline parallelism: train.py uses FSDP2."""
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -460,6 +460,10 @@ _GGUF_LAYER_KEYS = {  # llama.cpp's tensor names -> ours, per layer ("blk.N.attn
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
 _GGUF_TOP_KEYS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
+def _gguf_field(reader, key: str, default=None):
+    """A GGUF file's metadata value (a number, a string, or a list of them), or default when it is absent."""
+    return reader.fields[key].contents() if key in reader.fields else default
+
 def read_gguf(path: str):
     """(ModelArgs, float32 state dict, gguf.GGUFReader) of a llama.cpp GGUF file of a LLaMA, every tensor dequantised
     by the gguf package (any type it reads: F32, F16, BF16, Q4_0 … Q8_0, the K-quants). q/k layout: llama.cpp's
@@ -470,7 +474,7 @@ def read_gguf(path: str):
     except ImportError as e:
         raise ImportError("reading *.gguf needs `pip install gguf`") from e
     reader = gguf.GGUFReader(path)
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    field = functools.partial(_gguf_field, reader)
     if field("general.architecture") != "llama":
         raise CheckpointError(f"{path}: general.architecture={field('general.architecture')!r}; only 'llama' is read")
     if field("llama.rope.scaling.type", "none") != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
@@ -493,14 +497,14 @@ def read_gguf(path: str):
     return args, sd, reader
 
 # llama.cpp's pre-tokenizer names whose splitting is GPT-2's byte-level regex, after splitting off each digit or not
-_GGUF_PRE = {"default": False, "gpt2": False, "smollm": True, "starcoder": True}
+_GGUF_PRE = {"default": False, "gpt2": False, "smollm": True}
 
 def gguf_tokenizer(reader, path: str, folder: str):
     """Write a GGUF file's byte-level BPE (tokenizer.ggml.model "gpt2") as tokenizer.json, built by the tokenizers
     library from its vocabulary and merges, and a tokenizer_config.json naming BOS and EOS, into folder."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+    field = functools.partial(_gguf_field, reader)
     model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "default")
     if model != "gpt2" or pre not in _GGUF_PRE:
         raise CheckpointError(f"{path}: tokenizer {model!r} with pre-tokenizer {pre!r}; read here: byte-level BPE "
@@ -514,9 +518,10 @@ def gguf_tokenizer(reader, path: str, folder: str):
     tk.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if _GGUF_PRE[pre] else byte_level
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    bos, eos = (tokens[field(f"tokenizer.ggml.{name}_token_id")] for name in ("bos", "eos"))
+    bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    bos, eos = tokens[bos_id], tokens[eos_id]
     if field("tokenizer.ggml.add_bos_token", False):  # the BOS that encode(bos=True) adds (BPETokenizer)
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))])
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
     tk.save(os.path.join(folder, "tokenizer.json"))
     Path(folder, "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2))
 
