@@ -604,7 +604,7 @@ def main():
     p.add_argument("--margin", type=float, default=3.0,
                    help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: none; --quick: 0)")
     p.add_argument("--margin_steps", type=int, default=0,
-                   help="steps of the L3M + margin runs (0: --steps; README: 800 make the margin hold)")
+                   help="steps of the L3M + margin runs (0: --steps; docs/reproduce.md: 800 make the margin hold)")
     p.add_argument("--feasibility", action="store_true",
                    help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet")
     a = p.parse_args()
@@ -614,7 +614,7 @@ def main():
     # the test split: 200 prompts for Fig. 3 (a reward's test mean has a standard error of ~0.35 nats), 100 for
     # Fig. 2 (~1.5 tokens); only the SFT runs evaluate before training too (the base model's row)
     common = ["--val=50", "--test=100", "--eval_every=0", "--ckpt_every=0", "--show=0", "--eval_before=False"]
-    # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the lr (README)
+    # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the lr (docs/reproduce.md)
     common3 = common + ["--test=200", f"--lr={FIG3_LR}"]
     # The demo base is pretrained once by the first train.py run that needs it; do it before the pool starts.
     warmup = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",

