@@ -318,8 +318,11 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     cdf = sorted_probs.cumsum(-1)  # (B, K)
     if isinstance(generator, (list, tuple)):
         u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
+    elif generator is not None:
+        # drawn where the generator lives (a CPU generator may drive a GPU model), then moved
+        u = torch.rand(B, generator=generator, device=generator.device).to(cdf.device)
     else:
-        u = torch.rand(B, generator=generator, device=cdf.device)
+        u = torch.rand(B, device=cdf.device)
     # the first index whose cumulative mass exceeds u · (the row's total mass)
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
     j = j.clamp(max=cdf.shape[-1] - 1)  # (B, 1)
