@@ -39,6 +39,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+
 class DataError(ValueError):
     """Malformed data: an input line (the parsers raise it with a short reason, the readers
     as file:line: reason), or a tokenizer that cannot write the chat template."""
@@ -47,11 +48,13 @@ class DataError(ValueError):
 TEMPLATES = ("plain", "llama2", "chatml")
 _ROLES = ("user", "assistant")  # turn i of a dialogue is _ROLES[i % 2]
 
+
 def render_dialogue(dialogue: Sequence[tuple]) -> str:
     r"""A dialogue [(role, text), …], roles user/assistant, as text:
     "Human: …\n\nAssistant: …"."""
     names = {"user": "Human", "assistant": "Assistant"}
     return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in dialogue)
+
 
 def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
                   system: str = "") -> np.ndarray:
@@ -94,6 +97,7 @@ def encode_prompt(tokenizer, dialogue: Sequence[tuple], template: str = "plain",
     ids += tokenizer.encode(f"[INST] {turns[-1]} [/INST]")
     return np.asarray(ids, dtype=np.int32)
 
+
 def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray:
     r"""Answer ids (int32), the template's stop token last, such that prompt + answer are
     the ids of the whole exchange. plain, llama2: the space after "Assistant:"/"[/INST]" is
@@ -112,11 +116,13 @@ def encode_response(tokenizer, text: str, template: str = "plain") -> np.ndarray
         raise ValueError(f"{text!r}: the tokenizer merges it with the 'assistant\\n' before it")
     return np.asarray(ids[len(head):] + [stop_id(tokenizer, template)], dtype=np.int32)
 
+
 def stop_id(tokenizer, template: str) -> int:
     """The token that ends an answer: EOS, or ChatML's <|im_end|>."""
     if template == "chatml":
         return _chatml(tokenizer).added["<|im_end|>"]
     return tokenizer.eos_id
+
 
 def _chatml(tokenizer):
     """The tokenizer, once it is known to have ChatML's markers as added tokens."""
@@ -126,6 +132,7 @@ def _chatml(tokenizer):
                         "or special tokens of a tokenizer.json; `python model.py convert` "
                         "copies them)")
     return tokenizer
+
 
 def _check_template(tokenizer, template: str):
     """Fail once, before reading, if the tokenizer cannot write the template: a reader
@@ -137,6 +144,7 @@ def _check_template(tokenizer, template: str):
 # rejected y⁻, EOS last
 TaskExample = namedtuple("TaskExample", ["prompt", "response"])
 PreferenceExample = namedtuple("PreferenceExample", ["prompt", "chosen", "rejected"])
+
 
 @dataclass
 class ReadResult:
@@ -160,6 +168,7 @@ class ReadResult:
             text += f" ({why})"
         return text
 
+
 def _read(records, parse, result: ReadResult, strict: bool) -> ReadResult:
     """parse(record) -> (prompt, response, …) for every (where, record) of `records`, into
     result. A record that is a DataError is malformed already; where is "file:line"."""
@@ -182,8 +191,10 @@ def _read(records, parse, result: ReadResult, strict: bool) -> ReadResult:
             result.examples.append(example)
     return result
 
+
 def _paths(paths) -> list:
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
 
 def _jsonl_records(paths):
     """(file:line, JSON object or DataError) for every line of the JSONL files, gzipped if
@@ -200,12 +211,14 @@ def _jsonl_records(paths):
                     record = DataError("not a JSON object")
                 yield f"{path}:{lineno}", record
 
+
 def _text(turn) -> str:
     if not isinstance(turn, str):
         raise DataError("a turn is not a string")
     if not turn.strip():
         raise DataError("empty turn")
     return turn
+
 
 def _ultrachat_dialogue(record: dict) -> list:
     """[(role, text), …] from either public UltraChat format: {"id", "data": [user,
@@ -230,6 +243,7 @@ def _ultrachat_dialogue(record: dict) -> list:
         raise DataError("no assistant turn")
     return dialogue
 
+
 def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False,
                    template: str = "plain", system: str = "") -> ReadResult:
     """UltraChat JSONL (or .jsonl.gz) -> ReadResult of TaskExamples: an assistant turn
@@ -242,6 +256,7 @@ def read_ultrachat(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, st
     result = ReadResult(", ".join(map(str, paths)), max_tokens)
     return _read(_jsonl_records(paths), parse, result, strict)
 
+
 def _ultrachat_example(record: dict, tokenizer, seed: int, template: str,
                        system: str) -> TaskExample:
     dialogue = _ultrachat_dialogue(record)
@@ -249,6 +264,7 @@ def _ultrachat_example(record: dict, tokenizer, seed: int, template: str,
     k = rng.randrange(1, len(dialogue), 2)  # an assistant turn
     prompt = encode_prompt(tokenizer, dialogue[:k], template, system)
     return TaskExample(prompt, encode_response(tokenizer, dialogue[k][1], template))
+
 
 def read_chatterbot(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, strict: bool = False,
                     template: str = "plain", system: str = "") -> ReadResult:
@@ -280,6 +296,7 @@ def read_chatterbot(paths, tokenizer, *, max_tokens: int = 512, seed: int = 0, s
     result.repeats = len(result.examples) - len(unique)
     result.examples = unique
     return result
+
 
 def _chatterbot_records(paths):
     """(file:line, {"data": turns} or DataError) for every conversation of
@@ -314,6 +331,7 @@ def _chatterbot_records(paths):
             else:
                 yield where, DataError("a conversation is not a list of turns")
 
+
 def read_task(paths, tokenizer, **kwargs) -> ReadResult:
     """Task pairs from UltraChat JSONL files, or from chatterbot-corpus YAML files and
     folders, told by their names."""
@@ -324,6 +342,7 @@ def read_task(paths, tokenizer, **kwargs) -> ReadResult:
     if all(is_yaml):
         return read_chatterbot(paths, tokenizer, **kwargs)
     return read_ultrachat(paths, tokenizer, **kwargs)
+
 
 def _hh_dialogue(text) -> list:
     """[(role, text), …] from HH-RLHF's "\\n\\nHuman: …\\n\\nAssistant: …" string, ending
@@ -341,6 +360,7 @@ def _hh_dialogue(text) -> list:
     if len(dialogue) < 2 or dialogue[-1][0] != "assistant":
         raise DataError("does not end with an Assistant turn")
     return [(role, _text(said)) for role, said in dialogue]
+
 
 def read_hh(paths, tokenizer, *, max_tokens: int = 2024, strict: bool = False,
             template: str = "plain", system: str = "") -> ReadResult:
@@ -365,6 +385,7 @@ def read_hh(paths, tokenizer, *, max_tokens: int = 2024, strict: bool = False,
     result = ReadResult(", ".join(map(str, paths)), max_tokens)
     return _read(_jsonl_records(paths), parse, result, strict)
 
+
 def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, float] = 0,
                   seed: int = 0) -> tuple:
     """A seeded random split into (train, val, test) lists; val/test are counts, or
@@ -385,6 +406,7 @@ def split_dataset(items: Sequence, *, val: Union[int, float], test: Union[int, f
     val_idx, test_idx, train_idx = np.split(order, [n_val, n_val + n_test])
     return tuple([items[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
 
+
 def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> tuple:
     """Right-padded prompt + response rows (task data, sampled responses): tokens (B, T)
     int64, mask (B, T) bool, True exactly at the response tokens, EOS included. The mask
@@ -404,16 +426,19 @@ def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> t
         mask[i, len(p):len(row)] = True
     return tokens, mask
 
+
 def task_batch(examples: Sequence, pad_id: int = 0) -> tuple:
     """TaskExamples -> (tokens (B, T), mask (B, T)) for the task loss −ℓ̄_θ(y|x)."""
     prompts = [e.prompt for e in examples]
     responses = [e.response for e in examples]
     return response_batch(prompts, responses, pad_id)
 
+
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
     """Batches per rank and epoch: the remainder that does not fill a global batch is
     dropped."""
     return n // (batch_size * world_size)
+
 
 def batch_indices(n: int, batch_size: int, position: int, *, seed: int, rank: int = 0,
                   world_size: int = 1):
@@ -431,6 +456,7 @@ def batch_indices(n: int, batch_size: int, position: int, *, seed: int, rank: in
     start = (b * world_size + rank) * batch_size
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[start:start + batch_size]
+
 
 class Stream:
     """Global batches of one split, epoch after epoch (batch_indices); `position` is all a
@@ -541,6 +567,7 @@ _QUESTIONS = ["Tell me about the {name}.", "What do you know about the {name}?",
 _FOLLOW_UPS = ["And what about the {name}?", "Now tell me about the {name}.",
                "What can you say about the {name}?"]
 
+
 def _sentences(name: str) -> dict:
     """kind -> the sentences an answer about name may hold; "named"/"it": its six facts
     about "The {name}"/"It"."""
@@ -562,11 +589,13 @@ def _sentences(name: str) -> dict:
         "closer": fmt(_CLOSERS),
     }
 
+
 def _style(rng: random.Random) -> tuple:
     """(caution share, filler share) of a response: half of the responses have no caution
     at all."""
     caution = 0.0 if rng.random() < 0.5 else rng.uniform(0.2, 0.7)
     return caution, rng.uniform(0.0, 0.3)
+
 
 def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, filler: float) -> str:
     """An answer about name: maybe an opener, n_body ≥ 1 sentences (each a caution with
@@ -606,6 +635,7 @@ def demo_answer(rng: random.Random, name: str, n_body: int, caution: float, fill
     cautions = pick("caution", s["caution"])
     return " ".join(opener + sentences + cautions + closer)
 
+
 def demo_dialogue(rng: random.Random) -> list:
     """An UltraChat-style "data" list: one exchange, or (30 %) two about different names."""
     names = rng.sample(sorted(_ANIMALS) + sorted(_THINGS), 2)
@@ -617,6 +647,7 @@ def demo_dialogue(rng: random.Random) -> list:
     if rng.random() < 0.3:
         turns += [rng.choice(_FOLLOW_UPS).format(name=names[1]), answer(names[1])]
     return turns
+
 
 @functools.lru_cache(maxsize=1)
 def _sentence_kinds() -> dict:
@@ -631,6 +662,7 @@ def _sentence_kinds() -> dict:
                 kinds[sentence] = kind_of.get(key, "filler")
     return kinds
 
+
 def demo_properties(response: str) -> tuple:
     """(informative, cautious) of a demo response: the shares of its sentences that are
     facts (about any subject) and cautions. A sentence the generator never writes (a
@@ -638,6 +670,7 @@ def demo_properties(response: str) -> tuple:
     pieces = re.split(r"(?<=[.!?])\s+", response.strip())  # ≥ 1 piece: "" if empty
     kinds = [_sentence_kinds().get(s) for s in pieces]
     return kinds.count("fact") / len(kinds), kinds.count("caution") / len(kinds)
+
 
 def demo_preference(rng: random.Random, prop: str) -> dict:
     """An HH-format pair: two answers of the same number of sentences to one question, y⁺
@@ -659,6 +692,7 @@ def demo_preference(rng: random.Random, prop: str) -> dict:
 
 DemoFiles = namedtuple("DemoFiles", ["folder", "tokenizer", "task", "informative_train",
                                      "informative_test", "cautious_train", "cautious_test"])
+
 
 def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
     """Build the demo data under out_dir once, deterministic in seed (later calls reuse it);
@@ -692,6 +726,7 @@ def prepare_demo(out_dir, seed: int = 0, vocab_size: int = 1024) -> DemoFiles:
             raise
         os.rename(tmp, folder)
     return files
+
 
 def _write_demo(folder: Path, seed: int, vocab_size: int):
     """The demo's JSONL files and its tokenizer, into an empty folder."""

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+
 def barrier(z, mu, s):
     """Relaxed log barrier B_{µ,s}(z) (Eq. 9), elementwise on a tensor z; µ, s > 0
     (the paper takes s = µ², barrier_s).
@@ -63,6 +64,7 @@ def barrier(z, mu, s):
     linear_part = (mu / s) * z + mu - mu * math.log(s)
     return torch.where(log_branch, log_part, linear_part)
 
+
 def barrier_grad(z, mu, s):
     """B'_{µ,s}(z) (Eq. 9): continuous, and non-decreasing (B is convex).
 
@@ -70,9 +72,11 @@ def barrier_grad(z, mu, s):
     """
     return mu / torch.clamp(-z, min=s)
 
+
 def barrier_s(mu):
     """s = µ², the paper's relaxation point (§5.2): the constraint step uses B_{µ,µ²}."""
     return mu**2
+
 
 def mu_at(step, total_steps, mu_0=1.0, mu_T=1e-6):
     """µ at step t of T = total_steps (§5.1: one stochastic step per µ, decayed
@@ -88,6 +92,7 @@ def mu_at(step, total_steps, mu_0=1.0, mu_T=1e-6):
         return mu_T
     return mu_0 * (mu_T / mu_0) ** (step / total_steps)
 
+
 def mu_decay(total_steps, mu_0=1.0, mu_T=1e-6):
     """The factor by which mu_at's schedule multiplies µ at each step, T = total_steps:
 
@@ -97,6 +102,7 @@ def mu_decay(total_steps, mu_0=1.0, mu_T=1e-6):
     warns when 1/mu_decay is large, i.e. when µ falls too fast (a short run).
     """
     return (mu_T / mu_0) ** (1 / total_steps)
+
 
 class ConstraintEMA:
     """Ĉ_i, the exponential moving average of the batch means of c_i = b_i − r_i (§5.4).
@@ -140,6 +146,7 @@ class ConstraintEMA:
             self.value = (1 - self.alpha) * self.value.to(mean) + self.alpha * mean
         return self.value
 
+
 def lambda_hat(C_hat, mu, k):
     """λ̂_i = B'_{µ,µ²}(Ĉ_i)/k (§5.2), float32 and detached:
 
@@ -155,6 +162,7 @@ def lambda_hat(C_hat, mu, k):
     """
     return barrier_grad(C_hat.detach().double(), mu, barrier_s(mu)).div(k).float()
 
+
 def barrier_branch(C_hat, mu) -> list:
     """The branch of B_{µ,µ²} (Eq. 9) that each Ĉ_i of C_hat (k,) sits on (§5.2):
 
@@ -169,10 +177,12 @@ def barrier_branch(C_hat, mu) -> list:
             branches.append("linear")
     return branches
 
+
 def chance(r, b, eps):
     """P[r ≥ b] ≥ 1 − ε (§4.1) as the average constraint E[1{r ≥ b}] ≥ 1 − ε: returns
     (reward 1{r ≥ b}, threshold 1 − ε)."""
     return (r >= b).float(), 1.0 - eps
+
 
 def _to_list(t):
     """A tensor as Python numbers; None stays None."""
@@ -180,11 +190,13 @@ def _to_list(t):
         return None
     return t.tolist()
 
+
 def _to_float64(x):
     """Python numbers as a float64 tensor; None stays None."""
     if x is None:
         return None
     return torch.tensor(x, dtype=torch.float64)
+
 
 class Multipliers:
     """The multipliers of k constraints: L3M's λ̂ from the barrier (method "l3m", §5.2)
@@ -243,6 +255,7 @@ class Multipliers:
         self.ema.value = _to_float64(state["C_hat"])
         self.lam_mm = _to_float64(state["lam"])
 
+
 def logp_norm(logits, tokens, mask, temperature=1.0):
     """The length-normalised log-likelihood of each response, (B,) float32 (float64
     for float64 logits), differentiable in logits:
@@ -272,12 +285,14 @@ def logp_norm(logits, tokens, mask, temperature=1.0):
     tok_logp = picked - torch.logsumexp(z, dim=-1)  # (B, T-1)
     return torch.where(m, tok_logp, 0.0).sum(1) / n
 
+
 def task_loss(logp):
     """L on a task batch: the mean over sequences of l_θ = −ℓ̄_θ(y|x) (the paper's
     "perplexity"). Per sequence, not per token: each of n tokens weighs 1/n, so the
     task alone favours stopping early (on lengths alone it converges to
     q(n) ∝ p_data(n)/n, whose mean is the harmonic mean of the data's lengths)."""
     return -logp.mean()
+
 
 def reinforce_surrogate(logp, c, lam):
     """The loss of a constraint step. logp (B,): ℓ̄_θ of the sampled responses;

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import data
 import l3m
 
+
 @dataclass
 class Samples:
     """A batch of prompts x and sampled responses y, as token ids and as text."""
@@ -61,6 +62,7 @@ class Samples:
 
 RewardFn = Callable[[Samples], torch.Tensor]  # Samples -> float32 (B,)
 
+
 @dataclass(frozen=True)
 class Constraint:
     """E[r(y|x)] ≥ b, i.e. C = E[b − r] ≤ 0 (Eq. 4–5)."""
@@ -72,11 +74,13 @@ class Constraint:
         """c = b − r(y|x), float32 (B,); its batch mean estimates C."""
         return self.b - self.reward(samples)
 
+
 def costs(constraints, samples) -> torch.Tensor:
     """c_i = b_i − r_i(y|x) for every constraint, float32 (B, k), k ≥ 0 (Eq. 5)."""
     if not constraints:
         return torch.zeros(len(samples.prompts), 0)
     return torch.stack([con.cost(samples) for con in constraints], 1)  # (B, k)
+
 
 def verdict(C: float, se: float, z: float = 2.0) -> str:
     """An estimate C (mean of b − r over n responses) with standard error se:
@@ -88,11 +92,13 @@ def verdict(C: float, se: float, z: float = 2.0) -> str:
         return "within noise"
     return "violated"
 
+
 def length_reward(samples: Samples) -> torch.Tensor:
     """|y| in tokens, excluding the EOS (§6.2)."""
     lengths = [len(response) - has_eos
                for response, has_eos in zip(samples.responses, samples.ended)]
     return torch.tensor(lengths, dtype=torch.float32)
+
 
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """r_φ(y|x) = ℓ̄_φ(y|x) (App. A.1), the reward model's own length-normalised
@@ -100,6 +106,7 @@ def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Te
     device = next(model.parameters()).device
     tokens, mask = tokens.to(device), mask.to(device)
     return l3m.logp_norm(model(tokens), tokens, mask)  # (B,)
+
 
 def preference_rewards(model, examples: Sequence, pad_id: int = 0) -> tuple:
     """(r(y⁺|x), r(y⁻|x)), each (B,), for data.PreferenceExamples, with gradients.
@@ -110,14 +117,17 @@ def preference_rewards(model, examples: Sequence, pad_id: int = 0) -> tuple:
     tokens, mask = data.response_batch(prompts + prompts, responses, pad_id)  # (2B, T)
     return sequence_reward(model, tokens, mask).chunk(2)
 
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of −log σ(r(y⁺|x) − r(y⁻|x)), the negative log-likelihood of the preferences
     (App. A.1)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
+
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     """Share of pairs ranked right, r(y⁺|x) > r(y⁻|x); a tie counts as wrong."""
     return (r_chosen > r_rejected).float().mean().item()
+
 
 class LearnedReward:
     """A Bradley–Terry reward model as a reward: eval mode, no gradients, micro-batches
@@ -143,8 +153,10 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BOUND = re.compile(rf"\s*(\w+)\s*(>=|<=)\s*({_NUMBER})\s*")
 _CHANCE = re.compile(rf"\s*P\[(.*)\]\s*>=\s*({_NUMBER})\s*")
 
+
 class ConstraintError(ValueError):
     """A constraint that does not parse; the message says what is accepted."""
+
 
 def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
     """NAME>=NUMBER or NAME<=NUMBER -> (reward, op, threshold)."""
@@ -163,6 +175,7 @@ def _bound(text: str, inner: str, rewards: Mapping[str, RewardFn]) -> tuple:
         known = ", ".join(sorted(rewards))
         raise ConstraintError(f"{text!r}: unknown reward {name!r}; known rewards: {known}")
     return rewards[name], op, float(number)
+
 
 def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
     """One constraint, in the module docstring's syntax; a ConstraintError says what is
@@ -190,6 +203,7 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         return Constraint(text.strip(), reward, threshold)
     # E[r] ≤ t is E[−r] ≥ −t
     return Constraint(text.strip(), lambda samples: -reward(samples), -threshold)
+
 
 def parse_constraints(texts: Sequence[str], rewards: Mapping[str, RewardFn]) -> list:
     """Every --constraint, in order; names must be unique."""

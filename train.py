@@ -405,6 +405,7 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False) -> list
 # The harness: set-up, flags, FSDP2, evaluation and reports, checkpoints, the demo base.
 # ------------------------------------------------------------------------------------
 
+
 class Trainer:
     """Everything the steps share, built once: tokenizer, sharded model, constraints,
     data streams, schedule, multipliers and AdamW."""
@@ -893,8 +894,8 @@ def setup_distributed(device: str):
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=1),
                             device_id=device_id, **alone)
     if device == "cuda":
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+        return rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return rank(), dist.get_world_size(), torch.device(device)
 
 
 def rank() -> int:
