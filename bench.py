@@ -2,6 +2,7 @@
 
     python bench.py                 # dim 512, 8 layers, 8 heads, 4 kv heads, vocab 32000; float32, 2 threads
     python bench.py --threads 16 --device cuda --dtype bfloat16
+    python bench.py --busy_core     # the demo's L3M step, quiet and beside one busy core, per thread policy
 
 Prints times and ratios for (1) forward+backward of a batch 8 x 256 and (2) sampling 128 new tokens for
 a batch of 8 with top-p 0.9 (both sides sample, no early stop: EOS is an id the model never emits), once per
@@ -59,6 +60,10 @@ def main():
     p.add_argument("--fsdp_rollout", action="store_true",
                    help="instead: rollouts through train.py's FSDP2 model (activation checkpointing on) against the "
                         "bare model that train.py decodes on (train.bare), both on the gathered weights")
+    p.add_argument("--busy_core", action="store_true",
+                   help="instead: the demo's L3M step (train.py from the demo base), quiet and beside one busy "
+                        "core, under each thread policy")
+    p.add_argument("--steps", type=int, default=40, help="--busy_core: L3M steps per run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -69,6 +74,8 @@ def main():
         return memory_table(a)
     if a.fsdp_rollout:
         return fsdp_rollout(a)
+    if a.busy_core:
+        return busy_core(a)
     try:
         import transformers
     except ImportError:
@@ -226,6 +233,54 @@ def fsdp_rollout(a):
     for name, m in medians.items():
         print(f"{name:36s} {m:8.3f} s")
     print(f"{'FSDP2 / bare':36s} {medians['through FSDP2 (hooks, checkpoint)'] / medians['bare model']:8.2f}")
+
+
+# Thread policies of --busy_core: the environment each train.py run starts with. "train.py's default" sets
+# nothing, so train.py's own choice holds; the others pin what libgomp (torch's OpenMP on Linux) reads at start.
+POLICIES = {
+    "2 threads, libgomp's default spin": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "300000"},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    "train.py's default": {},
+}
+
+
+def busy_core(a):
+    """The demo's L3M step (median of t_sample + t_train over --steps steps from the demo base, the first two left
+    out), quiet and beside one busy core (a process spinning in a loop), under each of POLICIES. Quiet runs go twice,
+    to show their run-to-run spread. Every run is a fresh `python train.py` process: OpenMP reads its settings once,
+    when torch starts."""
+    import os
+    import tempfile
+
+    drop = [k for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+    if drop:
+        raise SystemExit(f"bench.py --busy_core: unset {', '.join(drop)} first; each run sets its own")
+    subprocess.run([sys.executable, "train.py", "--steps=1", "--val=8", "--test=8", "--eval_before=False",
+                    "--out_dir=out/bench_busy/warmup", "--overwrite=True"], check=True, capture_output=True)
+
+    def step_time(policy: dict) -> float:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "train.py", f"--steps={a.steps}", "--val=8", "--test=8", "--show=0",
+                   "--eval_before=False", "--ckpt_every=0", f"--out_dir={out}"]
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **policy})
+            rows = [json.loads(line) for line in open(f"{out}/ledger.jsonl")][2:]
+        return statistics.median(r["t_train"] + r.get("t_sample", 0.0) for r in rows)
+
+    quiet = {name: [step_time(policy) for _ in range(2)] for name, policy in POLICIES.items()}
+    busy = {}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for name, policy in POLICIES.items():
+            busy[name] = step_time(policy)
+    finally:
+        spinner.kill()
+    print(f"the demo's L3M step, median of {a.steps - 2} steps, seconds ({os.cpu_count()} cores); the last "
+          "column: beside the busy core, against 1 thread beside it")
+    print(f"{'':40s} {'quiet (twice)':>15s} {'busy core':>10s} {'busy / 1 thread':>16s}")
+    for name in POLICIES:
+        q = " / ".join(f"{t:.3f}" for t in quiet[name])
+        print(f"{name:40s} {q:>15s} {busy[name]:10.3f} {busy[name] / busy['1 thread']:16.2f}")
 
 
 def memory_table(a):
