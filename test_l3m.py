@@ -2414,6 +2414,26 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False, False]
 
 
+def test_threads_leave_one_core_free_unless_told(monkeypatch):
+    """train.set_threads: --threads wins; else the user's OMP_NUM_THREADS is left alone; else one thread
+    fewer than the cores this process may use (at least 1), so that a busy core elsewhere does not stall
+    every OpenMP region. Catches a policy that takes every core, ignores the flag, or overrides the user."""
+    import train
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        train.set_threads(train.parse_config([]))
+        assert torch.get_num_threads() == max(1, cores - 1)
+        train.set_threads(train.parse_config(["--threads=3"]))
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        train.set_threads(train.parse_config([]))
+        assert torch.get_num_threads() == 3  # untouched: the user's setting holds
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     import train
     cfg = train.parse_config(["--val=0.5", "--test=12", "--resume=tRUE", "--overwrite=false"])

@@ -151,6 +151,8 @@ class Config:
     seed: int = flag(0, "of the data order, the coin, the sampling and a scratch model")
     data_seed: int = flag(0, "of the demo data, the UltraChat turn kept and the split")
     device: str = flag("auto", "auto | cpu | cuda")
+    threads: int = flag(0, "torch's CPU threads; 0: OMP_NUM_THREADS if set, else one fewer than the "
+                        "cores (set_threads)")
     activation_checkpointing: bool = flag(False, "recompute block activations in backward")
 
     @property
@@ -898,6 +900,24 @@ def setup_distributed(device: str):
     return rank(), dist.get_world_size(), torch.device(device)
 
 
+def set_threads(cfg: Config):
+    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one fewer
+    than the cores this process may use. With a thread on every core, one busy core elsewhere
+    (a browser, a second run) makes every OpenMP parallel region wait for a thread that is
+    not scheduled: the demo's step ran 4-14× slower on 2 cores. One core left free costs a
+    quiet 2-core machine about a third of its speed and a larger one little
+    (docs/performance.md, `bench.py --busy_core`)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))  # Linux: the cores this process may run on
+    torch.set_num_threads(max(1, cores - 1))
+
+
 def rank() -> int:
     """This process's rank: torchrun's RANK, set before the process group exists too
     (0 without torchrun)."""
@@ -1106,8 +1126,8 @@ def check_config(c: Config):
     require(c.eta_lam > 0, c, "eta_lam", "> 0")
     require(c.val >= 0, c, "val", ">= 0")
     require(c.test >= 0, c, "test", ">= 0")
-    require(min(c.eval_every, c.ckpt_every, c.stop_after, c.show) >= 0, c,
-            "eval_every, --ckpt_every, --stop_after and --show", ">= 0")
+    require(min(c.eval_every, c.ckpt_every, c.stop_after, c.show, c.threads) >= 0, c,
+            "eval_every, --ckpt_every, --stop_after, --show and --threads", ">= 0")
     require(min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0, c,
             "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0")
     require(c.device in ("auto", "cpu", "cuda"), c, "device", "auto, cpu or cuda")
@@ -1165,7 +1185,7 @@ def holds_run(out_dir: str) -> bool:
 # Flags a resumed run may change; the rest shape the run and must be the checkpoint's.
 # out_dir: a run folder may be moved, then resumed.
 RESUMABLE = {"out_dir", "init", "resume", "overwrite", "stop_after", "eval_every",
-             "ckpt_every", "show", "device", "micro_batch", "activation_checkpointing"}
+             "ckpt_every", "show", "device", "threads", "micro_batch", "activation_checkpointing"}
 
 
 def check_resume(c: Config):
@@ -1214,6 +1234,7 @@ def main(argv):
     cfg = parse_config(argv)
     try:
         check_config(cfg)
+        set_threads(cfg)
         _, _, device = setup_distributed(cfg.device)
         if cfg.init == "demo":
             cfg = replace(cfg, init=demo_base(cfg, device))
