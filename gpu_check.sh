@@ -4,7 +4,8 @@
 # (2) bench.py's rollouts at batch 8 and 64: eager vs torch.compile'd decode step vs the HBM bound.
 #   bash gpu_check.sh          # one GPU
 #   bash gpu_check.sh tiny     # the same on the CPU with a tiny model: checks the script itself
-# PEAK_TFLOPS=… sets the GPU's dense bf16 peak for MFU (default: by model name); NO_COMPILE=1 skips torch.compile.
+# PEAK_TFLOPS=… sets the GPU's dense bf16 peak for MFU (default: by model name); NO_COMPILE=1 skips torch.compile;
+# GPU_CHECK_OUT=… the folder for its data and run (default: out).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "${1:-}" != tiny ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -19,7 +20,7 @@ else
   DEVICE=cuda DTYPE=bfloat16 NEW=256 SHAPE="--dim=2048 --n_layers=22 --n_heads=16 --n_kv_heads=8"
   BENCH="--vocab_size=32000 --seq_len=256 --new_tokens=128 --repeats=3"
 fi
-OUT="${OUT:-out}"
+OUT="${GPU_CHECK_OUT:-out}"  # not $OUT: some job runners set it to their own folder
 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=scratch --device=$DEVICE $SHAPE \
   --max_new_tokens=$NEW --method=l3m --steps=16 --batch_size=32 --micro_batch=16 --lr=1e-4 --val=32 --test=32 \
   --eval_every=0 --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \

@@ -2321,7 +2321,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py) on a tiny model."""
     pytest.importorskip("transformers")
     p = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "tiny"], capture_output=True, text=True,
-                       timeout=300, env={**ONE_THREAD, "OUT": str(tmp_path)})
+                       timeout=300, env={**ONE_THREAD, "GPU_CHECK_OUT": str(tmp_path)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for line in ("task       steps:", "rollouts:", "held by the one rank:", "best/bound"):
         assert line in p.stdout, line
