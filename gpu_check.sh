@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU, in 10 minutes or more (an H200 had not finished the batch-64 bench after 9.5): (1) a short L3M run
-# in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with random weights (demo data and tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
+# in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with random weights (demo data and
+# tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
 # (2) bench.py's rollouts at batch 8 and 64: eager vs torch.compile'd decode step vs the HBM bound.
 #   bash gpu_check.sh          # one GPU
 #   bash gpu_check.sh tiny     # the same on the CPU with a tiny model: checks the script itself
