@@ -452,21 +452,41 @@ def test_top_k_then_top_p_as_transformers_orders_them():
     assert torch.equal(M.sample_top_p(logits[:3], 0, 0.8, top_k=3), torch.tensor([1, 1, 1]))  # greedy ignores it
 
 
-def test_nucleus_among_partial_sorts_draws_as_the_full_sort():
-    """Rows whose nuclei fit in 128 tokens, in 1,024, or in neither (batch maxima 60, 383, 3,106 of 5,000): the
-    partial sorts (topk) give the full sort's draws, token for token (the same uniforms, the same order of the
-    leading tokens; random logits have no ties)."""
-    for scale, lo, hi in ((5.0, 1, 128), (3.0, 129, 1024), (1.0, 1025, 5000)):
-        logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * scale
-        sizes = (top_p_filter(torch.softmax(logits, -1), 0.9) > 0).sum(-1)
-        assert lo <= sizes.max() <= hi  # the rung this batch needs
-        draws = [M.sample_top_p(logits, 1.0, 0.9, torch.Generator().manual_seed(1), candidates=c)
-                 for c in ((128, 1024), ())]  # () : the full sort at once
-        assert torch.equal(*draws)
+def test_nucleus_threshold_is_the_sorted_nucleus_exactly():
+    """The radix select finds the sort's nucleus boundary exactly: for nuclei of 1 token to most of the vocabulary
+    (logit scales 0.3 to 30), τ is the least probability kept by a float64 cumsum of the sorted probabilities,
+    and {p ≥ τ} is that nucleus, with any tokens tied with τ (float32 probabilities of 32,000 tokens tie often).
+    A float32 cumsum as reference would disagree on a few rows (its rounding); an off-by-one bucket or a level's
+    lost mass moves τ on most rows."""
+    for V in (5, 623, 32000):
+        for scale in (0.3, 1.0, 3.0, 10.0, 30.0):
+            logits = torch.randn(64, V, generator=torch.Generator().manual_seed(V)) * scale
+            probs = torch.softmax(logits, -1)
+            for top_p in (0.5, 0.9, 0.95):
+                tau = M.nucleus_threshold(probs, top_p)
+                s = probs.sort(-1, descending=True)[0]
+                s64 = s.double()
+                n = ((s64.cumsum(-1) - s64) < top_p).sum(-1)  # the nucleus' size
+                assert torch.equal(tau, s.gather(-1, (n - 1)[:, None]).squeeze(-1))
+                assert ((probs > tau[:, None]).sum(-1) < n).all() and ((probs >= tau[:, None]).sum(-1) >= n).all()
+    # ties at τ all stay: a uniform row keeps every token
+    assert M.nucleus_threshold(torch.full((1, 10), 0.1), 0.5).item() == pytest.approx(0.1)
 
 
-def test_top_p_on_a_flat_distribution_uses_the_full_sort():
-    """A nucleus larger than the candidate set: the fallback still samples exactly the nucleus."""
+def test_a_rows_draw_ignores_its_batch():
+    """With one generator per row, a row samples the same token alone as inside any batch (train.py's
+    rollouts rely on it: a row's tokens must not depend on how the global batch splits over ranks)."""
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    for top_k in (0, 50):
+        together = M.sample_top_p(logits, 1.0, 0.9, [torch.Generator().manual_seed(i) for i in range(6)], top_k=top_k)
+        alone = [M.sample_top_p(logits[i:i + 1], 1.0, 0.9, [torch.Generator().manual_seed(i)], top_k=top_k).item()
+                 for i in range(6)]
+        assert together.tolist() == alone
+
+
+def test_top_p_on_a_flat_distribution_samples_the_nucleus():
+    """A wide nucleus (~450 of 1,000 nearly equal tokens): exactly the nucleus is sampled, each token at its
+    renormalised probability."""
     probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens
     kept = top_p_filter(probs, 0.5)
     assert (kept > 0).sum() > 128
