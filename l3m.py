@@ -44,6 +44,7 @@ Where this departs from the paper, or fixes what it leaves open:
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def barrier(z, mu, s):
@@ -271,19 +272,73 @@ def logp_norm(logits, tokens, mask, temperature=1.0):
     """
     if mask[:, 0].any():
         raise ValueError("mask[:, 0] must be False: no logits score the first token")
-    m = mask[:, 1:]  # (B, T-1), aligned with the shifted targets
-    n = m.sum(1)  # (B,) |y|, EOS included
+    # Shifted by one, position t holds the token that logits[:, t] scores. The last
+    # position scores nothing (token 0, unscored): the logits are used whole, as a
+    # slice of them would cost a (B, T, V) copy in backward.
+    targets = F.pad(tokens[:, 1:], (0, 1))  # (B, T)
+    scored = F.pad(mask[:, 1:], (0, 1))  # (B, T)
+    n = scored.sum(1)  # (B,) |y|, EOS included
     if (n == 0).any():
         empty = torch.nonzero(n == 0).flatten().tolist()
         raise ValueError(f"rows {empty} have an empty response mask")
+    tok_logp = TokenLogProb.apply(logits, targets, temperature)  # (B, T)
+    return torch.where(scored, tok_logp, 0.0).sum(1) / n
 
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
-    z = logits[:, :-1].to(dtype)  # (B, T-1, V)
-    z = z / temperature
-    # log softmax(z)[y] = z[y] − logsumexp(z), without materialising the log-softmax
-    picked = z.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    tok_logp = picked - torch.logsumexp(z, dim=-1)  # (B, T-1)
-    return torch.where(m, tok_logp, 0.0).sum(1) / n
+
+class TokenLogProb(torch.autograd.Function):
+    """log softmax(z / temperature)[y] at every position: (B, T) from logits z (B, T, V)
+    and targets y (B, T), in float32 (float64 stays), in chunks of positions.
+
+    Autograd would keep float32 copies of (B, T, V) for each op (the cast, the
+    division, the log-sum-exp, the gather's gradient): ~4 GB at once for the 7B
+    command's batch. Here the only (B, T, V) tensor made is the gradient itself, in
+    the logits' dtype; backward recomputes the softmax a chunk at a time:
+
+        ∂/∂z_v log softmax(z/τ)[y] = (1[v = y] − softmax(z/τ)_v) / τ"""
+
+    chunk = 2**24  # elements of (B, t, V) per chunk: 64 MB of float32 temporaries
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        out = targets.new_empty(targets.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+        for s, z, y in TokenLogProb.chunks(logits, targets):  # positions s: (B, t, V), (B, t)
+            z = TokenLogProb.scaled(z, temperature)
+            out[:, s] = z.gather(-1, y[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, T)
+        logits, targets = ctx.saved_tensors
+        t = ctx.temperature
+        grad_logits = torch.empty_like(logits)
+        for s, z, y in TokenLogProb.chunks(logits, targets):
+            g = grad[:, s, None]  # (B, t, 1)
+            z = TokenLogProb.scaled(z, t)
+            dz = torch.softmax(z, -1).mul_(-g)  # −g·softmax
+            dz.scatter_add_(-1, y[..., None], g)  # + g at the target
+            if t != 1.0:
+                dz /= t
+            grad_logits[:, s] = dz
+        return grad_logits, None, None
+
+    @staticmethod
+    def chunks(logits, targets):
+        """(positions, their logits, their targets), a chunk at a time."""
+        B, T, V = logits.shape
+        step = max(1, TokenLogProb.chunk // (B * V))
+        for start in range(0, T, step):
+            s = slice(start, start + step)
+            yield s, logits[:, s], targets[:, s]
+
+    @staticmethod
+    def scaled(z, temperature):
+        """z / temperature in float32 (float64 stays), a copy of one chunk."""
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if temperature != 1.0:
+            z = z / temperature
+        return z
 
 
 def task_loss(logp):
