@@ -101,8 +101,7 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     print(f"config: {args}\n{weight_bytes / 1e6:.0f} MB of weights, {a.device} {a.dtype}, "
           f"{torch.get_num_threads()} threads")
-    compiled = None if a.no_compile else torch.compile(
-        M.decode_one_token, dynamic=True, mode="reduce-overhead" if a.device == "cuda" else None)
+    compiled = None if a.no_compile else M.CompiledDecode("reduce-overhead" if a.device == "cuda" else None)
 
     w0 = ours.output.weight.detach().clone()
     x = torch.randint(0, a.vocab_size, (a.batch, a.seq_len), device=a.device)
@@ -209,9 +208,11 @@ def constraint_step_memory(a, reference: bool) -> dict:
 
 
 def fsdp_rollout(a):
-    """Seconds per rollout (batch × new tokens, no early stop) through the FSDP2 model, whose every decode step runs
-    each block's FSDP hooks and checkpoint(), against the bare model on the same gathered weights; interleaved,
-    median of --repeats after a warm-up. A world of one process (gloo on the CPU, NCCL on CUDA)."""
+    """Seconds per rollout (batch × new tokens, no early stop) three ways: through the FSDP2 model, whose every
+    decode step runs each block's FSDP hooks and checkpoint(); on train.py's path, the bare view of the gathered
+    weights (train.gathered, train.bare); and on a standalone Transformer holding a copy of the same weights,
+    outside FSDP. Interleaved, median of --repeats after a warm-up. A world of one process (gloo on the CPU,
+    NCCL on CUDA)."""
     import train
     torch.set_num_threads(a.threads)
     cfg = train.parse_config([f"--dim={a.dim}", f"--n_layers={a.n_layers}", f"--n_heads={a.n_heads}",
@@ -221,18 +222,22 @@ def fsdp_rollout(a):
     model, args = train.build_model(cfg, device, "scratch", a.vocab_size)
     prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len)).tolist()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {"through FSDP2 (hooks, checkpoint)": [], "bare model": []}
+    names = ["through FSDP2 (hooks, checkpoint)", "train.py's rollout (bare view)", "standalone model"]
+    times = {name: [] for name in names}
     with train.gathered(model) as (plain,):
+        alone = copy.deepcopy(plain)  # its own tensors, no FSDP anywhere
         for i in range(a.repeats + 1):
-            for (name, t), m in zip(times.items(), (model, plain)):
+            for name, m in zip(names, (model, plain, alone)):
                 g = torch.Generator().manual_seed(0)
-                t.append(timed(lambda: M.generate(m, prompts, a.new_tokens, a.vocab_size + 1, generator=g), sync))
+                times[name].append(timed(lambda: M.generate(m, prompts, a.new_tokens, a.vocab_size + 1,
+                                                            generator=g), sync))
     print(f"rollouts of {a.batch} × {a.new_tokens} tokens, {a.n_layers} layers, dim {a.dim}, {device.type}, "
           f"{torch.get_num_threads()} threads (median of {a.repeats} after a warm-up)")
     medians = {name: statistics.median(t[1:]) for name, t in times.items()}
     for name, m in medians.items():
         print(f"{name:36s} {m:8.3f} s")
-    print(f"{'FSDP2 / bare':36s} {medians['through FSDP2 (hooks, checkpoint)'] / medians['bare model']:8.2f}")
+    print(f"{'FSDP2 / standalone':36s} {medians[names[0]] / medians[names[2]]:8.2f}")
+    print(f"{'train.py / standalone':36s} {medians[names[1]] / medians[names[2]]:8.2f}")
 
 
 # Thread policies of --busy_core: the environment each train.py run starts with. "train.py's default" sets

@@ -161,8 +161,14 @@ class KVCache:
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.pad = pad  # (B,)
+        self.pad = pad.clone()  # (B,)
         self.slots = torch.arange(max_len, device=device)  # (max_len,)
+
+    def reset(self, pad: torch.Tensor):
+        """Empty again, for new prompts with this padding; every tensor stays where it is."""
+        for t in self.k + self.v:
+            t.zero_()
+        self.pad.copy_(pad)
 
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
         """RoPE positions (B, T) of slots pos (T,), counted from each row's first real token."""
@@ -364,8 +370,36 @@ def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
                      cache: KVCache) -> torch.Tensor:
     """The decode step: the last sampled token (B,) goes to slot pos (1,); the next
     token's logits (B, V). Its shapes never change (see KVCache), so torch.compile
-    traces it once: generate(..., step=torch.compile(decode_one_token))."""
+    traces it once (CompiledDecode)."""
     return model(token[:, None], cache, pos)[:, -1]
+
+
+class CompiledDecode:
+    """decode_one_token compiled once (dynamic shapes) with a persistent KV cache per
+    batch size, for generate(..., step=CompiledDecode()). The step writes the cache in
+    place; CUDA graphs (mode="reduce-overhead") replay only if every tensor the step
+    writes stays where it was, so the cache lives from one generate to the next, its
+    tensors marked static, and is emptied, not made anew. A longer rollout or another
+    dtype gets a new cache (and one more trace)."""
+
+    def __init__(self, mode=None):
+        self.step = torch.compile(decode_one_token, dynamic=True, mode=mode)
+        self.caches = {}  # batch size -> KVCache
+
+    def __call__(self, model, token, pos, cache):
+        return self.step(model, token, pos, cache)
+
+    def cache(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype,
+              device) -> KVCache:
+        cache = self.caches.get(batch)
+        if cache is not None and cache.slots.numel() >= max_len and cache.k[0].dtype == dtype:
+            cache.reset(pad)
+            return cache
+        cache = KVCache(args, batch, max_len, pad, dtype, device)
+        for t in cache.k + cache.v + [cache.pad, cache.slots]:
+            torch._dynamo.mark_static_address(t)
+        self.caches[batch] = cache
+        return cache
 
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
@@ -398,7 +432,11 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     padded = [[eos_id] * (P - len(p)) + list(p) for p in prompts]
     tokens = torch.tensor(padded, device=device)  # (B, P)
-    cache = KVCache(model.args, B, P + max_new_tokens, pad, model.output.weight.dtype, device)
+    dtype = model.output.weight.dtype
+    if isinstance(step, CompiledDecode):  # its persistent cache
+        cache = step.cache(model.args, B, P + max_new_tokens, pad, dtype, device)
+    else:
+        cache = KVCache(model.args, B, P + max_new_tokens, pad, dtype, device)
     logits = prefill(model, tokens, cache)  # (B, V)
 
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)

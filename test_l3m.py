@@ -391,6 +391,7 @@ def test_compiled_decode_step_matches_eager():
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
         pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on PATH")
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' traces count too
     model, compiled = tiny_model(seed=5), torch.compile(M.decode_one_token, dynamic=True)
     g = torch.Generator().manual_seed(0)
     for B, P, n_new in ((3, 5, 6), (2, 9, 4)):
@@ -404,11 +405,31 @@ def test_compiled_decode_step_matches_eager():
                 eager, traced = M.decode_one_token(model, token, pos, caches[0]), compiled(model, token, pos, caches[1])
                 assert (eager - traced).abs().max().item() <= 1e-5
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(caches[0].k, caches[1].k))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation for new shapes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # none for new shapes
     prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]]
-    sample = lambda step: M.generate(model, prompts, 12, eos_id=2, generator=torch.Generator().manual_seed(1),
-                                     step=step)
+    sample = lambda step, prompts=prompts: M.generate(model, prompts, 12, eos_id=2, step=step,
+                                                      generator=torch.Generator().manual_seed(1))
     assert sample(compiled) == sample(M.decode_one_token)
+
+
+def test_compiled_decode_keeps_one_cache_and_one_graph():
+    """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors stay where they
+    are from one generate to the next (CUDA graphs replay only then), and one trace for all of them; the tokens
+    are eager's. A cache made anew by each generate moves the tensors (the address check fails on it)."""
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on PATH")
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' traces count too
+    model, decode = tiny_model(seed=5), M.CompiledDecode()
+    addresses = set()
+    for prompts, n in (([[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]], 12), ([[1, 3], [1, 8, 8, 8], [1]], 9)):
+        sample = lambda step: M.generate(model, prompts, n, eos_id=2, step=step,
+                                         generator=torch.Generator().manual_seed(1))
+        assert sample(decode) == sample(M.decode_one_token)
+        (cache,) = decode.caches.values()
+        addresses.add(tuple(t.data_ptr() for t in cache.k + cache.v))
+    assert len(addresses) == 1  # the second, shorter rollout reused the first one's cache
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def top_p_filter(probs, top_p):

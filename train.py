@@ -72,9 +72,9 @@ from tqdm import tqdm
 import data
 import l3m
 import rewards
-from model import (CheckpointError, ModelArgs, Transformer, atomic_folder, check_state_dict,
-                   decode_one_token, find_tokenizer, generate, load_tokenizer, read_checkpoint,
-                   save_checkpoint)
+from model import (CheckpointError, CompiledDecode, ModelArgs, Transformer, atomic_folder,
+                   check_state_dict, decode_one_token, find_tokenizer, generate, load_tokenizer,
+                   read_checkpoint, save_checkpoint)
 
 
 def flag(default, help: str):
@@ -471,15 +471,15 @@ class Trainer:
 
 
 def compiled_decode(cfg: Config, device):
-    """The rollouts' decode step, model.decode_one_token, compiled with --compile.
-    Its shapes are the same at every token: traced once, whatever the batch and
-    length; on a GPU, replayed as CUDA graphs."""
+    """The rollouts' decode step, model.decode_one_token, compiled with --compile
+    (model.CompiledDecode): its shapes are the same at every token, so it is traced
+    once per batch size, and on a GPU replayed as CUDA graphs."""
     if not cfg.compile:
         return decode_one_token
     mode = None
     if device.type == "cuda":
         mode = "reduce-overhead"
-    return torch.compile(decode_one_token, dynamic=True, mode=mode)
+    return CompiledDecode(mode)
 
 
 def load_constraints(cfg: Config, device, tok) -> tuple:
