@@ -2517,22 +2517,27 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False, False]
 
 
-def test_threads_leave_one_core_free_unless_told(monkeypatch):
-    """train.set_threads: --threads wins; else the user's OMP_NUM_THREADS is left alone; else one thread
-    fewer than the cores this process may use (at least 1), so that a busy core elsewhere does not stall
-    every OpenMP region. Catches a policy that takes every core, ignores the flag, or overrides the user."""
+def test_threads_sleep_when_idle_unless_told(monkeypatch):
+    """train.py's thread policy. Importing it (before torch, in a fresh process) asks OpenMP's idle threads to
+    sleep, OMP_WAIT_POLICY=PASSIVE, unless the user chose a wait policy or a spin count; set_threads applies
+    --threads and otherwise leaves torch's count alone (OMP_NUM_THREADS, or one per core). Catches a policy
+    that overrides the user, is set after torch has loaded OpenMP, or ignores --threads."""
+    probe = "import os, train; print(os.environ.get('OMP_WAIT_POLICY'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                            ({"GOMP_SPINCOUNT": "1000"}, "None")):
+        p = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env={**clean, **extra}, capture_output=True,
+                           text=True, timeout=120)
+        assert p.stdout.strip() == expected, p.stderr
+    src = Path(HERE, "train.py").read_text()
+    assert src.index('os.environ["OMP_WAIT_POLICY"] = "PASSIVE"') < src.index("\nimport torch\n")
     import train
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         train.set_threads(train.parse_config([]))
-        assert torch.get_num_threads() == max(1, cores - 1)
+        assert torch.get_num_threads() == before
         train.set_threads(train.parse_config(["--threads=3"]))
         assert torch.get_num_threads() == 3
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        train.set_threads(train.parse_config([]))
-        assert torch.get_num_threads() == 3  # untouched: the user's setting holds
     finally:
         torch.set_num_threads(before)
 

@@ -56,6 +56,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+# OpenMP threads with nothing to do sleep rather than spin. libgomp reads this once, as torch
+# loads it, hence before `import torch`. Spinning threads on every core let one busy core
+# elsewhere (a browser, a second run) stall every parallel region: the demo's step ran 2-14×
+# slower on 2 cores; sleeping ones cost a quiet machine nothing measurable (set_threads).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -151,8 +158,8 @@ class Config:
     seed: int = flag(0, "of the data order, the coin, the sampling and a scratch model")
     data_seed: int = flag(0, "of the demo data, the UltraChat turn kept and the split")
     device: str = flag("auto", "auto | cpu | cuda")
-    threads: int = flag(0, "torch's CPU threads; 0: OMP_NUM_THREADS if set, else one fewer than the "
-                        "cores (set_threads)")
+    threads: int = flag(0, "torch's CPU threads; 0: OMP_NUM_THREADS if set, else one per core "
+                        "(set_threads)")
     activation_checkpointing: bool = flag(False, "recompute block activations in backward")
 
     @property
@@ -901,21 +908,14 @@ def setup_distributed(device: str):
 
 
 def set_threads(cfg: Config):
-    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one fewer
-    than the cores this process may use. With a thread on every core, one busy core elsewhere
-    (a browser, a second run) makes every OpenMP parallel region wait for a thread that is
-    not scheduled: the demo's step ran 4-14× slower on 2 cores. One core left free costs a
-    quiet 2-core machine about a third of its speed and a larger one little
-    (docs/performance.md, `bench.py --busy_core`)."""
+    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else torch's
+    default, one per core. With OpenMP's threads sleeping when idle (OMP_WAIT_POLICY=PASSIVE,
+    set at the top of this file), a thread on every core holds up beside a busy core: the
+    demo's step ran 1.14-1.22× the one-thread time there, against 2.1-2.3× with spinning
+    threads, and as fast as spinning threads on a quiet machine (docs/performance.md,
+    `bench.py --busy_core`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-        return
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))  # Linux: the cores this process may run on
-    torch.set_num_threads(max(1, cores - 1))
 
 
 def rank() -> int:
