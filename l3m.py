@@ -302,7 +302,8 @@ class TokenLogProb(torch.autograd.Function):
     def forward(ctx, logits, targets, temperature):
         ctx.save_for_backward(logits, targets)
         ctx.temperature = temperature
-        out = targets.new_empty(targets.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(targets.shape, dtype=dtype, device=logits.device)  # (B, T)
         for s, z, y in TokenLogProb.chunks(logits, targets):  # positions s: (B, t, V), (B, t)
             z = TokenLogProb.scaled(z, temperature)
             out[:, s] = z.gather(-1, y[..., None]).squeeze(-1) - torch.logsumexp(z, -1)

@@ -380,7 +380,7 @@ class CompiledDecode:
     place; CUDA graphs (mode="reduce-overhead") replay only if every tensor the step
     writes stays where it was, so the cache lives from one generate to the next, its
     tensors marked static, and is emptied, not made anew. A longer rollout or another
-    dtype gets a new cache (and one more trace)."""
+    dtype gets a new cache."""
 
     def __init__(self, mode=None):
         self.step = torch.compile(decode_one_token, dynamic=True, mode=mode)

@@ -911,7 +911,7 @@ def set_threads(cfg: Config):
     """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else torch's
     default, one per core. With OpenMP's threads sleeping when idle (OMP_WAIT_POLICY=PASSIVE,
     set at the top of this file), a thread on every core holds up beside a busy core: the
-    demo's step ran 1.14-1.22× the one-thread time there, against 2.1-2.3× with spinning
+    demo's step ran 1.14-1.29× the one-thread time there, against 2.1-2.3× with spinning
     threads, and as fast as spinning threads on a quiet machine (docs/performance.md,
     `bench.py --busy_core`)."""
     if cfg.threads:
