@@ -2517,6 +2517,30 @@ def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data
     assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False, False]
 
 
+def test_reports_give_the_share_of_answers_violating_each_constraint():
+    """task_report beside C ± se: the share of answers with b − r > 0, per constraint (for a chance constraint,
+    1 − P[the event]); format_comparison prints it. Lengths 10, 20, 30, 40 under length>=25 (b − r = 15, 5,
+    −5, −15: two of four violate, C = 0) and length<=35 (−25, −15, −5, 5: one of four); an answer exactly at
+    its bound (b − r = 0) does not violate it."""
+    import types
+    import train
+    cons = [types.SimpleNamespace(name="length>=25", b=25.0), types.SimpleNamespace(name="length<=35", b=-35.0)]
+    trainer = types.SimpleNamespace(constraints=cons)
+    lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    c = torch.stack([25.0 - lengths, lengths - 35.0], 1)  # (4, 2): b − r, r = ±length
+    table = torch.cat([torch.ones(4, 1), lengths[:, None], torch.ones(4, 1), c], 1)
+    report = train.task_report(trainer, table, "test", [])
+    got = {name: (r["C"], r["violated_share"]) for name, r in report["constraints"].items()}
+    assert got == {"length>=25": (0.0, 0.5), "length<=35": (-10.0, 0.25)}
+    at_bound = torch.tensor([25.0, 25.0, 30.0, 40.0])  # two answers exactly at length 25
+    c = torch.stack([25.0 - at_bound, at_bound - 35.0], 1)
+    table = torch.cat([torch.ones(4, 1), at_bound[:, None], torch.ones(4, 1), c], 1)
+    assert train.task_report(trainer, table, "test", [])["constraints"]["length>=25"]["violated_share"] == 0.0
+    text = train.format_comparison(report, report, "l3m")
+    assert re.search(r"answers violating  length>=25 +50% +50%", text)
+    assert re.search(r"answers violating  length<=35 +25% +25%", text)
+
+
 def test_threads_sleep_when_idle_unless_told(monkeypatch):
     """train.py's thread policy. Importing it (before torch, in a fresh process) asks OpenMP's idle threads to
     sleep, OMP_WAIT_POLICY=PASSIVE, unless the user chose a wait policy or a spin count; set_threads applies

@@ -652,14 +652,16 @@ def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) 
     c = table[:, 3:]  # c_i = b_i − r_i, (n, k)
     n = len(table)
 
-    # C_i = E[b_i − r_i] ± its standard error
+    # C_i = E[b_i − r_i] ± its standard error, and the share of prompts whose answer
+    # violates the constraint, b_i − r_i > 0 (for a chance constraint, 1 − P[the event])
     C = c.mean(0).tolist()
     se = (c.std(0) / math.sqrt(len(c))).tolist()
+    violated = (c > 0).float().mean(0).tolist()
     constraints = {}
-    for con, C_i, se_i in zip(trainer.constraints, C, se):
+    for con, C_i, se_i, v_i in zip(trainer.constraints, C, se, violated):
         constraints[con.name] = {"b": con.b, "reward_mean": con.b - C_i, "C": C_i,
                                  "se": se_i, "satisfied": C_i <= 0,
-                                 "verdict": rewards.verdict(C_i, se_i)}
+                                 "verdict": rewards.verdict(C_i, se_i), "violated_share": v_i}
 
     quantiles = torch.quantile(lengths, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     names = ["length_p10", "length_q1", "length_median", "length_q3", "length_p90"]
@@ -760,6 +762,7 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
     names = ["mean length (tokens)", "length quartiles", "task perplexity (−ℓ̄)",
              "ended with EOS"]
     names += [f"C = E[b − r]  {name}" for name in before["constraints"]]
+    names += [f"answers violating  {name}" for name in before["constraints"]]
     title = f"test split ({before['n']} prompts)"
     lines = [f"{title:32s} {'before':>18s} {'after (' + method + ')':>18s}"]
     for name, b, a in zip(names, report_column(before), report_column(after)):
@@ -784,6 +787,8 @@ def report_column(report: dict) -> list:
               f"{100 * report['ended_share']:.0f}%"]
     for c in report["constraints"].values():
         column.append(f"{c['C']:+.2f} ± {c['se']:.2f} {MARK[c['verdict']]}")
+    for c in report["constraints"].values():
+        column.append(f"{100 * c['violated_share']:.0f}%")
     return column
 
 
@@ -806,7 +811,8 @@ def format_report(report: dict) -> str:
              f"EOS {100 * report['ended_share']:.0f}%"]
     for name, c in report["constraints"].items():
         lines.append(f"  {name:24s} mean reward {c['reward_mean']:9.3f} ± {c['se']:.3f}  "
-                     f"b = {c['b']:9.3f}  {MARK[c['verdict']]} {c['verdict']}")
+                     f"b = {c['b']:9.3f}  {MARK[c['verdict']]} {c['verdict']}, "
+                     f"{100 * c['violated_share']:.0f}% of answers violate it")
     return "\n".join(lines)
 
 
