@@ -53,14 +53,20 @@ def in_lane(f, *a, **k):
 
 
 def train(out: str, *flags, data_dir: str) -> dict:
-    """Run train.py once (skipped when its report exists) and return its report."""
-    report = os.path.join(out, "report.json")
-    if not os.path.isfile(report):
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={data_dir}", f"--out_dir={out}",
-               "--overwrite=True", *flags]  # a run without its report was cut short: start it again
+    """Run train.py once and return its report. The run is skipped when its report exists and was made
+    with the same flags (flags.json beside it): a --quick run's SFT model, evaluated without its "before"
+    block, is not what a full run in the same --out may reuse."""
+    report, made_with = os.path.join(out, "report.json"), os.path.join(out, "flags.json")
+    args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--overwrite=True", *flags]
+    cached = os.path.isfile(report) and os.path.isfile(made_with)
+    if not (cached and json.loads(open(made_with).read()) == args):
+        # none, cut short (no report) or made with other flags: run it (again)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *args]
         p = in_lane(subprocess.run, cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        with open(made_with, "w") as f:
+            json.dump(args, f)
     with open(report) as f:
         return json.load(f)
 
@@ -288,8 +294,8 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
                 f"({s['margin_z'] * se[0]:.2f}, {s['margin_z'] * se[1]:.2f}) for {s['margin_steps']} steps and is "
                 "judged on the grid's."
                 if s["margin_z"] else ""), "",
-             "| (informative ≥ a, cautious ≥ b) | feasible by (tightened) | L3M: informative, cautious | met | "
-             "perplexity | L3M + margin: met | MM: informative, cautious | met | perplexity |",
+             "| (informative ≥ a, cautious ≥ b) | reachable by ≥ (tightened) | L3M: informative, cautious | "
+             "met | perplexity | L3M + margin: met | MM: informative, cautious | met | perplexity |",
              "|---" * 9 + "|"]
     for a, b in points:
         l3, mg, mm = pick("l3m", a, b), pick("l3m+margin", a, b), pick("mm", a, b, best)
@@ -370,15 +376,17 @@ def trajectory(run_dir: str, png: str):
 
 
 # -----------------------------------------------------------------------------
-# Fig. 3 feasibility: which (informative, cautious) mean rewards can any policy reach on the test prompts?
+# Fig. 3 feasibility: which (informative, cautious) mean rewards can a policy be shown to reach on the test prompts?
 #
 # The demo answers are written by code (data.demo_answer), so the responses a policy could give to a test
 # prompt are known. For each prompt, sample many generator answers about its subject, score them with both
 # reward models, and take the set of mean-reward pairs a policy choosing among them per prompt reaches: the
 # Minkowski average of the per-prompt convex hulls. Its upper-right (Pareto) frontier comes from
 # scalarisation: for w in [0, 1] every prompt picks its candidate maximising w·r₁ + (1 − w)·r₂, and the
-# frontier point is the mean of the picks. The frontier is an upper bound for a policy that writes only
-# what the generator writes (the reward models were trained on nothing else).
+# frontier point is the mean of the picks. The set is an inner bound: every point under the frontier is reached
+# by a policy choosing among these candidates, so a positive margin proves a grid point reachable; a negative one
+# proves nothing (other answers may reach it). Candidates longer than --max_new_tokens are left out: no policy
+# under that flag can write them.
 
 
 def demo_subject(prompt_text: str) -> str:
@@ -462,8 +470,8 @@ def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
 
 
 def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
-    """max over the reachable set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) reachable,
-    negative when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices
+    """max over the candidates' set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) in it, negative
+    when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices
     and the segments between them, on which min of two linear functions peaks at an end or where they cross)."""
     f = np.asarray(frontier, dtype=float)
     best = np.max(np.minimum(f[:, 0] - a, f[:, 1] - b))
@@ -478,8 +486,8 @@ def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
 
 
 def feasibility(frontier: np.ndarray, grid) -> list:
-    """[(a, b, feasible, margin)] for thresholds (a, b): feasible iff a frontier point has r₁ ≥ a and r₂ ≥ b;
-    margin in nats as frontier_margin."""
+    """[(a, b, reachable, margin)] for thresholds (a, b): shown reachable iff a frontier point has r₁ ≥ a and
+    r₂ ≥ b; margin in nats as frontier_margin (a lower bound on the true margin)."""
     out = []
     for a, b in grid:
         m = frontier_margin(frontier, a, b)
@@ -528,7 +536,8 @@ def sample_summary(scores: list, props: np.ndarray) -> dict:
 def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list, n_candidates: int = 200,
                      n_policy: int = 8, seed: int = 0, grid=None) -> dict:
     """Score generator candidates (and the SFT model's own samples) for every test prompt with both reward
-    models; print the frontier and the feasibility of FULL_GRID. Trains the reward models and SFT if missing.
+    models; print the frontier and which points of FULL_GRID it shows reachable. Trains the reward models and
+    SFT if missing.
     Writes out/fig3/feasibility.json and the per-prompt scores feasibility_scores.npz."""
     import random
     import model as M
@@ -539,11 +548,14 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
     rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in names]
     policy, tok = M.load_model(os.path.join(out, "fig3", "sft", "final"))
     test, rng, t0 = demo_test_split(tok, data_dir, common), random.Random(seed), time.time()
+    import train as T
+    max_new_tokens = T.parse_config([f"--data_dir={data_dir}", *common]).max_new_tokens
     per_prompt = {"any": [], "train": []}
     for ex in test:
         name = demo_subject(tok.decode(ex.prompt.tolist()))
         for style in per_prompt:
             ids = [tok.encode(t, bos=False, eos=True) for t in demo_candidates(rng, name, n_candidates // 2, style)]
+            ids = [i for i in ids if len(i) <= max_new_tokens]  # what a policy can write, EOS included
             per_prompt[style].append(score_responses(rm_models, ex.prompt, ids, tok.eos_id))
     # the SFT model's own samples (top-p 0.9, as in its test evaluation): what a policy near SFT can say
     per_prompt["policy"], props = sample_and_score(policy, tok, test, rm_models, n_policy, seed)
@@ -570,10 +582,10 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
         lines.append(f"frontier from {k} ({result['n_candidates'][k]} responses): {len(f)} vertices, max informative "
                      f"at {f[-1].round(2).tolist()}, max cautious at {f[0].round(2).tolist()}; margin of SFT "
                      f"{result['sft_margin'][k]:+.2f}, of base {result['base_margin'][k]:+.2f}")
-    lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: feasible, margin" for k in frontiers) + " |",
+    lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: reachable, margin" for k in frontiers) + " |",
               "|---" * (len(frontiers) + 1) + "|"]
     for j, (a, b) in enumerate(grid):
-        cells = [f"{'✓' if result['feasibility'][k][j][2] else '✗'} {result['feasibility'][k][j][3]:+.2f}"
+        cells = [f"{'✓' if result['feasibility'][k][j][2] else 'not shown'} {result['feasibility'][k][j][3]:+.2f}"
                  for k in frontiers]
         lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
@@ -606,7 +618,8 @@ def main():
     p.add_argument("--margin_steps", type=int, default=0,
                    help="steps of the L3M + margin runs (0: --steps; docs/reproduce.md: 800 make the margin hold)")
     p.add_argument("--feasibility", action="store_true",
-                   help="only Fig. 3's feasibility: which FULL_GRID thresholds any policy could meet")
+                   help="only Fig. 3's feasibility: which FULL_GRID thresholds a policy provably can meet "
+                        "(choosing among generator answers: a lower bound on what is reachable)")
     a = p.parse_args()
     print(f"reproduce.py: every run is cached in {a.out} as it finishes (delete it to start over)", flush=True)
     os.makedirs(a.out, exist_ok=True)

@@ -1919,6 +1919,33 @@ def test_frontier_margin_equals_its_dual_on_random_responses():
         assert dual - 1e-4 <= reproduce.frontier_margin(frontier, a, b) <= dual + 1e-12
 
 
+def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
+    """reproduce.train keys its cache by the flags: the same flags reuse the report, other flags (a --quick run's
+    SFT model, evaluated without "before", then a full run in the same --out) run train.py again, and so does a
+    report from before flags.json. A cache keyed by the report alone fails the full run with KeyError: 'before'."""
+    import reproduce
+    runs = []
+
+    def fake_run(cmd, **kwargs):  # train.py's stand-in: a report that records its flags
+        runs.append(cmd)
+        out = next(x.split("=", 1)[1] for x in cmd if x.startswith("--out_dir="))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        report = {"flags": cmd[2:], **({"before": {}} if "--eval_before=True" in cmd else {})}
+        Path(out, "report.json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    out = str(tmp_path / "sft")
+    quick = reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d")
+    assert "before" not in quick and len(runs) == 1
+    assert reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d") == quick and len(runs) == 1
+    full = reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
+    assert "before" in full and len(runs) == 2
+    os.remove(tmp_path / "sft" / "flags.json")  # a report cached before flags.json existed
+    reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
+    assert len(runs) == 3
+
+
 def test_reproduce_fig3_picks_mm_best_eta_and_judges_margin_runs_on_the_grid(tmp_path, monkeypatch):
     """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags: MM's best
     η_λ is the one that meets its points (then runs on every seed), a margin run trains on raised thresholds
