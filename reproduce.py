@@ -10,7 +10,7 @@ fig3.png (the two learned rewards reached by L3M and MM) and trajectory.png (one
 batch rewards over its steps).
 
 Toy-scale choices: the demo base's responses are ~40 tokens where LLaMA-7B SFT's are ~120, so the
-paper's length bands are divided by 3 (e.g. [50, 100] -> [16, 32]). The two reward models
+paper's length bands are divided by 3.125 (e.g. [50, 100] -> [16, 32]). The two reward models
 ("informative" and "cautious", the analogues of helpful and harmless) are Bradley–Terry models
 initialised from the demo base; their rewards are length-normalised log-likelihoods, so the grid of
 thresholds is placed around the rewards of the SFT model instead of the paper's 0–4.
