@@ -58,8 +58,11 @@ def train(out: str, *flags, data_dir: str) -> dict:
     block, is not what a full run in the same --out may reuse."""
     report, made_with = os.path.join(out, "report.json"), os.path.join(out, "flags.json")
     args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--overwrite=True", *flags]
-    cached = os.path.isfile(report) and os.path.isfile(made_with)
-    if not (cached and json.loads(open(made_with).read()) == args):
+    same = False
+    if os.path.isfile(report) and os.path.isfile(made_with):
+        with open(made_with) as f:
+            same = json.load(f) == args
+    if not same:
         # none, cut short (no report) or made with other flags: run it (again)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), *args]
         p = in_lane(subprocess.run, cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -294,7 +297,7 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
                 f"({s['margin_z'] * se[0]:.2f}, {s['margin_z'] * se[1]:.2f}) for {s['margin_steps']} steps and is "
                 "judged on the grid's."
                 if s["margin_z"] else ""), "",
-             "| (informative ≥ a, cautious ≥ b) | reachable by ≥ (tightened) | L3M: informative, cautious | "
+             "| (informative ≥ a, cautious ≥ b) | reachable by (tightened) | L3M: informative, cautious | "
              "met | perplexity | L3M + margin: met | MM: informative, cautious | met | perplexity |",
              "|---" * 9 + "|"]
     for a, b in points:
