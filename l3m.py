@@ -34,8 +34,10 @@ Where this departs from the paper, or fixes what it leaves open:
       E_y[c(y)·∇ℓ̄_θ(y)] = ∇_θ E_y[c(y)/|y|]   (c fixed),
   not ∇C = ∇E_y[c(y)]: it is the step of a per-token constraint. Ĉ still estimates
   E[c], so the barrier still drives each C_i to ≤ 0.
-- REINFORCE without a baseline (Eq. 12 as written); Ĉ takes in the current batch
-  before it weights that batch's gradient (§5.4).
+- REINFORCE without a baseline (Eq. 12 as written) by default; --baseline=loo adds a
+  leave-one-out baseline scaled by length, which keeps Eq. 12's expected step
+  (loo_baseline). Ĉ takes in the current batch before it weights that batch's
+  gradient (§5.4).
 - MM baseline: on each constraint step, with the fresh Ĉ (L3M's estimate),
       λ_i ← max(0, λ_i + η_λ·Ĉ_i),
   then a step on Σ_i λ_i·surrogate_i. No 1/k: the learned λ_i are the Lagrangian's
@@ -348,6 +350,23 @@ def task_loss(logp):
     task alone favours stopping early (on lengths alone it converges to
     q(n) ∝ p_data(n)/n, whose mean is the harmonic mean of the data's lengths)."""
     return -logp.mean()
+
+
+def loo_baseline(c, n):
+    """c (B, k) less a leave-one-out baseline scaled by length (--baseline=loo), over a
+    batch of B ≥ 2 responses with n (B,) = |y|, the counts ℓ̄ is normalised by:
+
+        c'_b = c_b − |y_b|·β_b,   β_b = Σ_{j≠b} c_j / Σ_{j≠b} |y_j|
+
+    The step's expected gradient stays Eq. 12's with ℓ̄, E[c·∇ℓ̄]: β_b does not depend on
+    y_b, and E[|y|·∇ℓ̄] = E[∇log π] = 0. The plain leave-one-out baseline of RLOO and
+    GRPO, c_b − mean_{j≠b} c_j, does not keep it: E[∇ℓ̄] = ∇E[1/|y|] ≠ 0, so it adds
+    −C·∇E[1/|y|], which the surrogate's descent turns into a push toward shorter
+    answers while C > 0 and longer ones while C < 0, whatever the constraint: the
+    wrong way for a violated lower bound on length (test_loo_baseline_keeps_eq12_*)."""
+    n = n.to(c.dtype)
+    beta = (c.sum(0) - c) / (n.sum() - n)[:, None]  # (B, k): the others' cost per token
+    return c - n[:, None] * beta
 
 
 def reinforce_surrogate(logp, c, lam):

@@ -140,6 +140,8 @@ class Config:
     mu_T: float = flag(1e-6, "µ at the last step; µ decays exponentially in between (§5.1)")
     ema_alpha: float = flag(0.1, "smoothing factor α of the EMA Ĉ of each constraint (§5.4)")
     eta_lam: float = flag(0.1, "step size η_λ of the multipliers, --method=mm only")
+    baseline: str = flag("none", "the constraint step's REINFORCE baseline: none (Eq. 12 as "
+                         "written) | loo (leave-one-out, scaled by length: l3m.loo_baseline)")
     top_p: float = flag(0.9, "nucleus of the rollouts' sampling (App. A: 0.9)")
     top_k: int = flag(0, "> 0: top-k, then the nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs at temperature 1)")
@@ -304,6 +306,11 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
     #   its gradient estimates Σ_i λ̂_i·∇C_i (Eq. 12), ∇ℓ̄_θ for ∇log π_θ (§5.4)
     tokens, mask = data.response_batch(prompts, samples.responses, pad_id=trainer.tok.eos_id)
     tokens, mask = tokens.to(trainer.device), mask.to(trainer.device)
+    if cfg.baseline == "loo":
+        # c_b − |y_b|·β_b over the global batch; this rank's rows of it
+        both = all_gather_cat(torch.cat([c, mask.sum(1, keepdim=True).to(c)], 1))
+        mine = slice(rank() * len(c), (rank() + 1) * len(c))
+        c = l3m.loo_baseline(both[:, :-1], both[:, -1])[mine].to(trainer.device)
     loss = 0.0
     for rows, share in micro_batches(len(tokens), cfg.micro_batch):
         trainer.model.set_requires_gradient_sync(rows.stop == len(tokens))
@@ -1111,6 +1118,9 @@ def check_config(c: Config):
     """Refuse a bad config before any work, in one message (every rank checks alike:
     all stop together)."""
     require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
+    require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
+    require(c.baseline == "none" or c.batch_size >= 2, c, "baseline",
+            "none with --batch_size=1 (a leave-one-out baseline needs 2 responses)")
     require(c.batch_size > 0, c, "batch_size", "> 0")
     require(c.micro_batch > 0, c, "micro_batch", "> 0")
     require(c.batch_size % max(c.micro_batch, 1) == 0, c, "batch_size",
@@ -1206,10 +1216,11 @@ def check_resume(c: Config):
     need(os.path.join(ckpt, "state.pt"), "--resume: the checkpoint")
 
     saved = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["config"]
+    saved = {**asdict(Config()), **saved}  # a flag added since the checkpoint: its default
     changed = []
     for k, v in asdict(c).items():
-        if k not in RESUMABLE and saved.get(k) != v:
-            changed.append(f"--{k}={v!r} (the checkpoint's: {saved.get(k)!r})")
+        if k not in RESUMABLE and saved[k] != v:
+            changed.append(f"--{k}={v!r} (the checkpoint's: {saved[k]!r})")
     if changed:
         raise ConfigError(f"--resume with flags other than the checkpoint's: {', '.join(changed)}")
 
