@@ -2335,6 +2335,7 @@ def killed_at_second_state(obj, path, *a, **k):
     return save(obj, path, *a, **k)
 torch.save = killed_at_second_state
 train.main(sys.argv[1:])
+train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 """)
     flags = resume_flags(tiny_base, nproc) + ["--ckpt_every=3"]
     cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc)
@@ -2507,6 +2508,7 @@ def build_and_check(cfg, device, *a, **k):
 train.build_model = build_and_check
 train.main(sys.argv[1:])
 print("reduce-scatters", len(calls))
+train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 """)
     counts, norms = [], []
     for micro in (4, 1):
@@ -2587,6 +2589,7 @@ def nan_cost(c):
 l3m.task_loss = first_call_on_rank0(l3m.task_loss, lambda loss: loss * float("nan"))
 rewards.costs = first_call_on_rank0(rewards.costs, nan_cost)
 train.main(sys.argv[1:])
+train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
            f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--method=l3m", "--steps=8",
