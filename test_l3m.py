@@ -1992,48 +1992,64 @@ def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
     assert len(runs) == 3
 
 
-def test_reproduce_fig3_picks_mm_best_eta_and_judges_margin_runs_on_the_grid(tmp_path, monkeypatch):
-    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags: MM's best
-    η_λ is the one that meets its points (then runs on every seed), a margin run trains on raised thresholds
-    but is judged on the grid's, and the tables are written."""
+def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
+    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags, and whose test
+    split disagrees with its validation split. Every choice must follow the validation split: the grid sits on
+    SFT's validation rewards, MM's η_λ is the one that meets its point there (then runs on every seed), and the
+    recipe chosen is the one that meets it there. A margin run trains on raised thresholds but is judged on the
+    grid's; the 800-step control and the leave-one-out runs get their own folders and flags."""
     import reproduce
 
-    steps = {}
+    flags_of = {}
 
     def fake_train(out, *flags, data_dir):
         os.makedirs(out, exist_ok=True)
-        steps[os.path.basename(out)] = next(x for x in flags if x.startswith("--steps="))
+        flags_of[os.path.basename(out)] = flags
         f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
         if f["method"] == "reward":
             return {"test_accuracy": 0.9}
         cons = [x.split("=", 1)[1] for x in flags if x.startswith("--constraint")]
-        # SFT at (-5, -10); L3M lands on its (possibly raised) thresholds; MM meets them only at η_λ = 1
-        got = {"sft": [-5.0, -10.0]}.get(f["method"]) or [float(c.split(">=")[1]) - 0.1 * (
-            f["method"] == "mm" and f.get("eta_lam") != "1.0") for c in cons]
+        b = [float(c.split(">=")[1]) for c in cons]
+        if f["method"] == "sft":  # (−5, −10) on the validation split, (−6, −11) on the test split
+            val, test = [-5.0, -10.0], [-6.0, -11.0]
+        elif f["method"] == "mm":  # η_λ = 1 meets its point on the validation split only, 0.1 on the test only
+            val = [x - 0.1 * (f["eta_lam"] != "1.0") for x in b]
+            test = [x - 0.1 * (f["eta_lam"] == "1.0") for x in b]
+        else:  # L3M lands on its thresholds on the test split; on the validation split 0.1 short, 0.01 at 40 steps
+            val, test = [x - (0.01 if f["steps"] == "40" else 0.1) for x in b], b
         (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0], "C_hat": [0, 0],
                                                             "lam": [1, 1]}) + "\n")
-        return {"after": {"perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
-            c: {"b": float(c.split(">=")[1]), "reward_mean": g, "C": float(c.split(">=")[1]) - g, "se": 0.01}
-            for c, g in zip(cons, got)}}}
+
+        def split(got, n, se):
+            return {"n": n, "perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
+                c: {"b": t, "reward_mean": g, "C": t - g, "se": se, "violated_share": 0.5}
+                for c, t, g in zip(cons, b, got)}}
+        return {"val": split(val, 50, 0.02), "after": split(test, 200, 0.01)}
     monkeypatch.setattr(reproduce, "train", fake_train)
     (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
     (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
     table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
-                                    with_feasibility=True, margin_steps=40)
-    # margin runs train for margin_steps, in folders of their own; the others for steps
-    assert {k: v for k, v in steps.items() if "margin" in k} == {f"l3m_margin2_-4.0_-9.5_s{s}_40steps": "--steps=40"
-                                                                  for s in (0, 1)}
-    assert {v for k, v in steps.items() if "margin" not in k and "rm_" not in k} == {"--steps=10"}
+                                    with_feasibility=True, margin_steps=40, loo=True)
+    # the grid on SFT's validation rewards; a standard error of a 200-prompt mean from 50 prompts' 0.02: 0.01
+    assert summary["sft"]["rewards"] == [-5.0, -10.0] and summary["sft"]["se"] == pytest.approx([0.01, 0.01])
+    steps = {k: next(x for x in v if x.startswith("--steps=")) for k, v in flags_of.items() if "rm_" not in k}
+    long = {f"l3m_margin2_-4.0_-9.5_s{s}_40steps" for s in (0, 1)} | {f"l3m_-4.0_-9.5_s{s}_40steps" for s in (0, 1)}
+    assert {k for k, v in steps.items() if v == "--steps=40"} == long
+    assert {k for k, v in flags_of.items() if "--baseline=loo" in v} == {f"l3m_loo_-4.0_-9.5_s{s}" for s in (0, 1)}
+    assert all(f"--eval_every={v[8:]}" in flags_of[k] for k, v in steps.items())  # a validation of the final model
     # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
     assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
-    assert summary["best_eta_lam"] == 1.0 and summary["sft"]["rewards"] == [-5.0, -10.0]
-    runs = {(r["method"], r["seed"], r["eta_lam"]): r for r in summary["runs"]}
-    assert set(runs) == {("l3m", 0, None), ("l3m", 1, None), ("mm", 0, 0.1), ("mm", 0, 1.0), ("mm", 1, 1.0),
-                         ("l3m+margin", 0, None), ("l3m+margin", 1, None)}
-    margin = runs["l3m+margin", 0, None]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
+    assert summary["best_eta_lam"] == 1.0 and summary["recipe"] == ("l3m+margin", 40)
+    runs = {(r["method"], r["seed"], r["eta_lam"], r["steps"]): r for r in summary["runs"]}
+    assert set(runs) == {(m, s, None, n) for m, n in [("l3m", 10), ("l3m+loo", 10), ("l3m+margin", 10), ("l3m", 40),
+                                                       ("l3m+margin", 40)] for s in (0, 1)} | {
+        ("mm", 0, 0.1, 10), ("mm", 0, 1.0, 10), ("mm", 1, 1.0, 10)}
+    margin = runs["l3m+margin", 0, None, 10]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
     assert (margin["informative"], margin["a"]) == (pytest.approx(-3.98), -4.0)
     assert [v["C"] for v in margin["verdicts"]] == pytest.approx([-0.02, -0.02])
+    assert [v["C"] for v in margin["val_verdicts"]] == pytest.approx([0.08, 0.08])
     assert "| (−4.00, −9.50) |" not in table and "| (-4.00, -9.50) |" in table and "2/2 ✓" in table
+    assert "raised by 2 standard errors (0.02, 0.02), 40 steps (chosen) | 2/2 ✓ | 2/2 ✓ | 2/2 ✓ |" in table
 
 
 def test_reproduce_verdicts_and_ledger_summary(tmp_path):
@@ -2545,10 +2561,15 @@ def test_decode_bound_counts_the_kv_cache_and_not_the_embedding():
     assert bench.decode_bytes(model, batch, max_len) == weights + batch * model.args.dim * 4 + cache_bytes
 
 
-@pytest.mark.parametrize("method", ["sft", "mm"])
-def test_methods_run_end_to_end(tmp_path, data_dir, method):
-    run_train(tmp_path, data_dir, f"--method={method}", "--steps=4", "--constraint=length>=6")
+@pytest.mark.parametrize("method, eval_every", [("sft", 0), ("mm", 4)])
+def test_methods_run_end_to_end(tmp_path, data_dir, method, eval_every):
+    """A run ends with its test split and its model. One that validates (--eval_every > 0) validates its final
+    model too, once: the numbers a setting is chosen on (reproduce.py)."""
+    out = run_train(tmp_path, data_dir, f"--method={method}", "--steps=4", "--constraint=length>=6",
+                    f"--eval_every={eval_every}")
     report = json.loads((tmp_path / "report.json").read_text())
+    assert out.count("val (") == ("val" in report) == (eval_every > 0)
+    assert eval_every == 0 or (report["val"]["split"], report["val"]["n"]) == ("val (final)", 8)
     assert "before" not in report and report["after"]["n"] == 8  # no 'before' for a random init
     assert report["after"]["perplexity_mean"] < math.log(623) - 0.1  # learning: below a uniform guess (6.43)
     assert M.load_model(str(tmp_path / "final"))[1] is not None  # model.py's format, tokenizer included

@@ -150,8 +150,8 @@ class Config:
     show: int = flag(3, "sampled test responses printed before and after")
 
     # the run
-    eval_every: float = flag(100.0, "validate every this many steps; < 1: a share of an "
-                             "epoch; 0: never")
+    eval_every: float = flag(100.0, "validate every this many steps and the final model; "
+                             "< 1: a share of an epoch; 0: never")
     eval_before: bool = flag(True, "evaluate the test split before training too")
     ckpt_every: int = flag(100, "checkpoint every this many steps; 0: the final model only")
     resume: bool = flag(False, "continue from out_dir/ckpt")
@@ -711,6 +711,11 @@ def finish(trainer: Trainer) -> dict:
     if cfg.method == "reward":
         finish_reward_model(trainer)
     else:
+        if trainer.eval_every and trainer.val_set:
+            # the final model on the validation split too: where a setting is chosen
+            # (reproduce.py), so that the test split is read once, for the chosen one
+            reports["val"] = evaluate(trainer, trainer.val_set, "val (final)")
+            print0(format_report(reports["val"]))
         reports["after"] = evaluate(trainer, trainer.test_set, "test (after)")
         lam_hat = None
         if trainer.mult is not None and trainer.mult.ema.value is not None:
