@@ -1,7 +1,7 @@
 """The paper's Fig. 1–3 at toy scale, on the demo data and the demo base model (train.py --init=demo).
 
     python reproduce.py --quick     # one band, one grid point, one seed
-    python reproduce.py             # ten bands and five grid points, three seeds each (hours on 2 cores)
+    python reproduce.py             # ten bands and five grid points, three seeds each (about 2.5 hours on 2 cores)
 
 Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each) whose report.json is
 read back. Results go to --out (default out/reproduce): results.json, results.md and, when matplotlib
