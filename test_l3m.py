@@ -2534,7 +2534,9 @@ train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
                        f"--micro_batch={micro}", "--eval_before=False", "--show=0"]
         p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        counts.append(int(re.search(r"reduce-scatters (\d+)", p.stdout).group(1)))
+        found = re.search(r"reduce-scatters (\d+)", p.stdout)
+        assert found, p.stdout[-3000:] + p.stderr[-3000:]
+        counts.append(int(found.group(1)))
         norms.append(ledger(out)[0]["grad_norm"])
     assert counts[0] == counts[1] > 0
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
