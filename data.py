@@ -5,7 +5,8 @@ in for UltraChat and HH on a CPU ("Demo data" below).
     task = read_ultrachat("ultrachat.jsonl.gz", tok)  # (prompt, response) pairs ≤ 512 tokens
     train, val, test = split_dataset(task.examples, val=1700, test=1700, seed=0)
     stream = Stream(len(train), 8, seed=0, rank=rank, world=world)  # batch_indices in turn
-    tokens, mask = task_batch([train[i] for i in stream.next()])  # (B, T) int64, (B, T) bool
+    batch = [train[i] for i in stream.next()]
+    tokens, mask, segments = packed_batch([e.prompt for e in batch], [e.response for e in batch])
     demo = prepare_demo("out")                        # tokenizer + JSONL files, built once
 
 Where this departs from the paper, or fixes what it leaves open:
@@ -427,11 +428,21 @@ def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> t
     return tokens, mask
 
 
-def task_batch(examples: Sequence, pad_id: int = 0) -> tuple:
-    """TaskExamples -> (tokens (B, T), mask (B, T)) for the task loss −ℓ̄_θ(y|x)."""
-    prompts = [e.prompt for e in examples]
-    responses = [e.response for e in examples]
-    return response_batch(prompts, responses, pad_id)
+def packed_batch(prompts: Sequence, responses: Sequence) -> tuple:
+    """Prompt + response sequences packed end to end into one row, for the forwards that
+    score responses (task, constraint and evaluation steps): no padding to compute on.
+    Returns tokens (1, N) int64, mask (1, N) bool (True exactly at the response tokens,
+    EOS included) and segments (1, N) int64 (the sequence each token is in, 0..B-1);
+    model.Transformer and l3m.logp_norm take the segments, so each sequence is scored as
+    if it stood alone."""
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("every response needs at least one token")
+    rows = [np.concatenate([p, r]) for p, r in zip(prompts, responses)]
+    tokens = torch.as_tensor(np.concatenate(rows), dtype=torch.long)[None]
+    lengths = torch.tensor([len(row) for row in rows])
+    segments = torch.repeat_interleave(torch.arange(len(rows)), lengths)[None]
+    mask = torch.cat([torch.arange(len(row)) >= len(p) for row, p in zip(rows, prompts)])[None]
+    return tokens, mask, segments
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:

@@ -34,9 +34,10 @@ Where this departs from the paper, or fixes what it leaves open:
       E_y[c(y)·∇ℓ̄_θ(y)] = ∇_θ E_y[c(y)/|y|]   (c fixed),
   not ∇C = ∇E_y[c(y)]: it is the step of a per-token constraint. Ĉ still estimates
   E[c], so the barrier still drives each C_i to ≤ 0.
+  --score=sum weights c by Σ_t log π instead, whose expected step is ∇C (sequence_score).
 - REINFORCE without a baseline (Eq. 12 as written) by default; --baseline=loo adds a
-  leave-one-out baseline scaled by length, which keeps Eq. 12's expected step
-  (loo_baseline). Ĉ takes in the current batch before it weights that batch's
+  leave-one-out baseline scaled by length (by 1 with --score=sum), which keeps Eq. 12's
+  expected step (loo_baseline). Ĉ takes in the current batch before it weights that batch's
   gradient (§5.4).
 - MM baseline: on each constraint step, with the fresh Ĉ (L3M's estimate),
       λ_i ← max(0, λ_i + η_λ·Ĉ_i),
@@ -259,9 +260,9 @@ class Multipliers:
         self.lam_mm = _to_float64(state["lam"])
 
 
-def logp_norm(logits, tokens, mask, temperature=1.0):
-    """The length-normalised log-likelihood of each response, (B,) float32 (float64
-    for float64 logits), differentiable in logits:
+def logp_norm(logits, tokens, mask, temperature=1.0, segments=None):
+    """The length-normalised log-likelihood of each response, float32 (float64 for
+    float64 logits), differentiable in logits:
 
         ℓ̄_θ(y|x) = (1/|y|)·Σ_t log π_θ(y_t | x, y_<t)
 
@@ -269,22 +270,36 @@ def logp_norm(logits, tokens, mask, temperature=1.0):
     tokens (B, T): prompt + response (+ padding).
     mask (B, T) bool: True at the scored tokens, the response with the EOS that ended
     it (stopping is what a length constraint must learn), never prompt or padding;
-    mask[:, 0] is False (nothing scores the first token).
+    False at each sequence's first token (nothing scores it).
+    segments (B, T): for packed rows (data.packed_batch), the id 0..S-1 of the
+    sequence each token is in; one ℓ̄ per sequence, (S,). Default: a sequence per
+    row, (B,).
     The log-probs are those of softmax(logits / temperature), as sampled.
     """
-    if mask[:, 0].any():
-        raise ValueError("mask[:, 0] must be False: no logits score the first token")
-    # Shifted by one, position t holds the token that logits[:, t] scores. The last
+    B, T = tokens.shape
+    S = B
+    if segments is None:
+        segments = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
+    else:
+        S = int(segments.max()) + 1
+    starts = F.pad(segments[:, 1:] != segments[:, :-1], (1, 0), value=True)
+    if (mask & starts).any():
+        raise ValueError("mask must be False at each sequence's first token: no logits "
+                         "score it")
+    # Shifted by one, position t holds the token that logits[:, t] scores; a scored
+    # token is never a sequence's first, so position t is in its sequence. The last
     # position scores nothing (token 0, unscored): the logits are used whole, as a
     # slice of them would cost a (B, T, V) copy in backward.
     targets = F.pad(tokens[:, 1:], (0, 1))  # (B, T)
     scored = F.pad(mask[:, 1:], (0, 1))  # (B, T)
-    n = scored.sum(1)  # (B,) |y|, EOS included
-    if (n == 0).any():
-        empty = torch.nonzero(n == 0).flatten().tolist()
-        raise ValueError(f"rows {empty} have an empty response mask")
     tok_logp = TokenLogProb.apply(logits, targets, temperature)  # (B, T)
-    return torch.where(scored, tok_logp, 0.0).sum(1) / n
+    ids = segments.flatten()
+    total = tok_logp.new_zeros(S).index_add(0, ids, torch.where(scored, tok_logp, 0.0).flatten())
+    n = torch.zeros(S, dtype=torch.long, device=ids.device).index_add(0, ids, scored.flatten().long())
+    if (n == 0).any():  # |y|, EOS included
+        empty = torch.nonzero(n == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have an empty response mask")
+    return total / n
 
 
 class TokenLogProb(torch.autograd.Function):
@@ -367,6 +382,20 @@ def loo_baseline(c, n):
     n = n.to(c.dtype)
     beta = (c.sum(0) - c) / (n.sum() - n)[:, None]  # (B, k): the others' cost per token
     return c - n[:, None] * beta
+
+
+def sequence_score(logp, n, score="mean"):
+    """What the constraint step's surrogate weights by c, (B,) from ℓ̄ (B,) and n (B,) =
+    |y| with the EOS: ℓ̄ itself ("mean", §5.4, the default), or
+
+        |y|·ℓ̄ = Σ_t log π_θ(y_t | x, y_<t)          ("sum", --score=sum)
+
+    whose expected step E[c·∇log π] is ∇C itself (Eq. 12 exactly). The mean's is
+    ∇E[c/|y|] (the header), which an indicator cost such as 1{|y| > 16} also lowers by
+    making the answers that violate it longer."""
+    if score == "mean":
+        return logp
+    return logp * n.to(logp)
 
 
 def reinforce_surrogate(logp, c, lam):

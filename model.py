@@ -204,7 +204,8 @@ class Attention(nn.Module):
             # sampling: new keys and values go to their slots; queries see all slots
             k = cache.k[self.layer].index_copy_(2, pos, k)
             v = cache.v[self.layer].index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+        # causal unless a mask is given: the cache's slots, or a packed row's segments
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)
         return self.wo(y.transpose(1, 2).flatten(2))  # (B, T, H·D)
 
@@ -257,14 +258,19 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                pos: Optional[torch.Tensor] = None):
+                pos: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None):
         """Training (no cache): logits (B, T, V) for tokens (B, T), causal; logits[:, t]
-        score token t + 1. Sampling: tokens (B, T) go to the cache's slots pos (T,) and
-        only the last position's logits (B, 1, V) come back. Both go through forward so
-        that FSDP2's hooks, which wrap it, gather the weights."""
-        if cache is None:
+        score token t + 1. segments (B, T), for rows that pack several sequences
+        (data.packed_batch): each sequence attends within itself and its positions
+        count from its start, as if it stood alone. Sampling: tokens (B, T) go to the
+        cache's slots pos (T,) and only the last position's logits (B, 1, V) come back.
+        Both go through forward so that FSDP2's hooks, which wrap it, gather the
+        weights."""
+        if cache is None and segments is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
             mask = None
+        elif cache is None:
+            positions, mask = packed_positions(segments)
         else:
             positions = cache.positions(pos)
             mask = cache.mask(pos)
@@ -280,6 +286,21 @@ class Transformer(nn.Module):
         # Few rows, a wide weight: CPU BLAS (MKL) runs W·hᵀ ~2× faster than h·Wᵀ
         # (bench.py); on GPU, one GEMM.
         return (self.output.weight @ h[:, -1].T).T[:, None]  # (B, 1, V)
+
+
+def packed_positions(segments: torch.Tensor) -> tuple:
+    """(positions (B, T), attention mask (B, 1, T, T) bool) of rows that pack several
+    sequences, from segments (B, T): the id of the sequence each token is in, equal ids
+    contiguous. A token's position counts from its sequence's first token; it attends
+    to the tokens before it in the same sequence."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, 0).cummax(1).values  # each token's sequence start
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return index - first, (same & causal)[:, None]
 
 
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -424,31 +424,38 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
 
 
 def trajectory(run_dir: str, png: str):
-    """One constrained run's ledger drawn: µ, Ĉ_i, λ̂_i and the batch's mean reward per constraint over the
-    constraint steps, so the barrier is seen acting (needs matplotlib)."""
+    """One constrained run's ledger drawn over its steps (needs matplotlib): µ; each Ĉ_i and the batch mean of c_i
+    against the threshold 0 (C_i ≤ 0 holds the constraint); λ̂_i; the rollouts' mean length, p10 and p90; the
+    task loss. The barrier is seen acting."""
     plt = pyplot()
     if plt is None:
+        print("matplotlib is missing: no trajectory plot (pip install matplotlib)")
         return
     with open(os.path.join(run_dir, "ledger.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     with open(os.path.join(run_dir, "report.json")) as f:
-        cons = list(json.load(f)["after"]["constraints"].items())
+        names = list(json.load(f)["after"]["constraints"])
     con = [r for r in recs if "C_hat" in r]  # constraint steps not skipped
+    task = [r for r in recs if r["kind"] == "task"]
     steps = [r["step"] for r in con]
-    fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(7, 10), sharex=True)
     axes[0].semilogy([r["step"] for r in recs], [r["mu"] for r in recs], "k")
     axes[0].set_ylabel("µ")
-    for i, (name, c) in enumerate(cons):
-        axes[1].plot(steps, [r["C_hat"][i] for r in con], label=name)
-        axes[2].semilogy(steps, [r["lam"][i] for r in con], label=name)
-        axes[3].plot(steps, [c["b"] - r["C"][i] for r in con], lw=0.7, label=f"{name}: batch mean reward")
-        axes[3].axhline(c["b"], color=f"C{i}", ls="--", lw=0.8)
+    for i, name in enumerate(names):
+        axes[1].plot(steps, [r["C_hat"][i] for r in con], color=f"C{i}", label=f"Ĉ  {name}")
+        axes[1].plot(steps, [r["C"][i] for r in con], color=f"C{i}", lw=0.6, ls=":", label="batch mean of c")
+        axes[2].semilogy(steps, [r["lam"][i] for r in con], color=f"C{i}", label=name)
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set_ylabel("Ĉ_i (EMA of C_i)")
+    axes[1].set_ylabel("C = E[b − r] (≤ 0 holds)")
     axes[2].set_ylabel("λ̂_i")
-    axes[3].set_ylabel("reward (dashed: b_i)")
-    axes[3].set_xlabel("step")
-    for ax in axes[1:]:
+    axes[3].plot(steps, [r["len_mean"] for r in con], "k", label="mean")
+    axes[3].fill_between(steps, [r["len_p10"] for r in con], [r["len_p90"] for r in con], color="0.85",
+                         label="p10 to p90")
+    axes[3].set_ylabel("rollout length")
+    axes[4].plot([r["step"] for r in task], [r["loss"] for r in task], "k.-", lw=0.7)
+    axes[4].set_ylabel("task loss −ℓ̄")
+    axes[4].set_xlabel("step")
+    for ax in axes[1:4]:
         ax.legend(fontsize=7)
     axes[0].set_title(f"One L3M run: {os.path.basename(run_dir)}", fontsize=9)
     plt.tight_layout()

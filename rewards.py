@@ -30,6 +30,7 @@ Where this departs from the paper, or fixes what it leaves open:
   returns float32 (B,) on the CPU.
 """
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -98,6 +99,20 @@ def length_reward(samples: Samples) -> torch.Tensor:
     lengths = [len(response) - has_eos
                for response, has_eos in zip(samples.responses, samples.ended)]
     return torch.tensor(lengths, dtype=torch.float32)
+
+
+def degenerate(samples: Samples, n: int = 4, repeats: int = 3) -> torch.Tensor:
+    """Which answers are degenerate, float32 (B, 3) of 0 or 1: empty (no token before
+    the EOS), caught in a loop (some n tokens in a row occur `repeats` times or more,
+    overlaps counted), and cut at max_new_tokens (no EOS). A length constraint met by
+    such answers is not met."""
+    rows = []
+    for response, has_eos in zip(samples.responses, samples.ended):
+        body = list(response[:len(response) - has_eos])
+        grams = Counter(tuple(body[i:i + n]) for i in range(len(body) - n + 1))
+        looped = max(grams.values(), default=0) >= repeats
+        rows.append([len(body) == 0, looped, not has_eos])
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 3)
 
 
 def sequence_reward(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1097,6 +1097,42 @@ def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
     assert var["loo"] < var["plain"]
 
 
+def test_sum_score_steps_along_grad_C_with_and_without_its_baseline():
+    """--score=sum by exact enumeration on the toy policy: weighting c by l3m.sequence_score(ℓ̄, |y|, "sum")
+    makes the expected step ∇C = ∇E[c] (where the default "mean" gives ∇E[c/|y|]), and so does a batch of 3
+    with the leave-one-out baseline at count 1, as constraint_step passes it (3,375 batches). Catches a sum
+    score that is still normalised, and a baseline scaled by |y| with it (biased)."""
+    g = torch.Generator().manual_seed(SEED)
+    model = BagPolicy(MAX_LEN + 1, 4, 3, g)
+    params = list(model.parameters())
+
+    def grad(f):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(f, params, retain_graph=True)])
+
+    tokens, mask = all_responses()
+    lbar = logp_norm(model(tokens), tokens, mask)  # (15,)
+    n = mask.sum(1)
+    pi = (lbar * n).exp()
+    c = 0.9 - (n - 1 <= 2).to(F64)  # P[|y| ≤ 2] ≥ 0.9 as rewards.py writes it: c = b − 1{…}
+    true_grad = grad((pi * c).sum())  # ∇C
+    d_score = {k: torch.stack([grad(l3m.sequence_score(lbar, n, k)[j]) for j in range(15)]) for k in ("mean", "sum")}
+    w = pi.detach()
+    expected = {k: (w[:, None] * c[:, None] * d).sum(0) for k, d in d_score.items()}
+    torch.testing.assert_close(expected["sum"], true_grad, rtol=1e-10, atol=1e-12)
+    assert (expected["mean"] - true_grad).norm() > 0.1 * true_grad.norm()
+
+    steps, biased, weights = [], [], []
+    for batch in itertools.product(range(15), repeat=3):
+        b = list(batch)
+        weights.append(w[b].prod())
+        cb = c[b][:, None]
+        steps.append((loo_baseline(cb, torch.ones(3, dtype=F64)) * d_score["sum"][b]).mean(0))
+        biased.append((loo_baseline(cb, n[b]) * d_score["sum"][b]).mean(0))
+    weights = torch.stack(weights)[:, None]
+    torch.testing.assert_close((weights * torch.stack(steps)).sum(0), true_grad, rtol=1e-10, atol=1e-12)
+    assert ((weights * torch.stack(biased)).sum(0) - true_grad).norm() > 0.1 * true_grad.norm()
+
+
 # ----------------------------------------------------------------------------- toy constrained problems
 
 def run_categorical(p, c_of, k, theta0, method="l3m", eta_lam=None, steps=4000, lr=0.1,
@@ -1729,13 +1765,30 @@ def test_padded_batches_score_like_single_rows(tok, one_thread):
             assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)  # float32 sums
 
 
-def test_task_batches(tok):
+def test_packed_batch_scores_each_sequence_as_if_alone(tok):
+    """Packed into one row, each sequence gets the logits and ℓ̄ it gets alone, exactly
+    (float64): catches RoPE positions that do not restart, attention across sequences,
+    and a mask or a segment sum off by one."""
+    torch.manual_seed(0)
+    model = M.Transformer(tiny_args(vocab_size=tok.vocab_size)).init_weights(1).double()
     ex = [D.TaskExample(D.encode_prompt(tok, [("user", u)]), D.encode_response(tok, a))
-          for u, a in (("Hi.", "Hello there."), ("Tell me about the owl.", "It hoots."))]
-    tokens, mask = D.task_batch(ex)
-    for i, e in enumerate(ex):
-        assert tokens[i, mask[i]].tolist() == e.response.tolist()
-        assert tokens[i, :len(e.prompt)].tolist() == e.prompt.tolist()
+          for u, a in (("Hi.", "Hello there."), ("Tell me about the owl.", "It hoots."),
+                       ("And the snail?", "It is slow, and it lives in damp gardens."))]
+    prompts, responses = [e.prompt for e in ex], [e.response for e in ex]
+    tokens, mask, segments = D.packed_batch(prompts, responses)
+    assert tokens.shape == (1, sum(len(p) + len(r) for p, r in zip(prompts, responses)))
+    logits = model(tokens, segments=segments)
+    packed = l3m.logp_norm(logits, tokens, mask, segments=segments)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        mine = segments[0] == i
+        assert tokens[0, mine].tolist() == p.tolist() + r.tolist()
+        assert tokens[0, mine & mask[0]].tolist() == r.tolist()
+        t1, m1 = D.response_batch([p], [r])
+        alone = model(t1)
+        assert torch.allclose(logits[0, mine], alone[0], atol=1e-12)
+        assert torch.allclose(packed[i], l3m.logp_norm(alone, t1, m1)[0], atol=1e-12)
+    with pytest.raises(ValueError, match="first token"):
+        l3m.logp_norm(logits, tokens, segments == 1, segments=segments)
 
 
 # -----------------------------------------------------------------------------
@@ -2656,17 +2709,50 @@ def test_reports_give_the_share_of_answers_violating_each_constraint():
     trainer = types.SimpleNamespace(constraints=cons)
     lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
     c = torch.stack([25.0 - lengths, lengths - 35.0], 1)  # (4, 2): b − r, r = ±length
-    table = torch.cat([torch.ones(4, 1), lengths[:, None], torch.ones(4, 1), c], 1)
+    table = torch.cat([torch.ones(4, 1), lengths[:, None], torch.ones(4, 1), torch.zeros(4, 2),
+                       torch.full((4, 1), math.nan), c], 1)
     report = train.task_report(trainer, table, "test", [])
     got = {name: (r["C"], r["violated_share"]) for name, r in report["constraints"].items()}
     assert got == {"length>=25": (0.0, 0.5), "length<=35": (-10.0, 0.25)}
     at_bound = torch.tensor([25.0, 25.0, 30.0, 40.0])  # two answers exactly at length 25
     c = torch.stack([25.0 - at_bound, at_bound - 35.0], 1)
-    table = torch.cat([torch.ones(4, 1), at_bound[:, None], torch.ones(4, 1), c], 1)
+    table = torch.cat([torch.ones(4, 1), at_bound[:, None], torch.ones(4, 1), torch.zeros(4, 2),
+                       torch.full((4, 1), math.nan), c], 1)
     assert train.task_report(trainer, table, "test", [])["constraints"]["length>=25"]["violated_share"] == 0.0
     text = train.format_comparison(report, report, "l3m")
     assert re.search(r"answers violating  length>=25 +50% +50%", text)
     assert re.search(r"answers violating  length<=35 +25% +25%", text)
+
+
+def test_degenerate_answers_counted_on_a_closed_form_table():
+    """rewards.degenerate on six answers whose kinds are known by construction (4-grams, 3 repeats), then
+    task_report's shares and fluency, and format_comparison's rows. Catches an empty answer that counts its
+    EOS, a loop test that misses overlapping repeats or fires at 2, and cut read as ended."""
+    import types
+    import train
+    eos = 0
+    responses = [[eos],                          # empty: nothing before the EOS
+                 [5, 6, 7, 8, eos],              # a plain short answer
+                 [1, 2, 1, 2, 1, 2, 1, 2, eos],  # (1, 2, 1, 2) at 0, 2 and 4: a loop, overlaps counted
+                 [1, 2, 3, 4, 1, 2, 3, 4, 9],    # (1, 2, 3, 4) twice, no EOS: cut, not a loop
+                 [3] * 6,                        # (3, 3, 3, 3) three times and cut: both
+                 []]                             # cut before any token (max_new_tokens reached at once)
+    ended = [True, True, True, False, False, False]
+    samples = R.Samples([[1]] * 6, responses, ended, [""] * 6, [""] * 6)
+    expected = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1], [1, 0, 1]], dtype=torch.float32)
+    assert torch.equal(R.degenerate(samples), expected)
+
+    trainer = types.SimpleNamespace(constraints=[])
+    ended_col = torch.tensor(ended, dtype=torch.float32)[:, None]
+    fluency = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[:, None]  # mean 3.5, sd 1.8708
+    table = torch.cat([torch.ones(6, 1), torch.ones(6, 1), ended_col, expected[:, :2], fluency], 1)
+    report = train.task_report(trainer, table, "test", [])
+    assert [report[f"{k}_share"] for k in ("empty", "loop", "cut")] == pytest.approx([2 / 6, 2 / 6, 0.5])
+    assert report["fluency_mean"] == pytest.approx(3.5)
+    assert report["fluency_se"] == pytest.approx(math.sqrt(3.5 / 6))  # sd² = 17.5/5, n = 6
+    text = train.format_comparison(report, report, "l3m")
+    assert re.search(r"empty / looped / cut answers +33% / 33% / 50% +33% / 33% / 50%", text)
+    assert re.search(r"fluency \(NLL under the judge\) +3.500 ± 0.764", text)
 
 
 def test_threads_sleep_when_idle_unless_told(monkeypatch):

@@ -142,12 +142,16 @@ class Config:
     eta_lam: float = flag(0.1, "step size η_λ of the multipliers, --method=mm only")
     baseline: str = flag("none", "the constraint step's REINFORCE baseline: none (Eq. 12 as "
                          "written) | loo (leave-one-out, scaled by length: l3m.loo_baseline)")
+    score: str = flag("mean", "what the constraint step weights by c: mean (ℓ̄, §5.4) | sum "
+                      "(Σ_t log π, whose expected step is ∇C: l3m.sequence_score)")
     top_p: float = flag(0.9, "nucleus of the rollouts' sampling (App. A: 0.9)")
     top_k: int = flag(0, "> 0: top-k, then the nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs at temperature 1)")
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
     compile: bool = flag(False, "torch.compile the decode step (CUDA graphs on a GPU)")
     show: int = flag(3, "sampled test responses printed before and after")
+    fluency_model: str = flag("", "a model folder (the base model, say): evaluations report "
+                              "the per-token NLL of the sampled answers under it (fluency)")
 
     # the run
     eval_every: float = flag(100.0, "validate every this many steps and the final model; "
@@ -253,16 +257,15 @@ def task_step(trainer) -> dict:
     """Heads (§5.4): one step on the task loss L(θ) = mean −ℓ̄_θ(y|x) over a task
     mini-batch (Eq. 5)."""
     batch = [trainer.train_set[i] for i in trainer.task_stream.next()]
-    tokens, mask = data.task_batch(batch, pad_id=trainer.tok.eos_id)  # (B, T)
-    tokens, mask = tokens.to(trainer.device), mask.to(trainer.device)
+    prompts = [e.prompt for e in batch]
+    responses = [e.response for e in batch]
 
     loss = 0.0
-    for rows, share in micro_batches(len(tokens), trainer.cfg.micro_batch):
+    for rows, share in micro_batches(len(batch), trainer.cfg.micro_batch):
         # one reduce-scatter, after the last micro-batch; until then FSDP2 sums
         # the unsharded gradients in place
-        trainer.model.set_requires_gradient_sync(rows.stop == len(tokens))
-        logits = trainer.model(tokens[rows])
-        logp = l3m.logp_norm(logits, tokens[rows], mask[rows])  # ℓ̄_θ(y|x), (b,)
+        trainer.model.set_requires_gradient_sync(rows.stop == len(batch))
+        logp = packed_logp(trainer, prompts[rows], responses[rows])  # ℓ̄_θ(y|x), (b,)
         part = share * l3m.task_loss(logp)
         part.backward()
         loss += part.item()
@@ -304,19 +307,21 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
 
     # The surrogate Σ_i λ̂_i·mean_b(c_bi·ℓ̄_θ(y_b)), with c and λ̂ held constant:
     #   its gradient estimates Σ_i λ̂_i·∇C_i (Eq. 12), ∇ℓ̄_θ for ∇log π_θ (§5.4)
-    tokens, mask = data.response_batch(prompts, samples.responses, pad_id=trainer.tok.eos_id)
-    tokens, mask = tokens.to(trainer.device), mask.to(trainer.device)
+    responses = samples.responses
+    n = torch.tensor([len(y) for y in responses], device=trainer.device)  # |y|, EOS included
     if cfg.baseline == "loo":
-        # c_b − |y_b|·β_b over the global batch; this rank's rows of it
-        both = all_gather_cat(torch.cat([c, mask.sum(1, keepdim=True).to(c)], 1))
+        # c_b − count_b·β_b over the global batch, count = what the score is normalised
+        # by (|y| for ℓ̄, 1 for --score=sum); this rank's rows of it
+        counts = n if cfg.score == "mean" else torch.ones_like(n)
+        both = all_gather_cat(torch.cat([c, counts[:, None].to(c)], 1))
         mine = slice(rank() * len(c), (rank() + 1) * len(c))
         c = l3m.loo_baseline(both[:, :-1], both[:, -1])[mine].to(trainer.device)
     loss = 0.0
-    for rows, share in micro_batches(len(tokens), cfg.micro_batch):
-        trainer.model.set_requires_gradient_sync(rows.stop == len(tokens))
-        logits = trainer.model(tokens[rows])
-        logp = l3m.logp_norm(logits, tokens[rows], mask[rows], cfg.temperature or 1.0)
-        part = share * l3m.reinforce_surrogate(logp, c[rows], lam)
+    for rows, share in micro_batches(len(responses), cfg.micro_batch):
+        trainer.model.set_requires_gradient_sync(rows.stop == len(responses))
+        logp = packed_logp(trainer, prompts[rows], responses[rows], cfg.temperature or 1.0)
+        score = l3m.sequence_score(logp, n[rows], cfg.score)  # ℓ̄, or Σ_t log π
+        part = share * l3m.reinforce_surrogate(score, c[rows], lam)
         part.backward()
         loss += part.item()
 
@@ -354,6 +359,15 @@ def reward_step(trainer) -> dict:
         part.backward()
         loss += part.item()
     return clip_and_step(trainer, loss)
+
+
+def packed_logp(trainer, prompts, responses, temperature=1.0, model=None):
+    """ℓ̄_θ(y|x) (b,) of responses to prompts, in one forward of them packed into one row
+    (data.packed_batch): no compute on padding. model: the policy by default."""
+    tokens, mask, segments = data.packed_batch(prompts, responses)
+    tokens, mask, segments = (t.to(trainer.device) for t in (tokens, mask, segments))
+    logits = (model or trainer.model)(tokens, segments=segments)
+    return l3m.logp_norm(logits, tokens, mask, temperature, segments)
 
 
 def micro_batches(n: int, micro: int) -> list:
@@ -446,6 +460,10 @@ class Trainer:
 
         # the k constraints, and the learned reward models they may name
         self.constraints, self.reward_models = load_constraints(cfg, device, self.tok)
+        self.fluency_model = []  # the judge of the answers' fluency, if any
+        if cfg.fluency_model:
+            judge, _ = build_model(cfg, device, cfg.fluency_model, self.tok.vocab_size, train=False)
+            self.fluency_model = [judge]
 
         # task batches (heads) and prompt batches (tails): two streams over the train split
         self.train_set, self.val_set, self.test_set = load_data(cfg, self.tok)
@@ -473,7 +491,10 @@ class Trainer:
         if cfg.method == "mm":
             self.mult = l3m.Multipliers(k, "mm", cfg.eta_lam, cfg.ema_alpha)
 
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
+        # fused: one kernel over all parameters; on the CPU the step takes 1/5 of the
+        # per-tensor loop's time (SmolLM2-135M, docs/performance.md)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           fused=True)
         self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
         self.reports = {}  # the evaluations so far
         self.best = None  # a reward model's best validation accuracy
@@ -604,7 +625,8 @@ def evaluate(trainer: Trainer, examples, split: str, model=None) -> dict:
     keep = all_gather_cat(torch.tensor([i < len(examples) for i in mine]))
     mine = [min(i, len(examples) - 1) for i in mine]
 
-    # one row per example: (−ℓ̄, |y|, ended, c_1 … c_k), or a reward model's (r(y⁺|x), r(y⁻|x))
+    # one row per example: (−ℓ̄, |y|, ended, empty, loop, fluency, c_1 … c_k), or a reward
+    # model's (r(y⁺|x), r(y⁻|x))
     parts = []
     shown = []
     with gathered(model or trainer.model) as (plain,):
@@ -630,20 +652,26 @@ def evaluate(trainer: Trainer, examples, split: str, model=None) -> dict:
 
 
 def evaluate_task_batch(trainer: Trainer, model, batch, rows) -> tuple:
-    """(−ℓ̄, |y|, ended, c_1 … c_k) per example (b, 3 + k), and the sampled responses."""
+    """(−ℓ̄, |y|, ended, empty, loop, fluency, c_1 … c_k) per example (b, 6 + k), and the
+    sampled responses. Fluency: −ℓ̄ of the sampled answer under --fluency_model (NaN
+    without one)."""
     cfg = trainer.cfg
-    tokens, mask = data.task_batch(batch, pad_id=trainer.tok.eos_id)
-    tokens, mask = tokens.to(trainer.device), mask.to(trainer.device)
-    nll = -l3m.logp_norm(model(tokens), tokens, mask).float().cpu()
-
     prompts = [e.prompt.tolist() for e in batch]
+    nll = -packed_logp(trainer, prompts, [e.response for e in batch], model=model).float().cpu()
+
     generators = row_generators(cfg.seed, 0, rows, evaluation=True)
     samples = rollout(model, trainer.tok, prompts, cfg, generators, trainer.decode_step)
     lengths = rewards.length_reward(samples)
     ended = torch.tensor(samples.ended, dtype=torch.float32)
+    empty_loop = rewards.degenerate(samples)[:, :2]  # the third column, cut, is 1 − ended
+    fluency = torch.full((len(batch),), math.nan)
+    with gathered(*trainer.fluency_model) as judges:
+        for judge in judges:
+            fluency = -packed_logp(trainer, prompts, samples.responses, model=judge).float().cpu()
     with gathered(*trainer.reward_models):
         c = rewards.costs(trainer.constraints, samples)  # (b, k)
-    return torch.cat([torch.stack([nll, lengths, ended], 1), c], 1), samples
+    return torch.cat([torch.stack([nll, lengths, ended], 1), empty_loop, fluency[:, None], c],
+                     1), samples
 
 
 def shown_samples(samples, n: int) -> list:
@@ -655,8 +683,8 @@ def shown_samples(samples, n: int) -> list:
 
 def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) -> dict:
     """Statistics of an evaluation's table (n, 3 + k), as `evaluate` returns them."""
-    nll, lengths, ended = table[:, 0], table[:, 1], table[:, 2]
-    c = table[:, 3:]  # c_i = b_i − r_i, (n, k)
+    nll, lengths, ended, empty, loop, fluency = table[:, :6].T
+    c = table[:, 6:]  # c_i = b_i − r_i, (n, k)
     n = len(table)
 
     # C_i = E[b_i − r_i] ± its standard error, and the share of prompts whose answer
@@ -677,7 +705,11 @@ def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) 
             "length_mean": lengths.mean().item(),
             "length_se": (lengths.std() / math.sqrt(len(lengths))).item(),
             **dict(zip(names, quantiles)),
-            "ended_share": ended.mean().item(), "constraints": constraints, "samples": shown}
+            "ended_share": ended.mean().item(), "empty_share": empty.mean().item(),
+            "loop_share": loop.mean().item(), "cut_share": 1 - ended.mean().item(),
+            "fluency_mean": fluency.mean().item(),
+            "fluency_se": (fluency.std() / math.sqrt(n)).item(),
+            "constraints": constraints, "samples": shown}
 
 
 def report_before(trainer: Trainer):
@@ -772,7 +804,9 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
     """The test split before and after fine-tuning, side by side (the paper's Fig. 2
     columns), then a few sampled responses."""
     names = ["mean length (tokens)", "length quartiles", "task perplexity (−ℓ̄)",
-             "ended with EOS"]
+             "ended with EOS", "empty / looped / cut answers"]
+    if math.isfinite(before["fluency_mean"]):
+        names.append("fluency (NLL under the judge)")
     names += [f"C = E[b − r]  {name}" for name in before["constraints"]]
     names += [f"answers violating  {name}" for name in before["constraints"]]
     title = f"test split ({before['n']} prompts)"
@@ -796,12 +830,20 @@ def report_column(report: dict) -> list:
                  f"{report['length_q3']:.0f}")
     column = [f"{report['length_mean']:.1f}", quartiles,
               f"{report['perplexity_mean']:.3f} ± {report['perplexity_std']:.3f}",
-              f"{100 * report['ended_share']:.0f}%"]
+              f"{100 * report['ended_share']:.0f}%", degenerate_cell(report)]
+    if math.isfinite(report["fluency_mean"]):
+        column.append(f"{report['fluency_mean']:.3f} ± {report['fluency_se']:.3f}")
     for c in report["constraints"].values():
         column.append(f"{c['C']:+.2f} ± {c['se']:.2f} {MARK[c['verdict']]}")
     for c in report["constraints"].values():
         column.append(f"{100 * c['violated_share']:.0f}%")
     return column
+
+
+def degenerate_cell(report: dict) -> str:
+    """The shares of empty, looped and cut answers (rewards.degenerate), in percent."""
+    shares = [report[f"{kind}_share"] for kind in ("empty", "loop", "cut")]
+    return " / ".join(f"{100 * x:.0f}%" for x in shares)
 
 
 def last_user_turn(prompt: str) -> str:
@@ -1124,6 +1166,7 @@ def check_config(c: Config):
     all stop together)."""
     require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
     require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
+    require(c.score in ("mean", "sum"), c, "score", "mean or sum")
     require(c.baseline == "none" or c.batch_size >= 2, c, "baseline",
             "none with --batch_size=1 (a leave-one-out baseline needs 2 responses)")
     require(c.batch_size > 0, c, "batch_size", "> 0")
@@ -1187,6 +1230,8 @@ def check_config(c: Config):
         if not eq or not name:
             raise ConfigError(f"--reward_model={spec!r}: expected NAME=FOLDER")
         need(os.path.join(folder, "args.json"), f"--reward_model {name}:")
+    if c.fluency_model:
+        need(os.path.join(c.fluency_model, "args.json"), "--fluency_model checkpoint")
     # the constraints parse, and name known rewards (any reward will do for the check)
     known = {"length": rewards.length_reward}
     for spec in c.reward_model:
