@@ -684,6 +684,43 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
     return result
 
 
+def real_model(out: str, runs: list):
+    """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the base model): the test
+    split side by side, answers to the first held-out prompts, and each constrained run's trajectory.png."""
+    reports = {}
+    for run in runs:
+        with open(os.path.join(out, run, "report.json")) as f:
+            report = json.load(f)
+        if "before" in report:
+            reports["base"] = report["before"]
+        reports[run] = report["after"]
+        if report["config"]["method"] in ("l3m", "mm"):
+            trajectory(os.path.join(out, run), os.path.join(out, run, "trajectory.png"))
+    first = next(iter(reports.values()))
+    mark = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}
+
+    def constraint_cell(r, name):
+        if name not in r["constraints"]:
+            return "—"
+        c = r["constraints"][name]
+        return f"{c['C']:+.2f} ± {c['se']:.2f} {mark[c['verdict']]}"
+
+    rows = [("mean length (tokens)", lambda r: f"{r['length_mean']:.1f} ± {r['length_se']:.1f}"),
+            ("empty / looped / cut", lambda r: " / ".join(f"{100 * r[k + '_share']:.0f}%"
+                                                          for k in ("empty", "loop", "cut"))),
+            ("task perplexity (−ℓ̄)", lambda r: f"{r['perplexity_mean']:.3f}"),
+            ("fluency (NLL, base)", lambda r: f"{r['fluency_mean']:.2f} ± {r['fluency_se']:.2f}")]
+    rows += [(f"C  {name}", lambda r, n=name: constraint_cell(r, n)) for name in first["constraints"]]
+    lines = [f"test split ({first['n']} prompts)".ljust(24) + "".join(f"{name:>18s}" for name in reports)]
+    lines += [label.ljust(24) + "".join(f"{cell(r):>18s}" for r in reports.values()) for label, cell in rows]
+    for i, sample in enumerate(first["samples"]):
+        turn = sample["prompt"].split("<|im_start|>user")[-1].split("<|im_start|>assistant")[0]
+        lines += ["", f"prompt: {turn.replace('<|im_end|>', '').strip()}"]
+        lines += [f"  {name:>10s} ({r['samples'][i]['length']:2d}): {r['samples'][i]['response']!r}"
+                  for name, r in reports.items()]
+    print("\n".join(lines))
+
+
 def pyplot():
     try:
         import matplotlib
@@ -709,7 +746,12 @@ def main():
     p.add_argument("--feasibility", action="store_true",
                    help="only Fig. 3's feasibility: which FULL_GRID thresholds a policy provably can meet "
                         "(choosing among generator answers: a lower bound on what is reachable)")
+    p.add_argument("--real_model", metavar="OUT", help="only print smollm2.sh's summary of the runs OUT/RUN")
+    p.add_argument("--runs", nargs="+", default=[], help="with --real_model: the runs, SFT first")
     a = p.parse_args()
+    if a.real_model:
+        real_model(a.real_model, a.runs)
+        return
     print(f"reproduce.py: every run is cached in {a.out} as it finishes (delete it to start over)", flush=True)
     os.makedirs(a.out, exist_ok=True)
     start = time.time()

@@ -2630,6 +2630,34 @@ def test_methods_run_end_to_end(tmp_path, data_dir, method, eval_every):
     assert M.load_model(str(tmp_path / "final"))[1] is not None  # model.py's format, tokenizer included
 
 
+def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch, data_dir, tiny_base):
+    """--fluency_model: each evaluation reports the mean −ℓ̄ of its sampled answers (EOS included) under the judge,
+    recomputed here from the rollouts the evaluations drew. The judge is the base model before and after 2 SFT steps
+    at a large lr: catches a judge that is the trained policy, reference answers scored instead of samples, or
+    answers scored without their prompts."""
+    import train
+    rollouts = []
+    real_rollout = train.rollout
+
+    def rollout(*a, **k):
+        rollouts.append(real_rollout(*a, **k))
+        return rollouts[-1]
+
+    monkeypatch.setattr(train, "rollout", rollout)
+    run_train(tmp_path, data_dir, f"--init={tiny_base}", f"--fluency_model={tiny_base}", "--method=sft",
+              "--steps=2", "--lr=3e-2")
+    report = json.loads((tmp_path / "report.json").read_text())
+    judge, _ = M.load_model(tiny_base)
+    assert len(rollouts) == 4  # test split of 8, micro-batches of 4: before, then after
+    for when, drawn in (("before", rollouts[:2]), ("after", rollouts[2:])):
+        nll = []
+        for s in drawn:
+            tokens, mask = D.response_batch(s.prompts, s.responses)
+            nll += (-logp_norm(judge(tokens), tokens, mask)).tolist()
+        assert report[when]["fluency_mean"] == pytest.approx(np.mean(nll), abs=1e-5)  # float32 sums
+    assert abs(report["after"]["fluency_mean"] - report["before"]["fluency_mean"]) > 0.01  # the answers changed
+
+
 def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
     out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1", "--batch_size=16",
                     "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)

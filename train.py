@@ -296,10 +296,10 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
 
     # Ĉ_i ← (1 − α)·Ĉ_i + α·(mean of c_i over the global batch), one all-reduce (§5.4)
     C_hat = trainer.mult.observe(c, all_reduce_sum)  # (k,)
+    stats = rollout_stats(samples, c)
     if C_hat is None:
         # a non-finite reward on some rank: every rank skips the step, Ĉ and λ untouched
-        skipped = {"loss": math.nan, "grad_norm": math.nan, "skipped": True}
-        return {**skipped, **rollout_stats(samples)}
+        return {"loss": math.nan, "grad_norm": math.nan, "skipped": True, **stats}
 
     # λ̂_i = µ / (k·max(−Ĉ_i, µ²)) = B'_{µ,µ²}(Ĉ_i)/k (§5.2); MM: its learned λ_i
     lam = trainer.mult.lam(mu).to(trainer.device)  # (k,) float32, detached
@@ -329,7 +329,7 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
     record = clip_and_step(trainer, loss)
     record.update(constraint_record(trainer.mult, C_hat, lam, mu))
     record["t_sample"] = t_sample
-    record.update(rollout_stats(samples))
+    record.update(stats)
     return record
 
 
@@ -571,15 +571,18 @@ def on_sigterm(signum, frame):
     _SIGTERM.set()
 
 
-def rollout_stats(samples) -> dict:
-    """Mean, p10 and p90 of the global batch's response lengths, and its share cut at
-    --max_new_tokens."""
+def rollout_stats(samples, c: torch.Tensor) -> dict:
+    """Mean, p10 and p90 of the global batch's response lengths, its share cut at
+    --max_new_tokens, and per constraint the mean length of the responses that violate
+    it (c_i > 0; NaN if none do): a step that lowers E[c/|y|] may lengthen them."""
     lengths = rewards.length_reward(samples)  # (B,)
     cut = torch.tensor([not e for e in samples.ended], dtype=torch.float32)  # (B,)
-    both = all_gather_cat(torch.stack([lengths, cut], 1))  # (global B, 2)
-    p10, p90 = torch.quantile(both[:, 0], torch.tensor([0.1, 0.9])).tolist()
-    return {"len_mean": both[:, 0].mean().item(), "len_p10": p10, "len_p90": p90,
-            "truncated": both[:, 1].mean().item()}
+    table = all_gather_cat(torch.cat([lengths[:, None], cut[:, None], c.cpu().float()], 1))
+    lengths, cut, c = table[:, 0], table[:, 1], table[:, 2:]  # the global batch's
+    p10, p90 = torch.quantile(lengths, torch.tensor([0.1, 0.9])).tolist()
+    violating = [lengths[c[:, i] > 0].mean().item() for i in range(c.shape[1])]
+    return {"len_mean": lengths.mean().item(), "len_p10": p10, "len_p90": p90,
+            "truncated": cut.mean().item(), "len_violating": violating}
 
 
 def open_ledger(trainer: Trainer, start: int):
