@@ -32,8 +32,10 @@ Where this departs from the paper, or fixes what it leaves open:
   which is zero at p = 1, and small while 1 − Π_t ≤ 1 − p is.
 - Length normalisation (§5.4). The step follows
       E_y[c(y)·∇ℓ̄_θ(y)] = ∇_θ E_y[c(y)/|y|]   (c fixed),
-  not ∇C = ∇E_y[c(y)]: it is the step of a per-token constraint. Ĉ still estimates
-  E[c], so the barrier still drives each C_i to ≤ 0.
+  not ∇C = ∇E_y[c(y)]: it is the step of a per-token constraint. Ĉ estimates E[c], so
+  λ̂ weights the constraints by C; but a step can lower E[c/|y|] without lowering C
+  (a 1{|y| > 16} cost falls per token as violating answers grow longer), so that C_i
+  reaches ≤ 0 is observed on the runs (docs/real_models.md), not proven.
   --score=sum weights c by Σ_t log π instead, whose expected step is ∇C (sequence_score).
 - REINFORCE without a baseline (Eq. 12 as written) by default; --baseline=loo adds a
   leave-one-out baseline scaled by length (by 1 with --score=sum), which keeps Eq. 12's

@@ -685,18 +685,29 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
 
 
 def real_model(out: str, runs: list):
-    """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the base model): the test
-    split side by side, answers to the first held-out prompts, and each constrained run's trajectory.png."""
+    """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the base model): the
+    validation split (where its settings were chosen) and the test split side by side, answers to the first
+    held-out prompts, and each constrained run's trajectory.png."""
     reports = {}
     for run in runs:
         with open(os.path.join(out, run, "report.json")) as f:
-            report = json.load(f)
-        if "before" in report:
-            reports["base"] = report["before"]
-        reports[run] = report["after"]
-        if report["config"]["method"] in ("l3m", "mm"):
+            reports[run] = json.load(f)
+        if reports[run]["config"]["method"] in ("l3m", "mm"):
             trajectory(os.path.join(out, run), os.path.join(out, run, "trajectory.png"))
-    first = next(iter(reports.values()))
+    val = {run: r["val"] for run, r in reports.items() if "val" in r}
+    test = {"base": reports[runs[0]]["before"], **{run: r["after"] for run, r in reports.items()}}
+    print(real_model_table(val, "validation split"), "\n")
+    print(real_model_table(test, "test split"))
+    for i, sample in enumerate(test["base"]["samples"]):
+        turn = sample["prompt"].split("<|im_start|>user")[-1].split("<|im_start|>assistant")[0]
+        print(f"\nprompt: {turn.replace('<|im_end|>', '').strip()}")
+        for name, r in test.items():
+            print(f"  {name:>10s} ({r['samples'][i]['length']:2d}): {r['samples'][i]['response']!r}")
+
+
+def real_model_table(reports: dict, split: str) -> str:
+    """Evaluations side by side: lengths, degenerate answers, perplexity, fluency, and every constraint of the
+    first (an SFT run evaluates them all; "—" where a run was not given one)."""
     mark = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}
 
     def constraint_cell(r, name):
@@ -705,20 +716,16 @@ def real_model(out: str, runs: list):
         c = r["constraints"][name]
         return f"{c['C']:+.2f} ± {c['se']:.2f} {mark[c['verdict']]}"
 
+    first = next(iter(reports.values()))
     rows = [("mean length (tokens)", lambda r: f"{r['length_mean']:.1f} ± {r['length_se']:.1f}"),
             ("empty / looped / cut", lambda r: " / ".join(f"{100 * r[k + '_share']:.0f}%"
                                                           for k in ("empty", "loop", "cut"))),
             ("task perplexity (−ℓ̄)", lambda r: f"{r['perplexity_mean']:.3f}"),
             ("fluency (NLL, base)", lambda r: f"{r['fluency_mean']:.2f} ± {r['fluency_se']:.2f}")]
     rows += [(f"C  {name}", lambda r, n=name: constraint_cell(r, n)) for name in first["constraints"]]
-    lines = [f"test split ({first['n']} prompts)".ljust(24) + "".join(f"{name:>18s}" for name in reports)]
+    lines = [f"{split} ({first['n']} prompts)".ljust(24) + "".join(f"{name:>18s}" for name in reports)]
     lines += [label.ljust(24) + "".join(f"{cell(r):>18s}" for r in reports.values()) for label, cell in rows]
-    for i, sample in enumerate(first["samples"]):
-        turn = sample["prompt"].split("<|im_start|>user")[-1].split("<|im_start|>assistant")[0]
-        lines += ["", f"prompt: {turn.replace('<|im_end|>', '').strip()}"]
-        lines += [f"  {name:>10s} ({r['samples'][i]['length']:2d}): {r['samples'][i]['response']!r}"
-                  for name, r in reports.items()]
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def pyplot():

