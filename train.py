@@ -685,7 +685,8 @@ def shown_samples(samples, n: int) -> list:
 
 
 def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) -> dict:
-    """Statistics of an evaluation's table (n, 3 + k), as `evaluate` returns them."""
+    """Statistics of an evaluation's table (n, 6 + k), as `evaluate` returns them; the
+    fluency figures are None without a --fluency_model."""
     nll, lengths, ended, empty, loop, fluency = table[:, :6].T
     c = table[:, 6:]  # c_i = b_i − r_i, (n, k)
     n = len(table)
@@ -710,9 +711,16 @@ def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) 
             **dict(zip(names, quantiles)),
             "ended_share": ended.mean().item(), "empty_share": empty.mean().item(),
             "loop_share": loop.mean().item(), "cut_share": 1 - ended.mean().item(),
-            "fluency_mean": fluency.mean().item(),
-            "fluency_se": (fluency.std() / math.sqrt(n)).item(),
-            "constraints": constraints, "samples": shown}
+            **fluency_stats(fluency), "constraints": constraints, "samples": shown}
+
+
+def fluency_stats(fluency: torch.Tensor) -> dict:
+    """Mean and standard error of the per-answer NLL under the judge; None without one
+    (its column is NaN), so that report.json stays JSON."""
+    if fluency.isnan().any():
+        return {"fluency_mean": None, "fluency_se": None}
+    return {"fluency_mean": fluency.mean().item(),
+            "fluency_se": (fluency.std() / math.sqrt(len(fluency))).item()}
 
 
 def report_before(trainer: Trainer):
@@ -808,7 +816,7 @@ def format_comparison(before: dict, after: dict, method: str, lam_hat=None) -> s
     columns), then a few sampled responses."""
     names = ["mean length (tokens)", "length quartiles", "task perplexity (−ℓ̄)",
              "ended with EOS", "empty / looped / cut answers"]
-    if math.isfinite(before["fluency_mean"]):
+    if before["fluency_mean"] is not None:
         names.append("fluency (NLL under the judge)")
     names += [f"C = E[b − r]  {name}" for name in before["constraints"]]
     names += [f"answers violating  {name}" for name in before["constraints"]]
@@ -834,7 +842,7 @@ def report_column(report: dict) -> list:
     column = [f"{report['length_mean']:.1f}", quartiles,
               f"{report['perplexity_mean']:.3f} ± {report['perplexity_std']:.3f}",
               f"{100 * report['ended_share']:.0f}%", degenerate_cell(report)]
-    if math.isfinite(report["fluency_mean"]):
+    if report["fluency_mean"] is not None:
         column.append(f"{report['fluency_mean']:.3f} ± {report['fluency_se']:.3f}")
     for c in report["constraints"].values():
         column.append(f"{c['C']:+.2f} ± {c['se']:.2f} {MARK[c['verdict']]}")
