@@ -429,19 +429,38 @@ def response_batch(prompts: Sequence, responses: Sequence, pad_id: int = 0) -> t
 
 
 def packed_batch(prompts: Sequence, responses: Sequence) -> tuple:
-    """Prompt + response sequences packed end to end into one row, for the forwards that
-    score responses (task, constraint and evaluation steps): no padding to compute on.
-    Returns tokens (1, N) int64, mask (1, N) bool (True exactly at the response tokens,
-    EOS included) and segments (1, N) int64 (the sequence each token is in, 0..B-1);
-    model.Transformer and l3m.logp_norm take the segments, so each sequence is scored as
-    if it stood alone."""
+    """Prompt + response sequences packed end to end into rows as long as the longest of
+    them (first fit, longest first), for the forwards that score responses (task,
+    constraint and evaluation steps): the linear layers see little padding, and attention
+    costs no more than in one padded row per sequence. Returns tokens (R, T) int64, mask
+    (R, T) bool (True exactly at the response tokens, EOS included) and segments (R, T)
+    int64: the index 0..B-1 of the sequence each token is in; a row's padding, unscored,
+    is its last sequence's. model.Transformer and l3m.logp_norm take the segments, so each
+    sequence is scored as if it stood alone."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
-    rows = [np.concatenate([p, r]) for p, r in zip(prompts, responses)]
-    tokens = torch.as_tensor(np.concatenate(rows), dtype=torch.long)[None]
-    lengths = torch.tensor([len(row) for row in rows])
-    segments = torch.repeat_interleave(torch.arange(len(rows)), lengths)[None]
-    mask = torch.cat([torch.arange(len(row)) >= len(p) for row, p in zip(rows, prompts)])[None]
+    seqs = [np.concatenate([p, r]) for p, r in zip(prompts, responses)]
+    T = max(len(seq) for seq in seqs)
+    rows, room = [], []  # the sequences of each row, and its free length
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        fits = [j for j, free in enumerate(room) if free >= len(seqs[i])]
+        if not fits:
+            rows.append([])
+            room.append(T)
+            fits = [len(rows) - 1]
+        rows[fits[0]].append(i)
+        room[fits[0]] -= len(seqs[i])
+    tokens = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    segments = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            end = at + len(seqs[i])
+            tokens[r, at:end] = torch.as_tensor(seqs[i], dtype=torch.long)
+            mask[r, at + len(prompts[i]):end] = True
+            segments[r, at:] = i  # the padding after the row's last sequence is its
+            at = end
     return tokens, mask, segments
 
 

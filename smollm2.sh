@@ -4,7 +4,8 @@
 # steps on the same data: SFT alone (it also evaluates the base model), L3M with a band on each answer's length,
 # P[|y| ≥ 8] ≥ 0.6 and P[|y| ≤ 40] ≥ 0.9 (chance constraints, §4.1), and L3M with E[|y|] ≤ 8 and
 # P[|y| ≤ 16] ≥ 0.9. Settings were chosen on the validation split (docs/real_models.md). Prints both splits side
-# by side and answers to held-out prompts, and draws each L3M run's trajectory.png (with matplotlib).
+# by side and answers to held-out prompts, and draws each L3M run's trajectory.png (with matplotlib). About 27
+# minutes on 2 CPU cores (docs/real_models.md).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml (matplotlib for the plots)
 set -euo pipefail
 cd "$(dirname "$0")"

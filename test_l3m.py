@@ -1773,19 +1773,21 @@ def test_packed_batch_scores_each_sequence_as_if_alone(tok):
     model = M.Transformer(tiny_args(vocab_size=tok.vocab_size)).init_weights(1).double()
     ex = [D.TaskExample(D.encode_prompt(tok, [("user", u)]), D.encode_response(tok, a))
           for u, a in (("Hi.", "Hello there."), ("Tell me about the owl.", "It hoots."),
-                       ("And the snail?", "It is slow, and it lives in damp gardens."))]
+                       ("And the snail?", "It is slow, and it lives in damp gardens. It carries its shell on "
+                                          "its back, and it eats leaves at night."))]
     prompts, responses = [e.prompt for e in ex], [e.response for e in ex]
     tokens, mask, segments = D.packed_batch(prompts, responses)
-    assert tokens.shape == (1, sum(len(p) + len(r) for p, r in zip(prompts, responses)))
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    assert tokens.shape == (2, max(lengths))  # the longest alone, the two others share a row
     logits = model(tokens, segments=segments)
     packed = l3m.logp_norm(logits, tokens, mask, segments=segments)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        mine = segments[0] == i
-        assert tokens[0, mine].tolist() == p.tolist() + r.tolist()
-        assert tokens[0, mine & mask[0]].tolist() == r.tolist()
+        mine = segments == i  # the sequence, then any padding of its row
+        assert tokens[mine][:lengths[i]].tolist() == p.tolist() + r.tolist()
+        assert tokens[mine & mask].tolist() == r.tolist()
         t1, m1 = D.response_batch([p], [r])
         alone = model(t1)
-        assert torch.allclose(logits[0, mine], alone[0], atol=1e-12)
+        assert torch.allclose(logits[mine][:lengths[i]], alone[0], atol=1e-12)
         assert torch.allclose(packed[i], l3m.logp_norm(alone, t1, m1)[0], atol=1e-12)
     with pytest.raises(ValueError, match="first token"):
         l3m.logp_norm(logits, tokens, segments == 1, segments=segments)
