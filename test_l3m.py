@@ -1051,12 +1051,8 @@ def test_reinforce_is_unbiased_on_an_enumerable_policy():
     assert ((mc - true_grad).abs() > 5 * se).any()  # and it is not an estimate of ∇E[c] (z ≈ 125)
 
 
-def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
-    """--baseline=loo against Eq. 12 by exact enumeration: every batch of 3 responses drawn from the 15 of the toy
-    policy, weighted by its probability (3,375 batches). With c' = l3m.loo_baseline(c, |y|) the expected step
-    mean_b c'_b·∇ℓ̄_b is E[c·∇ℓ̄], Eq. 12's with ℓ̄, to float64 rounding. The plain leave-one-out baseline,
-    c_b − mean_{j≠b} c_j, is off by exactly −C·∇E[1/|y|]. The variance ratio (total variance of the step,
-    exact) is printed; on this cost the baseline lowers it."""
+def enumerated_policy():
+    """The toy policy's ∇ (of a scalar, flattened over its parameters), its 15 responses and their ℓ̄ (15,)."""
     g = torch.Generator().manual_seed(SEED)
     model = BagPolicy(MAX_LEN + 1, 4, 3, g)
     params = list(model.parameters())
@@ -1065,7 +1061,16 @@ def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
         return torch.cat([g.flatten() for g in torch.autograd.grad(f, params, retain_graph=True)])
 
     tokens, mask = all_responses()
-    lbar = logp_norm(model(tokens), tokens, mask)  # (15,)
+    return grad, tokens, mask, logp_norm(model(tokens), tokens, mask)
+
+
+def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
+    """--baseline=loo against Eq. 12 by exact enumeration: every batch of 3 responses drawn from the 15 of the toy
+    policy, weighted by its probability (3,375 batches). With c' = l3m.loo_baseline(c, |y|) the expected step
+    mean_b c'_b·∇ℓ̄_b is E[c·∇ℓ̄], Eq. 12's with ℓ̄, to float64 rounding. The plain leave-one-out baseline,
+    c_b − mean_{j≠b} c_j, is off by exactly −C·∇E[1/|y|]. The variance ratio (total variance of the step,
+    exact) is printed; on this cost the baseline lowers it."""
+    grad, tokens, mask, lbar = enumerated_policy()
     n = mask.sum(1).to(F64)
     pi = (lbar * n).exp().detach()
     c = cost(tokens, mask)
@@ -1102,15 +1107,7 @@ def test_sum_score_steps_along_grad_C_with_and_without_its_baseline():
     makes the expected step ∇C = ∇E[c] (where the default "mean" gives ∇E[c/|y|]), and so does a batch of 3
     with the leave-one-out baseline at count 1, as constraint_step passes it (3,375 batches). Catches a sum
     score that is still normalised, and a baseline scaled by |y| with it (biased)."""
-    g = torch.Generator().manual_seed(SEED)
-    model = BagPolicy(MAX_LEN + 1, 4, 3, g)
-    params = list(model.parameters())
-
-    def grad(f):
-        return torch.cat([g.flatten() for g in torch.autograd.grad(f, params, retain_graph=True)])
-
-    tokens, mask = all_responses()
-    lbar = logp_norm(model(tokens), tokens, mask)  # (15,)
+    grad, tokens, mask, lbar = enumerated_policy()
     n = mask.sum(1)
     pi = (lbar * n).exp()
     c = 0.9 - (n - 1 <= 2).to(F64)  # P[|y| ≤ 2] ≥ 0.9 as rewards.py writes it: c = b − 1{…}
