@@ -2,6 +2,7 @@
 
     python reproduce.py --quick     # one band, one grid point, one seed
     python reproduce.py             # ten bands and five grid points, three seeds each (about 2.5 hours on 2 cores)
+    python reproduce.py --real_model out/smollm2 --runs sft l3m_band l3m_short   # smollm2.sh's summary
 
 Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each) whose report.json is
 read back. Results go to --out (default out/reproduce): results.json, results.md and, when matplotlib
