@@ -459,7 +459,7 @@ def packed_batch(prompts: Sequence, responses: Sequence) -> tuple:
             end = at + len(seqs[i])
             tokens[r, at:end] = torch.as_tensor(seqs[i], dtype=torch.long)
             mask[r, at + len(prompts[i]):end] = True
-            segments[r, at:] = i  # the padding after the row's last sequence is its
+            segments[r, at:] = i  # to the row's end: the last sequence's owns the padding
             at = end
     return tokens, mask, segments
 
