@@ -2657,6 +2657,38 @@ def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch,
     assert abs(report["after"]["fluency_mean"] - report["before"]["fluency_mean"]) > 0.01  # the answers changed
 
 
+def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypatch, data_dir):
+    """--rollout_batch=12 with --batch_size=8: every constraint step samples 12 responses to 12 train prompts and
+    weights all 12 (with their leave-one-out baseline) in its surrogate, while task steps keep 8
+    rows. Catches the flag ignored (8 rollouts) or read for the task batch too."""
+    import train
+    rollouts, weighted, task_rows = [], [], []
+    real_rollout, real_surrogate, real_task_loss = train.rollout, l3m.reinforce_surrogate, l3m.task_loss
+
+    def rollout(*a, **k):
+        rollouts.append(real_rollout(*a, **k))
+        return rollouts[-1]
+
+    def surrogate(logp, c, lam):
+        weighted.append(len(c))
+        return real_surrogate(logp, c, lam)
+
+    def task_loss(logp):
+        task_rows.append(len(logp))
+        return real_task_loss(logp)
+
+    monkeypatch.setattr(train, "rollout", rollout)
+    monkeypatch.setattr(l3m, "reinforce_surrogate", surrogate)
+    monkeypatch.setattr(l3m, "task_loss", task_loss)
+    run_train(tmp_path, data_dir, "--method=l3m", "--steps=6", "--rollout_batch=12", "--baseline=loo",
+              "--eval_before=False")
+    kinds = [r["kind"] for r in ledger(tmp_path)]
+    drawn = rollouts[:kinds.count("constraint")]  # then the test split's, after training
+    assert 0 < len(drawn) < 6 and [len(s.prompts) for s in drawn] == [12] * len(drawn)
+    assert weighted == [4, 4, 4] * len(drawn)  # micro-batches of 4
+    assert task_rows == [4, 4] * kinds.count("task")
+
+
 def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
     out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1", "--batch_size=16",
                     "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
@@ -2820,6 +2852,8 @@ def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     (["--lr=-1"], "--lr=-1.0 must be > 0"),
     (["--batch_size=0"], "--batch_size=0 must be > 0"),
     (["--micro_batch=0"], "--micro_batch=0 must be > 0"),
+    (["--rollout_batch=-8"], "--rollout_batch=-8 must be >= 0"),
+    (["--batch_size=1", "--micro_batch=1", "--baseline=loo"], "--baseline=loo must be none with one rollout"),
     (["--batch_size=16", "--micro_batch=5"], "--batch_size=16 must be a multiple of --micro_batch=5"),
     (["--top_p=1.5"], r"--top_p=1.5 must be in \(0, 1\]"),
     (["--temperature=-0.5"], "--temperature=-0.5 must be >= 0"),

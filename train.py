@@ -142,6 +142,8 @@ class Config:
     eta_lam: float = flag(0.1, "step size η_λ of the multipliers, --method=mm only")
     baseline: str = flag("none", "the constraint step's REINFORCE baseline: none (Eq. 12 as "
                          "written) | loo (leave-one-out, scaled by length: l3m.loo_baseline)")
+    rollout_batch: int = flag(0, "prompts per constraint step, one rollout each (global); 0: "
+                              "--batch_size")
     score: str = flag("mean", "what the constraint step weights by c: mean (ℓ̄, §5.4) | sum "
                       "(Σ_t log π, whose expected step is ∇C: l3m.sequence_score)")
     top_p: float = flag(0.9, "nucleus of the rollouts' sampling (App. A: 0.9)")
@@ -173,6 +175,12 @@ class Config:
         """L3M and MM flip the coin between task and constraint steps; SFT and reward
         models take one kind of step."""
         return self.method in ("l3m", "mm")
+
+    @property
+    def rollouts(self) -> int:
+        """Responses sampled per constraint step: more lower the variance of the step and
+        of Ĉ's batch mean (a chance constraint's batch mean moves in steps of 1/B)."""
+        return self.rollout_batch or self.batch_size
 
 
 def run(cfg: Config, device) -> dict:
@@ -444,6 +452,8 @@ class Trainer:
         world = dist.get_world_size()
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} ranks")
+        if cfg.rollouts % world:
+            raise ConfigError(f"--rollout_batch={cfg.rollouts} does not split over {world} ranks")
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.device = device
@@ -470,7 +480,7 @@ class Trainer:
         per_rank = cfg.batch_size // world
         n = len(self.train_set)
         self.task_stream = data.Stream(n, per_rank, cfg.seed, rank(), world)
-        self.prompt_stream = data.Stream(n, per_rank, cfg.seed + 1, rank(), world)
+        self.prompt_stream = data.Stream(n, cfg.rollouts // world, cfg.seed + 1, rank(), world)
 
         # the number of steps, and how often to validate
         per_epoch = self.task_stream.per_epoch
@@ -1178,8 +1188,9 @@ def check_config(c: Config):
     require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
     require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
     require(c.score in ("mean", "sum"), c, "score", "mean or sum")
-    require(c.baseline == "none" or c.batch_size >= 2, c, "baseline",
-            "none with --batch_size=1 (a leave-one-out baseline needs 2 responses)")
+    require(c.baseline == "none" or c.rollouts >= 2, c, "baseline",
+            "none with one rollout per step (a leave-one-out baseline needs 2 responses)")
+    require(c.rollout_batch >= 0, c, "rollout_batch", ">= 0 (0: --batch_size)")
     require(c.batch_size > 0, c, "batch_size", "> 0")
     require(c.micro_batch > 0, c, "micro_batch", "> 0")
     require(c.batch_size % max(c.micro_batch, 1) == 0, c, "batch_size",
