@@ -326,7 +326,8 @@ def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     B = probs.shape[0]
     bits = probs.view(torch.int32).long()  # (B, V)
     mass = (probs * 2.0**40).long()  # (B, V)
-    need = torch.full((B,), round(top_p * 2**40), dtype=torch.int64, device=probs.device)
+    # at least one unit: a top_p below 2^-41 would round to no mass at all, and keep every token
+    need = torch.full((B,), max(1, round(top_p * 2**40)), dtype=torch.int64, device=probs.device)
     found = torch.zeros(B, dtype=torch.int64, device=probs.device)  # τ's bits so far
     for shift, width in ((20, 11), (10, 10), (0, 10)):
         high = shift + width  # bits at or above `high` are found

@@ -697,7 +697,8 @@ def real_model(out: str, runs: list):
             trajectory(os.path.join(out, run), os.path.join(out, run, "trajectory.png"))
     val = {run: r["val"] for run, r in reports.items() if "val" in r}
     test = {"base": reports[runs[0]]["before"], **{run: r["after"] for run, r in reports.items()}}
-    print(real_model_table(val, "validation split"), "\n")
+    if val:
+        print(real_model_table(val, "validation split"), "\n")
     print(real_model_table(test, "test split"))
     for i, sample in enumerate(test["base"]["samples"]):
         turn = sample["prompt"].split("<|im_start|>user")[-1].split("<|im_start|>assistant")[0]

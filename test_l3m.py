@@ -492,6 +492,8 @@ def test_nucleus_threshold_is_the_sorted_nucleus_exactly():
                 assert ((probs > tau[:, None]).sum(-1) < n).all() and ((probs >= tau[:, None]).sum(-1) >= n).all()
     # ties at τ all stay: a uniform row keeps every token
     assert M.nucleus_threshold(torch.full((1, 10), 0.1), 0.5).item() == pytest.approx(0.1)
+    # a top_p below the fixed point's unit (2^-40) keeps the likeliest token alone, as any top_p < its mass does
+    assert torch.equal(M.nucleus_threshold(probs, 1e-13), probs.max(-1).values)
 
 
 def test_a_rows_draw_ignores_its_batch():
