@@ -439,7 +439,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
              step=decode_one_token):
     """Sample a response for each prompt (id lists of any lengths): trim_at_eos's
     result. Left padding (KVCache) changes no row's result. Host syncs per token: the
-    all-ended test and sample_top_p's. step: see decode_one_token."""
+    all-ended and NaN test, and sample_top_p's. step: see decode_one_token."""
     device = model.output.weight.device
     B = len(prompts)
     P = max(len(p) for p in prompts)
@@ -469,7 +469,14 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         nxt = nxt.masked_fill(done, eos_id)  # an ended row is fed EOS from then on
         out[:, n] = nxt
         done |= nxt == eos_id
-        if n + 1 == max_new_tokens or bool(done.all()):
+        # one host sync per token: all rows ended, or NaN logits (which sample garbage)
+        ended, broken = torch.stack([done.all(), logits.isnan().any()]).tolist()
+        if broken:
+            rows = logits.isnan().any(-1).nonzero().flatten().tolist()
+            raise FloatingPointError(f"generate: NaN logits for new token {n} in rows {rows}: the "
+                                     "model's weights or activations hold NaN or inf (a diverged "
+                                     "run, or a checkpoint that overflowed its dtype)")
+        if n + 1 == max_new_tokens or ended:
             break
         logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)

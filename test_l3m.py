@@ -521,6 +521,17 @@ def test_top_p_on_a_flat_distribution_samples_the_nucleus():
     assert torch.allclose(freq, kept[0].double() / kept.sum(), atol=0.0012)
 
 
+def test_nan_logits_stop_generate_with_one_error():
+    """A NaN in the weights makes NaN logits, from which sampling would return a token all the same (searchsorted
+    on a NaN CDF): generate raises instead, naming the first new token and the rows."""
+    model = tiny_model(seed=8)
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = math.nan
+    for temperature in (1.0, 0.0):
+        with pytest.raises(FloatingPointError, match=r"NaN logits for new token 0 in rows \[0, 1\]"):
+            M.generate(model, [[5, 6], [7]], max_new_tokens=4, eos_id=2, temperature=temperature)
+
+
 def test_greedy_with_padding_equals_unpadded():
     model = tiny_model(seed=8)
     g = torch.Generator().manual_seed(3)
