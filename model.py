@@ -360,10 +360,13 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     order = None
     if 0 < top_k < V:
         probs, order = probs.topk(top_k, dim=-1)  # (B, k), decreasing
+        # a float32 cumsum of the k sorted probabilities, as transformers does (not the
+        # fixed point of nucleus_threshold: the boundary may differ by rounding)
         probs = nucleus(probs / probs.sum(-1, keepdim=True), top_p)
     elif top_p < 1.0:
-        # the nucleus in vocabulary order: the same draws as sorted order would give,
-        # in distribution
+        # the nucleus in vocabulary order, drawn as from the sorted nucleus, except that
+        # every token tied with its least probability τ stays (a sort keeps some of them;
+        # ties are common in bf16)
         probs = probs.masked_fill(probs < nucleus_threshold(probs, top_p)[:, None], 0.0)
 
     cdf = probs.cumsum(-1)  # (B, V or k)
