@@ -184,10 +184,10 @@ def barrier_branch(C_hat, mu) -> list:
     return branches
 
 
-def chance(r, b, eps):
-    """P[r ≥ b] ≥ 1 − ε (§4.1) as the average constraint E[1{r ≥ b}] ≥ 1 − ε: returns
-    (reward 1{r ≥ b}, threshold 1 − ε)."""
-    return (r >= b).float(), 1.0 - eps
+def chance(reward, b, eps):
+    """P[r ≥ b] ≥ 1 − ε (§4.1) as the average constraint E[1{r ≥ b}] ≥ 1 − ε: from a
+    reward function r, returns (the reward function 1{r ≥ b}, its threshold 1 − ε)."""
+    return (lambda *args: (reward(*args) >= b).float()), 1.0 - eps
 
 
 def _to_list(t):

@@ -201,14 +201,11 @@ def parse_constraint(text: str, rewards: Mapping[str, RewardFn]) -> Constraint:
         prob = float(chance.group(2))
         if not 0.0 < prob <= 1.0:
             raise ConstraintError(f"{text!r}: a probability must lie in (0, 1], not {prob}")
-        # P[r ≥ t] ≥ 1 − ε is the average constraint E[1{r ≥ t}] ≥ 1 − ε (§4.1), with
-        # 1 − ε = prob; and P[r ≤ t] = P[−r ≥ −t].
+        # P[r ≥ t] ≥ 1 − ε with 1 − ε = prob (§4.1, l3m.chance); P[r ≤ t] = P[−r ≥ −t]
         sign = 1.0 if op == ">=" else -1.0
-
-        def indicator(samples):
-            return l3m.chance(sign * reward(samples), sign * threshold, 0.0)[0]
-
-        return Constraint(text.strip(), indicator, prob)
+        indicator, b = l3m.chance(lambda samples: sign * reward(samples), sign * threshold,
+                                  1.0 - prob)
+        return Constraint(text.strip(), indicator, b)
 
     if text.lstrip().startswith("P["):
         raise ConstraintError(f"{text!r}: a chance constraint reads P[NAME>=NUMBER]>=PROB; "

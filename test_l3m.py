@@ -1307,8 +1307,8 @@ def test_chance_constraint_with_indicator_rewards():
     r, b, eps = torch.arange(6.0), 3.0, 0.2  # P_p[r ≥ 3] = 0.25; require at least 0.8
 
     def costs(y):
-        indicator, threshold = chance(r[y], b, eps)
-        return (threshold - indicator)[:, None]  # (B, 1)
+        indicator, threshold = chance(lambda y: r[y], b, eps)
+        return (threshold - indicator(y))[:, None]  # (B, 1)
 
     good = (r >= b).double().numpy()
     pi_star, _ = kkt_point(p, good[None], np.array([1 - eps]), active=0)
