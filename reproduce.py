@@ -724,10 +724,22 @@ def real_model_table(reports: dict, split: str) -> str:
                                                           for k in ("empty", "loop", "cut"))),
             ("task perplexity (−ℓ̄)", lambda r: f"{r['perplexity_mean']:.3f}"),
             ("fluency (NLL, base)", lambda r: f"{r['fluency_mean']:.2f} ± {r['fluency_se']:.2f}")]
+    # like lengths: per-token NLL rises as answers get shorter (train.fluency_stats)
+    bins = list(first["fluency_by_length"])
+    for lo, hi in zip(bins, bins[1:] + [None]):
+        label = f"  answers of {lo}–{int(hi) - 1}" if hi else f"  answers of {lo}+"
+        rows.append((label, lambda r, b=lo: fluency_cell(r["fluency_by_length"][b])))
     rows += [(f"C  {name}", lambda r, n=name: constraint_cell(r, n)) for name in first["constraints"]]
     lines = [f"{split} ({first['n']} prompts)".ljust(24) + "".join(f"{name:>18s}" for name in reports)]
     lines += [label.ljust(24) + "".join(f"{cell(r):>18s}" for r in reports.values()) for label, cell in rows]
     return "\n".join(lines)
+
+
+def fluency_cell(stats) -> str:
+    """A length bin's fluency: mean ± se (answers), or "—" for too few answers."""
+    if stats is None:
+        return "—"
+    return f"{stats['mean']:.2f} ± {stats['se']:.2f} ({stats['n']})"
 
 
 def pyplot():

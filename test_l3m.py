@@ -2662,11 +2662,21 @@ def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch,
     judge, _ = M.load_model(tiny_base)
     assert len(rollouts) == 4  # test split of 8, micro-batches of 4: before, then after
     for when, drawn in (("before", rollouts[:2]), ("after", rollouts[2:])):
-        nll = []
+        nll, lengths = [], []
         for s in drawn:
             tokens, mask = D.response_batch(s.prompts, s.responses)
             nll += (-logp_norm(judge(tokens), tokens, mask)).tolist()
+            lengths += R.length_reward(s).tolist()
         assert report[when]["fluency_mean"] == pytest.approx(np.mean(nll), abs=1e-5)  # float32 sums
+        # within the length bins 1–3, 4–7 (TINY's answers are at most 8 tokens): their own means
+        nll, lengths = np.array(nll), np.array(lengths)
+        for lo, hi in (("1", 4), ("4", 8)):
+            x = nll[(lengths >= int(lo)) & (lengths < hi)]
+            stats = report[when]["fluency_by_length"][lo]
+            assert (stats is None) == (len(x) < 2)
+            if stats is not None:
+                assert (stats["n"], stats["mean"]) == (len(x), pytest.approx(x.mean(), abs=1e-5))
+        assert sum(b["n"] for b in report[when]["fluency_by_length"].values() if b) >= 6
     assert abs(report["after"]["fluency_mean"] - report["before"]["fluency_mean"]) > 0.01  # the answers changed
 
 
@@ -2822,9 +2832,31 @@ def test_degenerate_answers_counted_on_a_closed_form_table():
     assert [report[f"{k}_share"] for k in ("empty", "loop", "cut")] == pytest.approx([2 / 6, 2 / 6, 0.5])
     assert report["fluency_mean"] == pytest.approx(3.5)
     assert report["fluency_se"] == pytest.approx(math.sqrt(3.5 / 6))  # sd² = 17.5/5, n = 6
+    # every length is 1 here (column 2): one bin of all six answers, the others too small to report
+    assert report["fluency_by_length"] == {"1": {"n": 6, "mean": pytest.approx(3.5),
+                                                 "se": pytest.approx(math.sqrt(3.5 / 6))},
+                                           "4": None, "8": None, "16": None, "32": None}
     text = train.format_comparison(report, report, "l3m")
     assert re.search(r"empty / looped / cut answers +33% / 33% / 50% +33% / 33% / 50%", text)
     assert re.search(r"fluency \(NLL under the judge\) +3.500 ± 0.764", text)
+
+
+def test_real_model_table_compares_fluency_within_length_bins():
+    """reproduce.py --real_model's table (smollm2.sh's summary) from task_report's statistics: the fluency of
+    each length bin, with its count, beside the overall mean. Answers of lengths 2, 2, 5, 5, 5 and 40 with
+    NLLs 6, 4, 3, 2, 1 and 0.5: bins 1–3 (mean 5), 4–7 (mean 2) and 32+ (one answer: too few)."""
+    import types
+    import reproduce
+    import train
+    trainer = types.SimpleNamespace(constraints=[])
+    lengths = torch.tensor([2.0, 2, 5, 5, 5, 40])[:, None]
+    fluency = torch.tensor([6.0, 4, 3, 2, 1, 0.5])[:, None]
+    table = torch.cat([torch.ones(6, 1), lengths, torch.ones(6, 1), torch.zeros(6, 2), fluency], 1)
+    report = train.task_report(trainer, table, "test", [])
+    text = reproduce.real_model_table({"sft": report, "l3m": report}, "test split")
+    assert re.search(r"answers of 1–3 +5\.00 ± 1\.00 \(2\) +5\.00 ± 1\.00 \(2\)", text)
+    assert re.search(r"answers of 4–7 +2\.00 ± 0\.58 \(3\) ", text)  # sd 1, n 3
+    assert re.search(r"answers of 8–15 +— +—", text) and re.search(r"answers of 32\+ +— +—", text)
 
 
 def test_threads_sleep_when_idle_unless_told(monkeypatch):

@@ -721,16 +721,31 @@ def task_report(trainer: Trainer, table: torch.Tensor, split: str, shown: list) 
             **dict(zip(names, quantiles)),
             "ended_share": ended.mean().item(), "empty_share": empty.mean().item(),
             "loop_share": loop.mean().item(), "cut_share": 1 - ended.mean().item(),
-            **fluency_stats(fluency), "constraints": constraints, "samples": shown}
+            **fluency_stats(fluency, lengths), "constraints": constraints, "samples": shown}
 
 
-def fluency_stats(fluency: torch.Tensor) -> dict:
-    """Mean and standard error of the per-answer NLL under the judge; None without one
-    (its column is NaN), so that report.json stays JSON."""
+# answer lengths 1–3, 4–7, 8–15, 16–31 and 32 or more tokens (0: empty, left out)
+FLUENCY_BINS = (1, 4, 8, 16, 32)
+
+
+def fluency_stats(fluency: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Mean and standard error of the per-answer NLL under the judge, over all answers
+    and within each length bin (FLUENCY_BINS, keyed by its first length: {n, mean, se},
+    None for a bin of fewer than 2). Per-token NLL rises as answers get shorter (their
+    first tokens are the least predictable), so models whose lengths differ compare
+    within a bin. All None without a judge (its column is NaN): report.json stays JSON."""
     if fluency.isnan().any():
-        return {"fluency_mean": None, "fluency_se": None}
+        return {"fluency_mean": None, "fluency_se": None, "fluency_by_length": None}
+    by_length = {}
+    for lo, hi in zip(FLUENCY_BINS, FLUENCY_BINS[1:] + (math.inf,)):
+        x = fluency[(lengths >= lo) & (lengths < hi)]
+        stats = None
+        if len(x) >= 2:
+            stats = {"n": len(x), "mean": x.mean().item(), "se": (x.std() / math.sqrt(len(x))).item()}
+        by_length[str(lo)] = stats
     return {"fluency_mean": fluency.mean().item(),
-            "fluency_se": (fluency.std() / math.sqrt(len(fluency))).item()}
+            "fluency_se": (fluency.std() / math.sqrt(len(fluency))).item(),
+            "fluency_by_length": by_length}
 
 
 def report_before(trainer: Trainer):
