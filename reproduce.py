@@ -687,8 +687,8 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
 
 def real_model(out: str, runs: list):
     """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the base model): the
-    validation split (where its settings were chosen) and the test split side by side, answers to the first
-    held-out prompts, and each constrained run's trajectory.png."""
+    validation split, where the runs read it (settings are chosen there), and the test split side by side,
+    answers to the first held-out prompts, and each constrained run's trajectory.png."""
     reports = {}
     for run in runs:
         with open(os.path.join(out, run, "report.json")) as f:

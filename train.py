@@ -37,6 +37,10 @@ Choices the paper leaves open:
 - One learning-rate schedule (linear warm-up, cosine to 0) and one AdamW state for
   both kinds of step; weight decay on the matrices only (transformers' Trainer).
   Sampling: top-p 0.9 alone (App. A); --top_k=50 adds transformers' top-k.
+- A constraint step samples --rollout_batch prompts (default: --batch_size), one
+  rollout each; the paper uses one mini-batch size for both kinds of step.
+- --steps counts steps of both kinds: an L3M run of as many steps as an SFT run
+  takes about half its task steps (smollm2.sh gives L3M more steps for that reason).
 - Reward models (App. A.1) train in the same loop, with `reward_step` as their one
   kind of step: the optimiser, schedule, clipping, checkpoints and resume that a
   second loop would only repeat.
