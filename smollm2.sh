@@ -7,7 +7,7 @@
 # split (docs/real_models.md); this script reads the test split only. µ_T = 1e-2 and α = 0.5, not the paper's 1e-6
 # and 0.1: in 20 to 30 constraint steps µ must not fall faster than Ĉ can follow it (train.py warns), and an EMA
 # of α = 0.1 would average over more constraint steps than a run has. Prints the test split side by side and
-# answers to held-out prompts, and draws each L3M run's trajectory.png (with matplotlib). About 25 minutes on
+# answers to held-out prompts, and draws each L3M run's trajectory.png (with matplotlib). About 30 minutes on
 # 2 CPU cores (docs/real_models.md).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml (matplotlib for the plots)
 set -euo pipefail
