@@ -182,8 +182,8 @@ class Config:
 
     @property
     def rollouts(self) -> int:
-        """Responses sampled per constraint step: more lower the variance of the step and
-        of Ĉ's batch mean (a chance constraint's batch mean moves in steps of 1/B)."""
+        """Responses sampled per constraint step. More of them lower the variance of the step
+        and of Ĉ's batch mean (a chance constraint's batch mean moves in steps of 1/B)."""
         return self.rollout_batch or self.batch_size
 
 
