@@ -379,10 +379,11 @@ def loo_baseline(c, n):
     β_b does not depend on y_b, and E[|y|·∇ℓ̄] = E[∇log π] = 0, where y is drawn from π_θ
     itself (top_p = 1, top_k = 0; top-p shares the header's bias). The others are other
     prompts' answers, one per prompt, not samples of the same prompt as in RLOO and GRPO.
-    Their plain leave-one-out baseline, c_b − mean_{j≠b} c_j, does not keep it: E[∇ℓ̄] = ∇E[1/|y|] ≠ 0, so it adds
-    −C·∇E[1/|y|], which the surrogate's descent turns into a push toward shorter
-    answers while C > 0 and longer ones while C < 0, whatever the constraint: the
-    wrong way for a violated lower bound on length (test_loo_baseline_keeps_eq12_*)."""
+    Their plain leave-one-out baseline, c_b − mean_{j≠b} c_j, does not keep it:
+    E[∇ℓ̄] = ∇E[1/|y|] ≠ 0, so it adds −C·∇E[1/|y|], which the surrogate's descent turns
+    into a push toward shorter answers while C > 0 and longer ones while C < 0, whatever
+    the constraint: the wrong way for a violated lower bound on length
+    (test_loo_baseline_keeps_eq12_*)."""
     n = n.to(c.dtype)
     beta = (c.sum(0) - c) / (n.sum() - n)[:, None]  # (B, k): the others' cost per token
     return c - n[:, None] * beta
