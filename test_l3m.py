@@ -2712,6 +2712,24 @@ def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypat
     assert task_rows == [4, 4] * kinds.count("task")
 
 
+def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, data_dir):
+    """--margin=δ: a constraint step's costs are c_i + δ_i, so Ĉ aims at C_i ≤ −δ_i, while evaluations keep
+    c_i. The first constraint step follows the same task steps in both runs and samples alike, so its batch
+    mean C moves by exactly δ; the demo base's test report, before training, is the same. Catches the margin
+    ignored, subtracted, swapped between constraints, or carried into the evaluations."""
+    runs = {}
+    for name, margins in (("plain", []), ("margin", ["--margin=0.25", "--margin=3"])):
+        run_train(tmp_path / name, data_dir, "--init=demo", "--method=l3m", "--steps=4", *margins)
+        first = next(r for r in ledger(tmp_path / name) if r["kind"] == "constraint")
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        runs[name] = first, report["before"]["constraints"]
+    (plain, plain_before), (tight, tight_before) = runs["plain"], runs["margin"]
+    assert tight["len_mean"] == plain["len_mean"]
+    # float32 sums of the same costs, shifted by δ before the mean: exact to float32 rounding
+    assert tight["C"] == pytest.approx([plain["C"][0] + 0.25, plain["C"][1] + 3], abs=1e-5)
+    assert tight_before == plain_before
+
+
 def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
     out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1", "--batch_size=16",
                     "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
@@ -2898,6 +2916,9 @@ def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     (["--batch_size=0"], "--batch_size=0 must be > 0"),
     (["--micro_batch=0"], "--micro_batch=0 must be > 0"),
     (["--rollout_batch=-8"], "--rollout_batch=-8 must be >= 0"),
+    (["--margin=0.1"], r"--margin=\['0.1'\] must be given once per --constraint \(2 of them\)"),
+    (["--margin=0.1", "--margin=-1"], "--margin=.* must be a finite number >= 0 each"),
+    (["--margin=0.1", "--margin=nan"], "--margin=.* must be a finite number >= 0 each"),
     (["--batch_size=1", "--micro_batch=1", "--baseline=loo"], "--baseline=loo must be none with one rollout"),
     (["--batch_size=16", "--micro_batch=5"], "--batch_size=16 must be a multiple of --micro_batch=5"),
     (["--top_p=1.5"], r"--top_p=1.5 must be in \(0, 1\]"),

@@ -113,6 +113,8 @@ class Config:
                             "informative | cautious")
     constraint: list = flag(["length>=20", "length<=35"], "E[r] >= b and the like (rewards.py); "
                             "repeat the flag")
+    margin: list = flag([], "δ_i ≥ 0, once per --constraint in order: the constraint steps aim "
+                        "at C_i ≤ −δ_i (in c's units), evaluations judge C_i ≤ 0; repeat")
     reward_model: list = flag([], "NAME=FOLDER: a learned reward a constraint may name; repeat")
     val: float = flag(200.0, "validation examples (a count, or a fraction if < 1)")
     test: float = flag(200.0, "test examples (a count, or a fraction if < 1)")
@@ -302,9 +304,11 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
     with gathered(trainer.model) as (policy,):
         samples = rollout(policy, trainer.tok, prompts, cfg, generators, trainer.decode_step)
 
-    # c_i = b_i − r_i(y|x), per sample and constraint (Eq. 5)
+    # c_i = b_i − r_i(y|x), per sample and constraint (Eq. 5), plus the margin δ_i: a
+    # threshold tightened by δ_i, so that C_i lands inside it where the split drifts
     with gathered(*trainer.reward_models):
-        c = rewards.costs(trainer.constraints, samples).to(trainer.device)  # (B, k)
+        c = rewards.costs(trainer.constraints, samples) + trainer.margin
+    c = c.to(trainer.device)  # (B, k)
 
     # Ĉ_i ← (1 − α)·Ĉ_i + α·(mean of c_i over the global batch), one all-reduce (§5.4)
     C_hat = trainer.mult.observe(c, all_reduce_sum)  # (k,)
@@ -474,6 +478,8 @@ class Trainer:
 
         # the k constraints, and the learned reward models they may name
         self.constraints, self.reward_models = load_constraints(cfg, device, self.tok)
+        # δ_i: what the constraint steps add to c_i, so that they aim at C_i ≤ −δ_i
+        self.margin = torch.tensor([float(m) for m in cfg.margin] or [0.0] * len(self.constraints))
         self.fluency_model = []  # the judge of the answers' fluency, if any
         if cfg.fluency_model:
             judge, _ = build_model(cfg, device, cfg.fluency_model, self.tok.vocab_size, train=False)
@@ -1210,6 +1216,10 @@ def check_config(c: Config):
     require(c.baseline == "none" or c.rollouts >= 2, c, "baseline",
             "none with one rollout per step (a leave-one-out baseline needs 2 responses)")
     require(c.rollout_batch >= 0, c, "rollout_batch", ">= 0 (0: --batch_size)")
+    require(len(c.margin) in (0, len(c.constraint)), c, "margin",
+            f"given once per --constraint ({len(c.constraint)} of them), or not at all")
+    require(all(is_number(m) and float(m) >= 0 for m in c.margin), c, "margin",
+            "a finite number >= 0 each")
     require(c.batch_size > 0, c, "batch_size", "> 0")
     require(c.micro_batch > 0, c, "micro_batch", "> 0")
     require(c.batch_size % max(c.micro_batch, 1) == 0, c, "batch_size",
@@ -1278,6 +1288,14 @@ def check_config(c: Config):
     for spec in c.reward_model:
         known[spec.partition("=")[0]] = rewards.length_reward
     rewards.parse_constraints(c.constraint, known)
+
+
+def is_number(text: str) -> bool:
+    """A finite float, as float() reads it."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def need(path: str, what: str):
