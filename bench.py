@@ -241,12 +241,14 @@ def fsdp_rollout(a):
 
 
 # Thread policies of --busy_core: the environment each train.py run starts with. "train.py's default" sets
-# nothing, so train.py's own choice holds; the others pin what libgomp (torch's OpenMP on Linux) reads at start.
+# nothing, so that train.py chooses (train.CoreShare); the others pin what libgomp (torch's OpenMP on Linux)
+# reads at start, and OMP_NUM_THREADS turns CoreShare off.
+CORES = str(torch.get_num_threads())
 POLICIES = {
-    "2 threads, libgomp's default spin": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "300000"},
+    f"{CORES} threads, spinning (libgomp's default)": {"OMP_NUM_THREADS": CORES},
     "1 thread": {"OMP_NUM_THREADS": "1"},
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
-    "train.py's default": {},
+    f"{CORES} threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"},
+    "train.py's default (CoreShare)": {},
 }
 
 
@@ -264,13 +266,15 @@ def busy_core(a):
     subprocess.run([sys.executable, "train.py", "--steps=1", "--val=8", "--test=8", "--eval_before=False",
                     "--out_dir=out/bench_busy/warmup", "--overwrite=True"], check=True, capture_output=True)
 
-    def step_time(policy: dict) -> float:
+    def step_time(policy: dict) -> tuple:
+        """(median step time, the thread count most steps ran on)."""
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "train.py", f"--steps={a.steps}", "--val=8", "--test=8", "--show=0",
                    "--eval_before=False", "--ckpt_every=0", f"--out_dir={out}"]
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **policy})
             rows = [json.loads(line) for line in open(f"{out}/ledger.jsonl")][2:]
-        return statistics.median(r["t_train"] + r.get("t_sample", 0.0) for r in rows)
+        threads = statistics.mode(r["threads"] for r in rows)
+        return statistics.median(r["t_train"] + r.get("t_sample", 0.0) for r in rows), threads
 
     quiet = {name: [step_time(policy) for _ in range(2)] for name, policy in POLICIES.items()}
     busy = {}
@@ -280,12 +284,29 @@ def busy_core(a):
             busy[name] = step_time(policy)
     finally:
         spinner.kill()
-    print(f"the demo's L3M step, median of {a.steps - 2} steps, seconds ({os.cpu_count()} cores); the last "
-          "column: beside the busy core, against 1 thread beside it")
-    print(f"{'':40s} {'quiet (twice)':>15s} {'busy core':>10s} {'busy / 1 thread':>16s}")
+    print(f"the demo's L3M step, median of {a.steps - 2} steps, seconds, on {cpu_name()}; threads: what most "
+          "steps ran on, quiet / beside the busy core")
+    spin = statistics.mean(t for t, _ in quiet[next(iter(POLICIES))])
+    one = busy["1 thread"][0]
+    print(f"{'':40s} {'quiet (twice)':>15s} {'quiet / spin':>13s} {'busy core':>10s} {'busy / 1 thread':>16s} "
+          f"{'threads':>8s}")
     for name in POLICIES:
-        q = " / ".join(f"{t:.3f}" for t in quiet[name])
-        print(f"{name:40s} {q:>15s} {busy[name]:10.3f} {busy[name] / busy['1 thread']:16.2f}")
+        q = " / ".join(f"{t:.3f}" for t, _ in quiet[name])
+        ratio = statistics.mean(t for t, _ in quiet[name]) / spin
+        threads = f"{quiet[name][0][1]} / {busy[name][1]}"
+        print(f"{name:40s} {q:>15s} {ratio:13.2f} {busy[name][0]:10.3f} {busy[name][0] / one:16.2f} {threads:>8s}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count (Linux's /proc/cpuinfo; else the core count alone)."""
+    import os
+    cores = f"{os.cpu_count()} cores"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        return cores
+    return f"{names[0]}, {cores}" if names else cores
 
 
 def memory_table(a):

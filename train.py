@@ -60,13 +60,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-# OpenMP threads with nothing to do sleep rather than spin. libgomp reads this once, as torch
-# loads it, hence before `import torch`. Spinning threads on every core let one busy core
-# elsewhere (a browser, a second run) stall every parallel region: the demo's step ran 2-14×
-# slower on 2 cores; sleeping ones cost a quiet machine nothing measurable (set_threads).
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -173,7 +166,7 @@ class Config:
     data_seed: int = flag(0, "of the demo data, the UltraChat turn kept and the split")
     device: str = flag("auto", "auto | cpu | cuda")
     threads: int = flag(0, "torch's CPU threads; 0: OMP_NUM_THREADS if set, else one per core "
-                        "(set_threads)")
+                        "that other programs leave free (set_threads)")
     activation_checkpointing: bool = flag(False, "recompute block activations in backward")
 
     @property
@@ -211,6 +204,7 @@ def run(cfg: Config, device) -> dict:
             group["lr"] = lr
 
         # heads a task step, tails a constraint step: the same coin on every rank (§5.4)
+        threads = adapt_threads()
         t0 = time.perf_counter()
         kind = step_kind(cfg, step)
         if kind == "task":
@@ -223,7 +217,8 @@ def run(cfg: Config, device) -> dict:
             torch.cuda.synchronize(device)  # the optimizer's kernels run on after step()
         record["t_train"] = time.perf_counter() - t0 - record.get("t_sample", 0.0)
         preempted = record.pop("preempted", False)  # a SIGTERM on any rank
-        log_step(trainer, bar, {"step": step, "kind": kind, "mu": mu, "lr": lr, **record})
+        log_step(trainer, bar, {"step": step, "kind": kind, "mu": mu, "lr": lr,
+                                "threads": threads, **record})
 
         steps_done = step + 1
         if steps_done == trainer.total:
@@ -255,14 +250,14 @@ def step_kind(cfg: Config, step: int) -> str:
         return "task"
     if cfg.method == "reward":
         return "reward"
-    if coin(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)):
+    if coin(keyed_generator(cfg.seed, COIN, step)):
         return "task"
     return "constraint"
 
 
 def coin(generator) -> bool:
     """A fair coin: True (heads) a task step, False (tails) a constraint step.
-    step_kind seeds the generator with (seed, step) alike on every rank: all ranks
+    step_kind keys the generator by (seed, step) alike on every rank: all ranks
     take the same kind of step, or FSDP's collectives would not match."""
     return bool(torch.rand((), generator=generator) < 0.5)
 
@@ -440,11 +435,19 @@ def row_generators(seed: int, step: int, rows, evaluation: bool = False) -> list
     """One generator per row, keyed by (seed, step, the row's global index): ranks
     sample independently. Evaluations reuse the same keys every time, so before and
     after share their sampling noise."""
-    generators = []
-    for i in rows:
-        key = np.random.SeedSequence([seed, int(evaluation), step, int(i)])
-        generators.append(torch.Generator().manual_seed(int(key.generate_state(1)[0])))
-    return generators
+    return [keyed_generator(seed, EVALUATION if evaluation else ROLLOUT, step, i) for i in rows]
+
+
+# what a generator's key draws for, its second part: streams of one seed never meet
+ROLLOUT, EVALUATION, COIN = 0, 1, 2
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A generator seeded by a hash of the integers `key` (numpy's SeedSequence): two
+    keys that differ anywhere give independent streams, where a seed computed as, say,
+    seed·p + step can collide across seeds."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 # ------------------------------------------------------------------------------------
@@ -654,6 +657,7 @@ def evaluate(trainer: Trainer, examples, split: str, model=None) -> dict:
     shown = []
     with gathered(model or trainer.model) as (plain,):
         for start in range(0, per_rank, cfg.micro_batch):
+            adapt_threads()
             rows = mine[start:start + cfg.micro_batch]
             batch = [examples[i] for i in rows]
             if cfg.method == "reward":
@@ -1014,14 +1018,55 @@ def setup_distributed(device: str):
 
 
 def set_threads(cfg: Config):
-    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else torch's
-    default, one per core. With OpenMP's threads sleeping when idle (OMP_WAIT_POLICY=PASSIVE,
-    set at the top of this file), a thread on every core holds up beside a busy core: the
-    demo's step ran 1.14-1.29× the one-thread time there, against 2.1-2.3× with spinning
-    threads, and as fast as spinning threads on a quiet machine (docs/performance.md,
-    `bench.py --busy_core`)."""
+    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one per
+    core that other programs leave free, adapted before every step (CoreShare)."""
+    global _CORE_SHARE
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif "OMP_NUM_THREADS" not in os.environ and os.path.exists("/proc/stat"):
+        _CORE_SHARE = CoreShare(torch.get_num_threads())
+
+
+class CoreShare:
+    """OpenMP's threads spin while they wait, which is fast on a quiet machine, but a thread
+    whose core another program holds stalls every parallel region (the demo's step ran 2-4×
+    slower beside one busy core). So before each step, the CPU time that other programs took
+    since the last look (Linux's /proc/stat, less this process's own) says how many cores
+    they hold, and torch runs on the rest, at least one (docs/performance.md)."""
+
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.last = self.clocks()
+
+    @staticmethod
+    def clocks() -> tuple:
+        """(wall, CPU seconds busy on the whole machine, this process's CPU seconds)."""
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def adapt(self):
+        """Set torch's threads from the cores held by others since the last call; a look
+        over under 0.2 s waits for the next (/proc/stat counts in 10 ms ticks)."""
+        now = self.clocks()
+        wall, busy, own = (a - b for a, b in zip(now, self.last))
+        if wall < 0.2:
+            return
+        self.last = now
+        held = round(max(0.0, busy - own) / wall)
+        torch.set_num_threads(max(1, self.cores - held))
+
+
+_CORE_SHARE = None  # set by set_threads when train.py chooses the threads
+
+
+def adapt_threads() -> int:
+    """CoreShare.adapt, where train.py chooses the threads; returns torch's thread count."""
+    if _CORE_SHARE is not None:
+        _CORE_SHARE.adapt()
+    return torch.get_num_threads()
 
 
 def rank() -> int:
