@@ -321,12 +321,10 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
     responses = samples.responses
     n = torch.tensor([len(y) for y in responses], device=trainer.device)  # |y|, EOS included
     if cfg.baseline == "loo":
-        # c_b − count_b·β_b over the global batch, count = what the score is normalised
-        # by (|y| for ℓ̄, 1 for --score=sum); this rank's rows of it
+        # c_b − count_b·β_b, count = what the score is normalised by (|y| for ℓ̄, 1 for
+        # --score=sum), β_b from the other rows of the global batch (l3m.loo_baseline)
         counts = n if cfg.score == "mean" else torch.ones_like(n)
-        both = all_gather_cat(torch.cat([c, counts[:, None].to(c)], 1))
-        mine = slice(rank() * len(c), (rank() + 1) * len(c))
-        c = l3m.loo_baseline(both[:, :-1], both[:, -1])[mine].to(trainer.device)
+        c = global_batch(l3m.loo_baseline, c, counts)
     loss = 0.0
     for rows, share in micro_batches(len(responses), cfg.micro_batch):
         trainer.model.set_requires_gradient_sync(rows.stop == len(responses))
@@ -431,6 +429,24 @@ def rollout(model, tok, prompts, cfg: Config, generators, step=decode_one_token)
     return rewards.Samples.from_generate(prompts, responses, ended, tok)
 
 
+def steps_per_epoch(cfg: Config, task_batches: int) -> int:
+    """"One epoch" (the paper leaves it open): every task batch once. L3M and MM give
+    half their steps to the task (the coin), so their epoch has twice the steps."""
+    if cfg.constrained:
+        return 2 * task_batches
+    return task_batches
+
+
+def multipliers(cfg: Config, k: int):
+    """Ĉ and λ̂ of the k constraints: L3M's from the barrier (§5.2), MM's learned by
+    gradient ascent (§6.1); None for SFT and reward models."""
+    if cfg.method == "l3m":
+        return l3m.Multipliers(k, "l3m", alpha=cfg.ema_alpha)
+    if cfg.method == "mm":
+        return l3m.Multipliers(k, "mm", cfg.eta_lam, cfg.ema_alpha)
+    return None
+
+
 def row_generators(seed: int, step: int, rows, evaluation: bool = False) -> list:
     """One generator per row, keyed by (seed, step, the row's global index): ranks
     sample independently. Evaluations reuse the same keys every time, so before and
@@ -496,9 +512,7 @@ class Trainer:
         self.prompt_stream = data.Stream(n, cfg.rollouts // world, cfg.seed + 1, rank(), world)
 
         # the number of steps, and how often to validate
-        per_epoch = self.task_stream.per_epoch
-        if cfg.constrained:
-            per_epoch *= 2  # the coin gives half the steps to the task
+        per_epoch = steps_per_epoch(cfg, self.task_stream.per_epoch)
         self.total = cfg.steps or max(1, round(cfg.epochs * per_epoch))
         if cfg.eval_every >= 1:
             self.eval_every = round(cfg.eval_every)
@@ -506,13 +520,9 @@ class Trainer:
             self.eval_every = math.ceil(cfg.eval_every * per_epoch)
 
         # Ĉ and λ̂ (MM: λ) of the constraints
-        self.mult = None
-        k = len(self.constraints)
+        self.mult = multipliers(cfg, len(self.constraints))
         if cfg.method == "l3m":
-            self.mult = l3m.Multipliers(k, "l3m", alpha=cfg.ema_alpha)
-            warn_if_schedule_too_short(cfg, self.total, k)
-        if cfg.method == "mm":
-            self.mult = l3m.Multipliers(k, "mm", cfg.eta_lam, cfg.ema_alpha)
+            warn_if_schedule_too_short(cfg, self.total, len(self.constraints))
 
         # fused: one kernel over all parameters; on the CPU the step takes 1/5 of the
         # per-tensor loop's time (SmolLM2-135M, docs/performance.md)
@@ -1095,6 +1105,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.cat(out).cpu()
+
+
+def global_batch(fn, *columns: torch.Tensor) -> torch.Tensor:
+    """fn(*columns) over the global batch, whose rows the ranks hold in rank order: this
+    rank's rows of its result, on the first column's device. Columns go as float32."""
+    n = len(columns[0])
+    wide = [col.reshape(n, -1).float() for col in columns]
+    table = all_gather_cat(torch.cat(wide, 1)).split([w.shape[1] for w in wide], 1)
+    out = fn(*(part.reshape(-1, *col.shape[1:]) for part, col in zip(table, columns)))
+    return out[rank() * n:(rank() + 1) * n].to(columns[0].device)
 
 
 def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
