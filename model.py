@@ -16,7 +16,10 @@ Departures from Meta's reference: RoPE tables are made per call (no buffer: floa
 under a bf16 cast, no care under meta-device init); sampling is batched over prompts of
 different lengths (left padding), each row stopping at EOS. Left out, and refused with a
 clear error: LLaMA-3's tiktoken tokenizer.model (its tokenizer.json works) and
-LLaMA-3.1's RoPE rescaling. No tensor or pipeline parallelism: train.py uses FSDP2."""
+LLaMA-3.1's RoPE rescaling. No tensor or pipeline parallelism: train.py uses FSDP2.
+
+In order: the model; sampling; checkpoints and conversion; GGUF files and export; the
+tokenizers; the command line."""
 import contextlib
 import functools
 import glob
@@ -36,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# ----- the model --------------------------------------------------------------------
 
 
 class CheckpointError(ValueError):
@@ -303,6 +309,9 @@ def packed_positions(segments: torch.Tensor) -> tuple:
     return index - first, (same & causal)[:, None]
 
 
+# ----- sampling: top-p, prefill and decode, generate --------------------------------
+
+
 def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero what lies outside the top-p nucleus of probabilities sorted in decreasing
     order (B, K), unnormalised: the smallest set of most likely tokens whose mass
@@ -483,6 +492,9 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
             break
         logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)
+
+
+# ----- checkpoints: Meta's and Hugging Face's keys, our folder, conversion ----------
 
 
 # ours (Meta's names) -> Hugging Face's, per layer, less the ".weight" that all end with
@@ -716,6 +728,9 @@ def convert(src: str, dst: str):
     return args
 
 
+# ----- llama.cpp's GGUF files, and export to Hugging Face ---------------------------
+
+
 # llama.cpp's tensor names -> ours, per layer:
 # "blk.N.attn_q.weight" -> "layers.N.attention.wq.weight"
 _GGUF_LAYER_KEYS = {
@@ -880,6 +895,9 @@ def export_hf(src: str, dst: str) -> dict:
     return config
 
 
+# ----- tokenizers -------------------------------------------------------------------
+
+
 class Tokenizer:
     """A sentencepiece model (LLaMA-1/2's tokenizer.model as is), no pad id, and added
     tokens: a chat model's markers (ChatML's <|im_start|>) with ids past the vocabulary,
@@ -990,6 +1008,9 @@ def load_tokenizer(path: str):
     if path.endswith(".json"):
         return BPETokenizer(path)
     return Tokenizer(path)
+
+
+# ----- the command line -------------------------------------------------------------
 
 
 def main(argv: list):

@@ -19,9 +19,10 @@
 
 The method comes first: the config, `run` (the loop), then its steps: `task_step`
 (heads), `constraint_step` (tails: Eq. 11 with Eq. 12) and `reward_step` (App. A.1).
-The harness follows one divider below: set-up, flag checks, FSDP2, evaluation and
-reports, checkpoints and resume, the demo base model. It stays in this file so that
-`torchrun train.py` is the one command and one file holds a whole run.
+The harness follows one divider below, in six sections: set-up; flags; ranks and
+FSDP2; the ledger, evaluation and reports; checkpoints and resume; the demo base model
+and `main`. It stays in this file so that `torchrun train.py` is the one command and
+one file holds a whole run.
 `python train.py --help` explains every flag.
 
 Choices the paper leaves open:
@@ -471,6 +472,9 @@ def keyed_generator(*key: int) -> torch.Generator:
 # ------------------------------------------------------------------------------------
 
 
+# ----- set-up: what a run builds once -----------------------------------------------
+
+
 class Trainer:
     """Everything the steps share, built once: tokenizer, sharded model, constraints,
     data streams, schedule, multipliers and AdamW."""
@@ -538,6 +542,38 @@ class Trainer:
                f"{world} rank(s) × {per_rank}")
 
 
+def load_data(cfg: Config, tok) -> tuple:
+    """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for
+    --method=reward."""
+    demo = None
+    if cfg.data == "demo":
+        demo = data.prepare_demo(cfg.data_dir, cfg.data_seed)
+    reading = {"max_tokens": cfg.max_len, "template": cfg.chat_template,
+               "system": cfg.system_prompt}
+
+    if cfg.method != "reward":
+        paths = cfg.data.split(",")
+        if demo:
+            paths = [demo.task]
+        read = data.read_task(paths, tok, seed=cfg.data_seed, **reading)
+        print0(read)
+        return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
+
+    train_paths = cfg.data.split(",")
+    test_paths = [p for p in cfg.data_test.split(",") if p]
+    if demo:
+        train_paths = [getattr(demo, f"{cfg.demo_reward}_train")]
+        test_paths = [getattr(demo, f"{cfg.demo_reward}_test")]
+    read = data.read_hh(train_paths, tok, **reading)
+    print0(read)
+    # App. A.1: 5 % held out for validation
+    train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)
+    test = []
+    if test_paths:
+        test = data.read_hh(test_paths, tok, **reading).examples
+    return train, val, test
+
+
 def compiled_decode(cfg: Config, device):
     """The rollouts' decode step, model.decode_one_token, compiled with --compile
     (model.CompiledDecode): its shapes are the same at every token, so it is traced
@@ -591,17 +627,362 @@ def param_groups(model, weight_decay: float) -> list:
             {"params": vectors, "weight_decay": 0.0}]
 
 
+def set_threads(cfg: Config):
+    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one per
+    core that other programs leave free, adapted before every step (CoreShare)."""
+    global _CORE_SHARE
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif "OMP_NUM_THREADS" not in os.environ and os.path.exists("/proc/stat"):
+        _CORE_SHARE = CoreShare(torch.get_num_threads())
+
+
+class CoreShare:
+    """OpenMP's threads spin while they wait, which is fast on a quiet machine, but a thread
+    whose core another program holds stalls every parallel region (the demo's step ran 2-4×
+    slower beside one busy core). So before each step, the CPU time that other programs took
+    since the last look (Linux's /proc/stat, less this process's own) says how many cores
+    they hold, and torch runs on the rest, at least one (docs/performance.md)."""
+
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.last = self.clocks()
+
+    @staticmethod
+    def clocks() -> tuple:
+        """(wall, CPU seconds busy on the whole machine, this process's CPU seconds)."""
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def adapt(self):
+        """Set torch's threads from the cores held by others since the last call; a look
+        over under 0.2 s waits for the next (/proc/stat counts in 10 ms ticks)."""
+        now = self.clocks()
+        wall, busy, own = (a - b for a, b in zip(now, self.last))
+        if wall < 0.2:
+            return
+        self.last = now
+        held = round(max(0.0, busy - own) / wall)
+        torch.set_num_threads(max(1, self.cores - held))
+
+
+_CORE_SHARE = None  # set by set_threads when train.py chooses the threads
+
+
+def adapt_threads() -> int:
+    """CoreShare.adapt, where train.py chooses the threads; returns torch's thread count."""
+    if _CORE_SHARE is not None:
+        _CORE_SHARE.adapt()
+    return torch.get_num_threads()
+
+
+# ----- flags and their checks -------------------------------------------------------
+
+
+def true_false(text: str) -> bool:
+    """A bool flag's value: True or False, in any case (anything else raises a
+    ValueError, which argparse reports)."""
+    return ["false", "true"].index(text.lower()) == 1
+
+
+def parse_config(argv) -> Config:
+    """--key=value flags over Config's defaults; a list flag is repeated."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(Config):
+        default = f.default_factory()
+        help = f"{f.metadata['help']} (default: {default})"
+        if isinstance(default, list):
+            parser.add_argument(f"--{f.name}", action="append", help=help)
+        elif isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", type=true_false, default=default,
+                                help="True/False: " + help)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Config(**given)
+
+
+class ConfigError(ValueError):
+    """A flag that cannot work."""
+
+
+def require(ok: bool, cfg: Config, name: str, allowed: str):
+    """Raise `--name=value must be allowed` unless ok."""
+    if ok:
+        return
+    value = getattr(cfg, name, None)
+    shown = f"--{name}"
+    if value is not None:
+        shown += f"={value}"
+    raise ConfigError(f"{shown} must be {allowed}")
+
+
+def check_config(c: Config):
+    """Refuse a bad config before any work, in one message (every rank checks alike:
+    all stop together)."""
+    require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
+    require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
+    require(c.score in ("mean", "sum"), c, "score", "mean or sum")
+    require(c.baseline == "none" or c.rollouts >= 2, c, "baseline",
+            "none with one rollout per step (a leave-one-out baseline needs 2 responses)")
+    require(c.rollout_batch >= 0, c, "rollout_batch", ">= 0 (0: --batch_size)")
+    require(len(c.margin) in (0, len(c.constraint)), c, "margin",
+            f"given once per --constraint ({len(c.constraint)} of them), or not at all")
+    require(all(is_number(m) and float(m) >= 0 for m in c.margin), c, "margin",
+            "a finite number >= 0 each")
+    require(c.batch_size > 0, c, "batch_size", "> 0")
+    require(c.micro_batch > 0, c, "micro_batch", "> 0")
+    require(c.batch_size % max(c.micro_batch, 1) == 0, c, "batch_size",
+            f"a multiple of --micro_batch={c.micro_batch}")
+    require(c.lr > 0, c, "lr", "> 0")
+    require(c.weight_decay >= 0, c, "weight_decay", ">= 0")
+    require(c.steps >= 0, c, "steps", ">= 0")
+    require(0 <= c.warmup < 1, c, "warmup", "in [0, 1): a share of the steps")
+    require(c.grad_clip > 0, c, "grad_clip", "> 0")
+    require(c.epochs > 0 or c.steps > 0, c, "epochs", "> 0 (or --steps > 0)")
+    require(c.max_len > 0, c, "max_len", "> 0")
+    require(c.max_new_tokens > 0, c, "max_new_tokens", "> 0")
+    require(0 < c.top_p <= 1, c, "top_p", "in (0, 1]")
+    require(c.top_k >= 0, c, "top_k", ">= 0 (0: no top-k)")
+    require(c.temperature >= 0, c, "temperature", ">= 0 (0: greedy)")
+    require(c.mu_0 > 0, c, "mu_0", "> 0")
+    require(0 < c.mu_T < c.mu_0, c, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays")
+    require(0 < c.ema_alpha <= 1, c, "ema_alpha", "in (0, 1]")
+    require(c.eta_lam > 0, c, "eta_lam", "> 0")
+    require(c.val >= 0, c, "val", ">= 0")
+    require(c.test >= 0, c, "test", ">= 0")
+    require(min(c.eval_every, c.ckpt_every, c.stop_after, c.show, c.threads) >= 0, c,
+            "eval_every, --ckpt_every, --stop_after, --show and --threads", ">= 0")
+    require(min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0, c,
+            "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0")
+    require(c.device in ("auto", "cpu", "cuda"), c, "device", "auto, cpu or cuda")
+    require(c.chat_template in data.TEMPLATES, c, "chat_template",
+            f"one of {', '.join(data.TEMPLATES)}")
+    require(not c.system_prompt or c.chat_template != "plain", c, "system_prompt",
+            "empty with --chat_template=plain")
+
+    if c.resume:
+        check_resume(c)
+    elif not c.overwrite and holds_run(c.out_dir):
+        raise ConfigError(f"--out_dir={c.out_dir} holds a run: continue it with "
+                          "--resume=True, replace it with --overwrite=True, or choose "
+                          "another --out_dir")
+
+    if c.init not in ("demo", "scratch"):
+        need(os.path.join(c.init, "args.json"),
+             "--init checkpoint (convert it with `python model.py convert`):")
+        if not find_tokenizer(c.init):
+            raise ConfigError(f"--init={c.init} has no tokenizer: copy the model's "
+                              "tokenizer.model (sentencepiece) or tokenizer.json (with its "
+                              "tokenizer_config.json) into the folder")
+    if c.chat_template == "chatml" and c.init in ("demo", "scratch"):
+        # an --init model's tokenizer is checked by data._chatml
+        raise ConfigError("--chat_template=chatml needs <|im_start|> and <|im_end|> among "
+                          "the tokenizer's added tokens; the demo model has none")
+
+    if c.data != "demo":
+        paths = c.data.split(",")
+        if c.method == "reward":
+            paths += [p for p in c.data_test.split(",") if p]
+        for path in paths:
+            need(path, "data file")
+    for spec in c.reward_model:
+        name, eq, folder = spec.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--reward_model={spec!r}: expected NAME=FOLDER")
+        need(os.path.join(folder, "args.json"), f"--reward_model {name}:")
+    if c.fluency_model:
+        need(os.path.join(c.fluency_model, "args.json"), "--fluency_model checkpoint")
+    # the constraints parse, and name known rewards (any reward will do for the check)
+    known = {"length": rewards.length_reward}
+    for spec in c.reward_model:
+        known[spec.partition("=")[0]] = rewards.length_reward
+    rewards.parse_constraints(c.constraint, known)
+
+
+def is_number(text: str) -> bool:
+    """A finite float, as float() reads it."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def need(path: str, what: str):
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path!r} does not exist")
+
+
+# ----- ranks and FSDP2 --------------------------------------------------------------
+
+
+_COMM_DEVICE = torch.device("cpu")  # NCCL reduces CUDA tensors only, gloo CPU ones
+
+
+def setup_distributed(device: str):
+    """(rank, world size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a
+    plain process is a world of one."""
+    global _COMM_DEVICE
+    if device == "auto":
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    backend, device_id, alone = "gloo", None, {}
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ConfigError(f"LOCAL_RANK={local_rank}, but torch sees {gpus} GPU(s) here: "
+                              "start at most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        _COMM_DEVICE = torch.device("cuda", local_rank)
+        backend, device_id = "nccl", _COMM_DEVICE
+    if "RANK" not in os.environ:  # no torchrun
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+
+    # One hour, not NCCL's 10 minutes: the other ranks wait at a barrier while rank 0
+    # writes a 7B model's 27 GB final model.pth (save_final); a rank that truly hangs
+    # is also found an hour late.
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=1),
+                            device_id=device_id, **alone)
+    if device == "cuda":
+        return rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return rank(), dist.get_world_size(), torch.device(device)
+
+
+def rank() -> int:
+    """This process's rank: torchrun's RANK, set before the process group exists too
+    (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum t over ranks, in place (also the all-reduce of l3m.ConstraintEMA); returns t."""
+    x = t.to(_COMM_DEVICE)
+    dist.all_reduce(x)
+    if x is not t:
+        t.copy_(x)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank, in rank order; on the CPU."""
+    x = t.to(_COMM_DEVICE).contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out).cpu()
+
+
+def global_batch(fn, *columns: torch.Tensor) -> torch.Tensor:
+    """fn(*columns) over the global batch, whose rows the ranks hold in rank order: this
+    rank's rows of its result, on the first column's device. Columns go as float32."""
+    n = len(columns[0])
+    wide = [col.reshape(n, -1).float() for col in columns]
+    table = all_gather_cat(torch.cat(wide, 1)).split([w.shape[1] for w in wide], 1)
+    out = fn(*(part.reshape(-1, *col.shape[1:]) for part, col in zip(table, columns)))
+    return out[rank() * n:(rank() + 1) * n].to(columns[0].device)
+
+
+def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
+    """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded
+    strictly. Returns (model, ModelArgs)."""
+    if init == "scratch":
+        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                         n_kv_heads=cfg.n_kv_heads, vocab_size=tokenizer_vocab, multiple_of=32,
+                         max_seq_len=cfg.max_len + cfg.max_new_tokens)
+        sd = Transformer(args).init_weights(cfg.seed).state_dict()
+    else:
+        args, sd = read_checkpoint(init)
+        if args.vocab_size != tokenizer_vocab:
+            raise CheckpointError(f"{init}: vocab_size={args.vocab_size} but the tokenizer "
+                                  f"has {tokenizer_vocab}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(sd, model, init)
+
+    # FSDP2: shard each block, then the root (embedding, final norm, output), over all
+    # ranks of a mesh on the device; bf16 compute on a GPU, fp32 masters and reductions
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    param_dtype = torch.float32
+    if device.type == "cuda":
+        param_dtype = torch.bfloat16
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        if train and cfg.activation_checkpointing:
+            block.forward = checkpointed(block.forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # the root keeps its weights after forward: backward needs them at once
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, sd, options=options)
+    return model.train(train), args
+
+
+def checkpointed(forward):
+    """A block's forward that recomputes its activations in the backward pass."""
+    def forward_with_checkpoint(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return forward_with_checkpoint
+
+
+@contextlib.contextmanager
+def gathered(*models):
+    """All-gather every shard once and keep the full weights for a stretch of no-grad
+    forwards; yields one `bare` view per model. Inside, forwards run no collective, so
+    ranks may run different numbers of them (rollouts that stop early). On exit each
+    unit gets back the setting build_model gave it (blocks reshard after forward, the
+    root does not) and is resharded."""
+    units = []  # (FSDP unit, whether it reshards after forward)
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                units.append((m, m is not model))
+    for m, _ in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        with torch.no_grad():
+            yield [bare(model) for model in models]
+    finally:
+        for m, reshard in units:
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()
+
+
+def bare(model) -> Transformer:
+    """A plain Transformer on the unsharded weights of an FSDP model inside `gathered`.
+
+    Rollouts decode on it: through the FSDP model, every token would run each block's
+    FSDP hooks and, with --activation_checkpointing, checkpoint() (which saves the RNG
+    state even under no_grad): host work per layer and token. It is built on the meta
+    device and assigned the same tensors, so it costs no memory; torch.compile traces
+    it once, not once per instance."""
+    with torch.device("meta"):
+        plain = Transformer(model.args)
+    plain.load_state_dict(dict(model.named_parameters()), strict=True, assign=True)
+    return plain.eval()
+
+
+# ----- the ledger, evaluation and reports -------------------------------------------
+
+
 def progress_bar(start: int, total: int):
     return tqdm(range(start, total), initial=start, total=total, disable=rank() != 0,
                 dynamic_ncols=True)
-
-
-_SIGTERM = threading.Event()  # set on SIGTERM; read at the end of each step (clip_and_step)
-
-
-def on_sigterm(signum, frame):
-    """Preemption: the step in progress finishes, then every rank checkpoints and exits."""
-    _SIGTERM.set()
 
 
 def rollout_stats(samples, c: torch.Tensor) -> dict:
@@ -930,6 +1311,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----- checkpoints, resume and preemption -------------------------------------------
+
+
 def save_train_state(trainer: Trainer, steps_done: int):
     """Every rank writes its shards into rank 0's temporary folder, which then replaces
     out_dir/ckpt (model.atomic_folder)."""
@@ -992,382 +1376,6 @@ def save_final(trainer: Trainer, name: str):
     dist.barrier()
 
 
-_COMM_DEVICE = torch.device("cpu")  # NCCL reduces CUDA tensors only, gloo CPU ones
-
-
-def setup_distributed(device: str):
-    """(rank, world size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a
-    plain process is a world of one."""
-    global _COMM_DEVICE
-    if device == "auto":
-        device = "cpu"
-        if torch.cuda.is_available():
-            device = "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-
-    backend, device_id, alone = "gloo", None, {}
-    if device == "cuda":
-        gpus = torch.cuda.device_count()
-        if local_rank >= gpus:
-            raise ConfigError(f"LOCAL_RANK={local_rank}, but torch sees {gpus} GPU(s) here: "
-                              "start at most one process per GPU (torchrun --nproc_per_node)")
-        torch.cuda.set_device(local_rank)
-        _COMM_DEVICE = torch.device("cuda", local_rank)
-        backend, device_id = "nccl", _COMM_DEVICE
-    if "RANK" not in os.environ:  # no torchrun
-        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-
-    # One hour, not NCCL's 10 minutes: the other ranks wait at a barrier while rank 0
-    # writes a 7B model's 27 GB final model.pth (save_final); a rank that truly hangs
-    # is also found an hour late.
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=1),
-                            device_id=device_id, **alone)
-    if device == "cuda":
-        return rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    return rank(), dist.get_world_size(), torch.device(device)
-
-
-def set_threads(cfg: Config):
-    """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one per
-    core that other programs leave free, adapted before every step (CoreShare)."""
-    global _CORE_SHARE
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif "OMP_NUM_THREADS" not in os.environ and os.path.exists("/proc/stat"):
-        _CORE_SHARE = CoreShare(torch.get_num_threads())
-
-
-class CoreShare:
-    """OpenMP's threads spin while they wait, which is fast on a quiet machine, but a thread
-    whose core another program holds stalls every parallel region (the demo's step ran 2-4×
-    slower beside one busy core). So before each step, the CPU time that other programs took
-    since the last look (Linux's /proc/stat, less this process's own) says how many cores
-    they hold, and torch runs on the rest, at least one (docs/performance.md)."""
-
-    def __init__(self, cores: int):
-        self.cores = cores
-        self.last = self.clocks()
-
-    @staticmethod
-    def clocks() -> tuple:
-        """(wall, CPU seconds busy on the whole machine, this process's CPU seconds)."""
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
-        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
-        busy = sum(ticks) - ticks[3] - ticks[4]
-        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-    def adapt(self):
-        """Set torch's threads from the cores held by others since the last call; a look
-        over under 0.2 s waits for the next (/proc/stat counts in 10 ms ticks)."""
-        now = self.clocks()
-        wall, busy, own = (a - b for a, b in zip(now, self.last))
-        if wall < 0.2:
-            return
-        self.last = now
-        held = round(max(0.0, busy - own) / wall)
-        torch.set_num_threads(max(1, self.cores - held))
-
-
-_CORE_SHARE = None  # set by set_threads when train.py chooses the threads
-
-
-def adapt_threads() -> int:
-    """CoreShare.adapt, where train.py chooses the threads; returns torch's thread count."""
-    if _CORE_SHARE is not None:
-        _CORE_SHARE.adapt()
-    return torch.get_num_threads()
-
-
-def rank() -> int:
-    """This process's rank: torchrun's RANK, set before the process group exists too
-    (0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def print0(*args, **kwargs):
-    if rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum t over ranks, in place (also the all-reduce of l3m.ConstraintEMA); returns t."""
-    x = t.to(_COMM_DEVICE)
-    dist.all_reduce(x)
-    if x is not t:
-        t.copy_(x)
-    return t
-
-
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank, in rank order; on the CPU."""
-    x = t.to(_COMM_DEVICE).contiguous()
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out).cpu()
-
-
-def global_batch(fn, *columns: torch.Tensor) -> torch.Tensor:
-    """fn(*columns) over the global batch, whose rows the ranks hold in rank order: this
-    rank's rows of its result, on the first column's device. Columns go as float32."""
-    n = len(columns[0])
-    wide = [col.reshape(n, -1).float() for col in columns]
-    table = all_gather_cat(torch.cat(wide, 1)).split([w.shape[1] for w in wide], 1)
-    out = fn(*(part.reshape(-1, *col.shape[1:]) for part, col in zip(table, columns)))
-    return out[rank() * n:(rank() + 1) * n].to(columns[0].device)
-
-
-def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
-    """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded
-    strictly. Returns (model, ModelArgs)."""
-    if init == "scratch":
-        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                         n_kv_heads=cfg.n_kv_heads, vocab_size=tokenizer_vocab, multiple_of=32,
-                         max_seq_len=cfg.max_len + cfg.max_new_tokens)
-        sd = Transformer(args).init_weights(cfg.seed).state_dict()
-    else:
-        args, sd = read_checkpoint(init)
-        if args.vocab_size != tokenizer_vocab:
-            raise CheckpointError(f"{init}: vocab_size={args.vocab_size} but the tokenizer "
-                                  f"has {tokenizer_vocab}")
-    with torch.device("meta"):
-        model = Transformer(args)
-    check_state_dict(sd, model, init)
-
-    # FSDP2: shard each block, then the root (embedding, final norm, output), over all
-    # ranks of a mesh on the device; bf16 compute on a GPU, fp32 masters and reductions
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    param_dtype = torch.float32
-    if device.type == "cuda":
-        param_dtype = torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.layers:
-        if train and cfg.activation_checkpointing:
-            block.forward = checkpointed(block.forward)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    # the root keeps its weights after forward: backward needs them at once
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-
-    model.to_empty(device=device)
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, sd, options=options)
-    return model.train(train), args
-
-
-def checkpointed(forward):
-    """A block's forward that recomputes its activations in the backward pass."""
-    def forward_with_checkpoint(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return forward_with_checkpoint
-
-
-@contextlib.contextmanager
-def gathered(*models):
-    """All-gather every shard once and keep the full weights for a stretch of no-grad
-    forwards; yields one `bare` view per model. Inside, forwards run no collective, so
-    ranks may run different numbers of them (rollouts that stop early). On exit each
-    unit gets back the setting build_model gave it (blocks reshard after forward, the
-    root does not) and is resharded."""
-    units = []  # (FSDP unit, whether it reshards after forward)
-    for model in models:
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                units.append((m, m is not model))
-    for m, _ in units:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        with torch.no_grad():
-            yield [bare(model) for model in models]
-    finally:
-        for m, reshard in units:
-            m.set_reshard_after_forward(reshard, recurse=False)
-            m.reshard()
-
-
-def bare(model) -> Transformer:
-    """A plain Transformer on the unsharded weights of an FSDP model inside `gathered`.
-
-    Rollouts decode on it: through the FSDP model, every token would run each block's
-    FSDP hooks and, with --activation_checkpointing, checkpoint() (which saves the RNG
-    state even under no_grad): host work per layer and token. It is built on the meta
-    device and assigned the same tensors, so it costs no memory; torch.compile traces
-    it once, not once per instance."""
-    with torch.device("meta"):
-        plain = Transformer(model.args)
-    plain.load_state_dict(dict(model.named_parameters()), strict=True, assign=True)
-    return plain.eval()
-
-
-def load_data(cfg: Config, tok) -> tuple:
-    """(train, val, test): UltraChat-style task pairs, or HH-style preference pairs for
-    --method=reward."""
-    demo = None
-    if cfg.data == "demo":
-        demo = data.prepare_demo(cfg.data_dir, cfg.data_seed)
-    reading = {"max_tokens": cfg.max_len, "template": cfg.chat_template,
-               "system": cfg.system_prompt}
-
-    if cfg.method != "reward":
-        paths = cfg.data.split(",")
-        if demo:
-            paths = [demo.task]
-        read = data.read_task(paths, tok, seed=cfg.data_seed, **reading)
-        print0(read)
-        return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)
-
-    train_paths = cfg.data.split(",")
-    test_paths = [p for p in cfg.data_test.split(",") if p]
-    if demo:
-        train_paths = [getattr(demo, f"{cfg.demo_reward}_train")]
-        test_paths = [getattr(demo, f"{cfg.demo_reward}_test")]
-    read = data.read_hh(train_paths, tok, **reading)
-    print0(read)
-    # App. A.1: 5 % held out for validation
-    train, val, _ = data.split_dataset(read.examples, val=0.05, test=0, seed=cfg.data_seed)
-    test = []
-    if test_paths:
-        test = data.read_hh(test_paths, tok, **reading).examples
-    return train, val, test
-
-
-def true_false(text: str) -> bool:
-    """A bool flag's value: True or False, in any case (anything else raises a
-    ValueError, which argparse reports)."""
-    return ["false", "true"].index(text.lower()) == 1
-
-
-def parse_config(argv) -> Config:
-    """--key=value flags over Config's defaults; a list flag is repeated."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Config):
-        default = f.default_factory()
-        help = f"{f.metadata['help']} (default: {default})"
-        if isinstance(default, list):
-            parser.add_argument(f"--{f.name}", action="append", help=help)
-        elif isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", type=true_false, default=default,
-                                help="True/False: " + help)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=help)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Config(**given)
-
-
-class ConfigError(ValueError):
-    """A flag that cannot work."""
-
-
-def require(ok: bool, cfg: Config, name: str, allowed: str):
-    """Raise `--name=value must be allowed` unless ok."""
-    if ok:
-        return
-    value = getattr(cfg, name, None)
-    shown = f"--{name}"
-    if value is not None:
-        shown += f"={value}"
-    raise ConfigError(f"{shown} must be {allowed}")
-
-
-def check_config(c: Config):
-    """Refuse a bad config before any work, in one message (every rank checks alike:
-    all stop together)."""
-    require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
-    require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
-    require(c.score in ("mean", "sum"), c, "score", "mean or sum")
-    require(c.baseline == "none" or c.rollouts >= 2, c, "baseline",
-            "none with one rollout per step (a leave-one-out baseline needs 2 responses)")
-    require(c.rollout_batch >= 0, c, "rollout_batch", ">= 0 (0: --batch_size)")
-    require(len(c.margin) in (0, len(c.constraint)), c, "margin",
-            f"given once per --constraint ({len(c.constraint)} of them), or not at all")
-    require(all(is_number(m) and float(m) >= 0 for m in c.margin), c, "margin",
-            "a finite number >= 0 each")
-    require(c.batch_size > 0, c, "batch_size", "> 0")
-    require(c.micro_batch > 0, c, "micro_batch", "> 0")
-    require(c.batch_size % max(c.micro_batch, 1) == 0, c, "batch_size",
-            f"a multiple of --micro_batch={c.micro_batch}")
-    require(c.lr > 0, c, "lr", "> 0")
-    require(c.weight_decay >= 0, c, "weight_decay", ">= 0")
-    require(c.steps >= 0, c, "steps", ">= 0")
-    require(0 <= c.warmup < 1, c, "warmup", "in [0, 1): a share of the steps")
-    require(c.grad_clip > 0, c, "grad_clip", "> 0")
-    require(c.epochs > 0 or c.steps > 0, c, "epochs", "> 0 (or --steps > 0)")
-    require(c.max_len > 0, c, "max_len", "> 0")
-    require(c.max_new_tokens > 0, c, "max_new_tokens", "> 0")
-    require(0 < c.top_p <= 1, c, "top_p", "in (0, 1]")
-    require(c.top_k >= 0, c, "top_k", ">= 0 (0: no top-k)")
-    require(c.temperature >= 0, c, "temperature", ">= 0 (0: greedy)")
-    require(c.mu_0 > 0, c, "mu_0", "> 0")
-    require(0 < c.mu_T < c.mu_0, c, "mu_T", f"in (0, --mu_0={c.mu_0}): µ decays")
-    require(0 < c.ema_alpha <= 1, c, "ema_alpha", "in (0, 1]")
-    require(c.eta_lam > 0, c, "eta_lam", "> 0")
-    require(c.val >= 0, c, "val", ">= 0")
-    require(c.test >= 0, c, "test", ">= 0")
-    require(min(c.eval_every, c.ckpt_every, c.stop_after, c.show, c.threads) >= 0, c,
-            "eval_every, --ckpt_every, --stop_after, --show and --threads", ">= 0")
-    require(min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.base_epochs, c.base_lr) > 0, c,
-            "dim, --n_layers, --n_heads, --n_kv_heads, --base_epochs and --base_lr", "> 0")
-    require(c.device in ("auto", "cpu", "cuda"), c, "device", "auto, cpu or cuda")
-    require(c.chat_template in data.TEMPLATES, c, "chat_template",
-            f"one of {', '.join(data.TEMPLATES)}")
-    require(not c.system_prompt or c.chat_template != "plain", c, "system_prompt",
-            "empty with --chat_template=plain")
-
-    if c.resume:
-        check_resume(c)
-    elif not c.overwrite and holds_run(c.out_dir):
-        raise ConfigError(f"--out_dir={c.out_dir} holds a run: continue it with "
-                          "--resume=True, replace it with --overwrite=True, or choose "
-                          "another --out_dir")
-
-    if c.init not in ("demo", "scratch"):
-        need(os.path.join(c.init, "args.json"),
-             "--init checkpoint (convert it with `python model.py convert`):")
-        if not find_tokenizer(c.init):
-            raise ConfigError(f"--init={c.init} has no tokenizer: copy the model's "
-                              "tokenizer.model (sentencepiece) or tokenizer.json (with its "
-                              "tokenizer_config.json) into the folder")
-    if c.chat_template == "chatml" and c.init in ("demo", "scratch"):
-        # an --init model's tokenizer is checked by data._chatml
-        raise ConfigError("--chat_template=chatml needs <|im_start|> and <|im_end|> among "
-                          "the tokenizer's added tokens; the demo model has none")
-
-    if c.data != "demo":
-        paths = c.data.split(",")
-        if c.method == "reward":
-            paths += [p for p in c.data_test.split(",") if p]
-        for path in paths:
-            need(path, "data file")
-    for spec in c.reward_model:
-        name, eq, folder = spec.partition("=")
-        if not eq or not name:
-            raise ConfigError(f"--reward_model={spec!r}: expected NAME=FOLDER")
-        need(os.path.join(folder, "args.json"), f"--reward_model {name}:")
-    if c.fluency_model:
-        need(os.path.join(c.fluency_model, "args.json"), "--fluency_model checkpoint")
-    # the constraints parse, and name known rewards (any reward will do for the check)
-    known = {"length": rewards.length_reward}
-    for spec in c.reward_model:
-        known[spec.partition("=")[0]] = rewards.length_reward
-    rewards.parse_constraints(c.constraint, known)
-
-
-def is_number(text: str) -> bool:
-    """A finite float, as float() reads it."""
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def need(path: str, what: str):
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} {path!r} does not exist")
-
-
 def holds_run(out_dir: str) -> bool:
     return any(os.path.exists(os.path.join(out_dir, f)) for f in ("ledger.jsonl", "ckpt"))
 
@@ -1397,6 +1405,17 @@ def check_resume(c: Config):
             changed.append(f"--{k}={v!r} (the checkpoint's: {saved[k]!r})")
     if changed:
         raise ConfigError(f"--resume with flags other than the checkpoint's: {', '.join(changed)}")
+
+
+_SIGTERM = threading.Event()  # set on SIGTERM; read at the end of each step (clip_and_step)
+
+
+def on_sigterm(signum, frame):
+    """Preemption: the step in progress finishes, then every rank checkpoints and exits."""
+    _SIGTERM.set()
+
+
+# ----- the demo base model, and the entry point -------------------------------------
 
 
 DEMO_BASE = "demo_base_v2"  # v2: UltraChat turns drawn by the dialogue's text
