@@ -35,6 +35,66 @@ from l3m import (ConstraintEMA, Multipliers, barrier, barrier_grad, chance, lamb
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
+# Shared fixtures: the demo data and its tokenizer, built once per session; a tiny model trained on them
+
+
+def shared(tmp_path_factory, name):
+    """A folder of this session that its pytest-xdist workers share (their base folders' parent), or, without
+    xdist, a folder of the one process: what a session fixture builds there, it builds once."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
+@contextlib.contextmanager
+def built_once(folder):
+    """Hold a lock beside folder while the caller builds it, so that a second worker waits, then reuses it."""
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return D.prepare_demo(shared(tmp_path_factory, "out"), seed=0)  # prepare_demo locks and caches on its own
+
+
+@pytest.fixture(scope="session")
+def tok(demo):
+    return M.Tokenizer(str(demo.tokenizer))
+
+
+@pytest.fixture(scope="session")
+def data_dir(demo):
+    return str(demo.folder.parent)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(demo, tmp_path_factory):
+    """A tiny LLaMA trained (SFT, 150 steps, ~20 s) until its rollouts end with EOS at varied lengths: seen,
+    test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64 tokens. On such rollouts the
+    rows of a batch have different costs c, so Ĉ differs between a rank's batch and the global one, and the
+    EMA differs from the last batch mean: the tests below can see a dropped all-reduce or a lost Ĉ."""
+    out = shared(tmp_path_factory, "tiny_base")
+    with built_once(out):
+        if not (out / "final").is_dir():
+            run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16",
+                      "--micro_batch=16", "--lr=1e-2", "--test=8", "--overwrite=True")
+    return str(out / "final")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models and toy runs are thousands of small ops: more threads only add overhead, and on a
+    shared 2-core machine contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
 # model.py
 
 
@@ -640,17 +700,6 @@ F64 = torch.float64
 SEED = 0  # of the stochastic toy runs; their tolerances were checked on seeds 0–5
 
 
-@contextlib.contextmanager
-def single_thread():
-    """The toy runs are thousands of tiny ops: threads only add overhead (and contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- barrier, µ
 
 @pytest.mark.parametrize("mu, s", [(1.0, 1.0), (0.1, 0.01), (1e-3, 1e-6), (0.5, 0.2)])
@@ -1166,7 +1215,7 @@ def run_categorical(p, c_of, k, theta0, method="l3m", eta_lam=None, steps=4000, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     mult = Multipliers(k, method, eta_lam)
     rec = {"pi": [], "task": [], "lam": [], "lr": [], "clip": []}
-    with single_thread():
+    with one_thread():
         for step in range(steps):
             mu = mu_at(step, steps - 1)
             logp = torch.log_softmax(theta, 0)  # (K,)
@@ -1392,7 +1441,7 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
     opt = torch.optim.SGD([theta], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     mult = Multipliers(2)
-    with single_thread():
+    with one_thread():
         for step in range(steps):
             mu = mu_at(step, steps - 1)
             if coin(coin_gen):
@@ -1424,40 +1473,6 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
 
 # -----------------------------------------------------------------------------
 # data.py and rewards.py (print the measured numbers with `pytest -s`)
-
-
-def shared(tmp_path_factory, name):
-    """A folder of this session that its pytest-xdist workers share (their base folders' parent), or, without
-    xdist, a folder of the one process: what a session fixture builds there, it builds once."""
-    root = tmp_path_factory.getbasetemp()
-    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
-
-
-@contextlib.contextmanager
-def built_once(folder):
-    """Hold a lock beside folder while the caller builds it, so that a second worker waits, then reuses it."""
-    with open(f"{folder}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return D.prepare_demo(shared(tmp_path_factory, "out"), seed=0)  # prepare_demo locks and caches on its own
-
-
-@pytest.fixture(scope="session")
-def tok(demo):
-    return M.Tokenizer(str(demo.tokenizer))
-
-
-@pytest.fixture
-def one_thread():
-    """Two CPU threads fight the other jobs on a shared 2-core machine; one runs these tiny models fastest."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_lm(vocab_size, seed=0, dim=64):
@@ -1766,19 +1781,20 @@ def test_mask_scores_only_response_and_eos():
         D.response_batch([[1]], [[]])
 
 
-def test_padded_batches_score_like_single_rows(tok, one_thread):
+def test_padded_batches_score_like_single_rows(tok):
     """Right padding (ours) and left padding (model.generate's) change no row's ℓ̄."""
-    model = tiny_lm(tok.vocab_size).eval()
-    prompts = [tok.encode("Human: Tell me about the owl.\n\nAssistant:"), tok.encode("Human: Hi.\n\nAssistant:")]
-    gen = torch.Generator().manual_seed(0)
-    responses, ended = M.generate(model, prompts, max_new_tokens=12, eos_id=tok.eos_id, generator=gen)
-    with torch.no_grad():
-        tokens, mask = D.response_batch(prompts, responses, pad_id=tok.eos_id)
-        batched = l3m.logp_norm(model(tokens), tokens, mask)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            assert mask[i].sum() == len(r) and tokens[i, mask[i]].tolist() == r
-            t1, m1 = D.response_batch([p], [r])
-            assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)  # float32 sums
+    with one_thread():
+        model = tiny_lm(tok.vocab_size).eval()
+        prompts = [tok.encode("Human: Tell me about the owl.\n\nAssistant:"), tok.encode("Human: Hi.\n\nAssistant:")]
+        gen = torch.Generator().manual_seed(0)
+        responses, ended = M.generate(model, prompts, max_new_tokens=12, eos_id=tok.eos_id, generator=gen)
+        with torch.no_grad():
+            tokens, mask = D.response_batch(prompts, responses, pad_id=tok.eos_id)
+            batched = l3m.logp_norm(model(tokens), tokens, mask)
+            for i, (p, r) in enumerate(zip(prompts, responses)):
+                assert mask[i].sum() == len(r) and tokens[i, mask[i]].tolist() == r
+                t1, m1 = D.response_batch([p], [r])
+                assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)  # float32 sums
 
 
 def test_packed_batch_scores_each_sequence_as_if_alone(tok):
@@ -1976,27 +1992,28 @@ def held_out_accuracy(model, examples, batch_size=32):
     return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]), torch.cat([m for _, m in rewards]))
 
 
-def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok, one_thread):
+def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok):
     """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy on the
     cautious preferences (measured: 99.5 %; the informative ones are learnt through train.py below)."""
-    torch.manual_seed(0)
-    start = time.time()
-    train = D.read_hh(demo.cautious_train, tok).examples
-    test = D.read_hh(demo.cautious_test, tok).examples
-    model = tiny_lm(tok.vocab_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    before = held_out_accuracy(model, test)
-    for _ in range(30):
-        idx = torch.randint(len(train), (16,), generator=gen).tolist()
-        loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    acc = held_out_accuracy(model, test)
-    print(f"\nBradley–Terry cautious: held-out accuracy {before:.3f} -> {acc:.3f} "
-          f"({len(test)} pairs, {time.time() - start:.1f} s)")
-    assert acc >= 0.9
+    with one_thread():
+        torch.manual_seed(0)
+        start = time.time()
+        train = D.read_hh(demo.cautious_train, tok).examples
+        test = D.read_hh(demo.cautious_test, tok).examples
+        model = tiny_lm(tok.vocab_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        before = held_out_accuracy(model, test)
+        for _ in range(30):
+            idx = torch.randint(len(train), (16,), generator=gen).tolist()
+            loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = held_out_accuracy(model, test)
+        print(f"\nBradley–Terry cautious: held-out accuracy {before:.3f} -> {acc:.3f} "
+              f"({len(test)} pairs, {time.time() - start:.1f} s)")
+        assert acc >= 0.9
 
 
 # -----------------------------------------------------------------------------
@@ -2200,25 +2217,6 @@ TINY = ["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_hea
         "--lr=3e-3"]
 
 
-@pytest.fixture(scope="session")
-def data_dir(demo):
-    return str(demo.folder.parent)
-
-
-@pytest.fixture(scope="session")
-def tiny_base(demo, tmp_path_factory):
-    """A tiny LLaMA trained (SFT, 150 steps, ~20 s) until its rollouts end with EOS at varied lengths: seen,
-    test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64 tokens. On such rollouts the
-    rows of a batch have different costs c, so Ĉ differs between a rank's batch and the global one, and the
-    EMA differs from the last batch mean: the tests below can see a dropped all-reduce or a lost Ĉ."""
-    out = shared(tmp_path_factory, "tiny_base")
-    with built_once(out):
-        if not (out / "final").is_dir():
-            run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16",
-                      "--micro_batch=16", "--lr=1e-2", "--test=8", "--overwrite=True")
-    return str(out / "final")
-
-
 def train_cmd(out_dir, data_dir, *flags, nproc=1):
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if nproc > 1:
@@ -2264,6 +2262,25 @@ def ledger(out_dir, drop=("t_sample", "t_train")):
 
 def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "final", "model.pth"), weights_only=True)
+
+
+def resume_flags(tiny_base, nproc=1):
+    """An 8-step L3M run of tiny_base; on two ranks with activation checkpointing, which must not change it."""
+    return ["--method=l3m", "--steps=8", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+            "--constraint=length<=30"] + (["--activation_checkpointing=True"] if nproc > 1 else [])
+
+
+@pytest.fixture(scope="session")
+def straight(tiny_base, data_dir, tmp_path_factory):
+    """straight(nproc): the out_dir of an uninterrupted run of resume_flags on nproc ranks, made once and shared
+    by the tests of interrupted runs (checkpointing does not change a run, so one reference serves them all)."""
+    def get(nproc):
+        out = shared(tmp_path_factory, f"straight{nproc}")
+        with built_once(out):
+            if not (out / "final").is_dir():
+                run_train(out, data_dir, *resume_flags(tiny_base, nproc), "--overwrite=True", nproc=nproc)
+        return out
+    return get
 
 
 def test_two_processes_match_one(straight):
@@ -2335,25 +2352,6 @@ def test_loo_baseline_is_taken_over_the_global_batch(tiny_base, data_dir, tmp_pa
                                                                                ledger(tmp_path / "plain"))
               if a["kind"] == "constraint"]
     assert any(differ)
-
-
-def resume_flags(tiny_base, nproc=1):
-    """An 8-step L3M run of tiny_base; on two ranks with activation checkpointing, which must not change it."""
-    return ["--method=l3m", "--steps=8", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
-            "--constraint=length<=30"] + (["--activation_checkpointing=True"] if nproc > 1 else [])
-
-
-@pytest.fixture(scope="session")
-def straight(tiny_base, data_dir, tmp_path_factory):
-    """straight(nproc): the out_dir of an uninterrupted run of resume_flags on nproc ranks, made once and shared
-    by the tests of interrupted runs (checkpointing does not change a run, so one reference serves them all)."""
-    def get(nproc):
-        out = shared(tmp_path_factory, f"straight{nproc}")
-        with built_once(out):
-            if not (out / "final").is_dir():
-                run_train(out, data_dir, *resume_flags(tiny_base, nproc), "--overwrite=True", nproc=nproc)
-        return out
-    return get
 
 
 def assert_same_run(a, b):
