@@ -42,6 +42,9 @@ Choices the paper leaves open:
   rollout each; the paper uses one mini-batch size for both kinds of step.
 - --steps counts steps of both kinds: an L3M run of as many steps as an SFT run
   takes about half its task steps (smollm2.sh gives L3M more steps for that reason).
+- --margin=δ_i (default 0, the paper) aims the constraint steps at C_i ≤ −δ_i while
+  evaluations judge C_i ≤ 0: the barrier leaves an active constraint at its boundary,
+  where a held-out split lands on either side of it half the time.
 - Reward models (App. A.1) train in the same loop, with `reward_step` as their one
   kind of step: the optimiser, schedule, clipping, checkpoints and resume that a
   second loop would only repeat.
