@@ -2884,7 +2884,7 @@ def test_real_model_table_compares_fluency_within_length_bins():
 def test_threads_are_chosen_by_the_flag_the_environment_or_core_share(monkeypatch):
     """set_threads: --threads sets torch's count; OMP_NUM_THREADS (torchrun's 1) leaves it alone; with neither,
     CoreShare adapts it, starting from torch's one thread per core. Catches a CoreShare that overrides the
-    user's choice, or none where train.py chooses."""
+    user's choice, one left over from an earlier run in the process, or none where train.py chooses."""
     import train
     before = torch.get_num_threads()
     monkeypatch.setattr(train, "_CORE_SHARE", None)
@@ -2897,6 +2897,8 @@ def test_threads_are_chosen_by_the_flag_the_environment_or_core_share(monkeypatc
         assert train._CORE_SHARE is None and torch.get_num_threads() == 3
         train.set_threads(train.parse_config([]))
         assert train._CORE_SHARE.cores == 3
+        train.set_threads(train.parse_config(["--threads=2"]))  # a second run in the same process
+        assert train._CORE_SHARE is None and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -634,6 +634,7 @@ def set_threads(cfg: Config):
     """torch's CPU threads: --threads, else OMP_NUM_THREADS (torchrun sets 1), else one per
     core that other programs leave free, adapted before every step (CoreShare)."""
     global _CORE_SHARE
+    _CORE_SHARE = None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif "OMP_NUM_THREADS" not in os.environ and os.path.exists("/proc/stat"):
