@@ -1472,12 +1472,135 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
 
 
 # -----------------------------------------------------------------------------
-# data.py and rewards.py (print the measured numbers with `pytest -s`)
+# rewards.py: length rewards, Bradley–Terry reward models, constraints from text
 
 
 def tiny_lm(vocab_size, seed=0, dim=64):
     args = M.ModelArgs(dim=dim, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32, max_seq_len=256)
     return M.Transformer(args).init_weights(seed)
+
+
+def test_length_reward_and_costs(tok):
+    prompts = [[1, 5], [1, 6, 7]]
+    responses = [[8, 9, tok.eos_id], [10, 11, 12, 13]]  # the second hit max_new_tokens: no EOS
+    s = R.Samples.from_generate(prompts, responses, [True, False], tok)
+    assert R.length_reward(s).tolist() == [2.0, 4.0]  # |y| excludes the EOS
+    low, high = R.parse_constraints(["length>=3", "length<=3.5"], {"length": R.length_reward})
+    y = torch.tensor([2.0, 4.0])
+    assert torch.equal(low.cost(s), 3 - y)  # = b₁ − r₁ with §6.2's r₁ = |y| − l_low, b₁ = 0
+    assert torch.equal(high.cost(s), y - 3.5)  # = b₂ − r₂ with r₂ = l_high − |y|, b₂ = 0
+    assert torch.equal(R.costs([low, high], s), torch.stack([3 - y, y - 3.5], 1))  # (B, k)
+    assert R.costs([], s).shape == (2, 0)
+    assert s.response_texts == [tok.decode([8, 9]), tok.decode([10, 11, 12, 13])]
+
+
+def test_bradley_terry_loss_and_accuracy():
+    r_plus, r_minus = torch.tensor([0.0, 2.0, 1.0]), torch.tensor([0.0, 0.0, 3.0])
+    expected = -torch.log(torch.sigmoid(r_plus - r_minus)).mean()
+    assert torch.allclose(R.bradley_terry_loss(r_plus, r_minus), expected)
+    assert R.pairwise_accuracy(r_plus, r_minus) == pytest.approx(1 / 3)  # the tie counts as wrong
+
+
+def test_learned_reward_is_logp_norm(tok):
+    model = tiny_lm(tok.vocab_size, seed=1)
+    prompts = [tok.encode("Human: Hi.\n\nAssistant:"), tok.encode("Human: Tell me about the owl.\n\nAssistant:")]
+    responses = [tok.encode("Hello.", bos=False, eos=True), tok.encode("It hoots", bos=False)]
+    s = R.Samples.from_generate(prompts, responses, [True, False], tok)
+    rm = R.LearnedReward(model, micro_batch=1)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    r = rm(s)
+    assert r.shape == (2,) and r.dtype == torch.float32
+    for i in range(2):
+        t, m = D.response_batch([prompts[i]], [responses[i]])
+        with torch.no_grad():
+            assert torch.allclose(r[i], l3m.logp_norm(model(t), t, m)[0], atol=1e-5)
+
+
+@torch.no_grad()
+def held_out_accuracy(model, examples, batch_size=32):
+    """Share of pairs a reward model ranks right, r(y⁺|x) > r(y⁻|x), in eval mode."""
+    model.eval()
+    rewards = [R.preference_rewards(model, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    model.train()
+    return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]), torch.cat([m for _, m in rewards]))
+
+
+def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok):
+    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy on the
+    cautious preferences (measured: 99.5 %; the informative ones are learnt through train.py below)."""
+    with one_thread():
+        torch.manual_seed(0)
+        start = time.time()
+        train = D.read_hh(demo.cautious_train, tok).examples
+        test = D.read_hh(demo.cautious_test, tok).examples
+        model = tiny_lm(tok.vocab_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(0)
+        before = held_out_accuracy(model, test)
+        for _ in range(30):
+            idx = torch.randint(len(train), (16,), generator=gen).tolist()
+            loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = held_out_accuracy(model, test)
+        print(f"\nBradley–Terry cautious: held-out accuracy {before:.3f} -> {acc:.3f} "
+              f"({len(test)} pairs, {time.time() - start:.1f} s)")
+        assert acc >= 0.9
+
+
+# -----------------------------------------------------------------------------
+# Constraints on the command line
+
+
+def test_verdict_reads_C_against_its_standard_error():
+    assert [R.verdict(C, 0.5) for C in (-0.1, 0.0, 1e-9, 1.0, 1.0001)] == \
+        ["satisfied", "satisfied", "within noise", "within noise", "violated"]
+    # A model exactly on its threshold: its test estimate C ~ N(0, se²) reads satisfied half the time and
+    # violated with probability 1 − Φ(2) = 0.0228. 40,000 draws: binomial std ≤ 0.0025 for either share.
+    C = np.random.default_rng(0).normal(0.0, 0.3, 40_000)
+    reads = [R.verdict(float(x), 0.3) for x in C]
+    assert reads.count("satisfied") / len(C) == pytest.approx(0.5, abs=0.01)
+    assert reads.count("violated") / len(C) == pytest.approx(0.0228, abs=0.003)
+
+
+def test_parse_constraints():
+    length = R.length_reward
+    helpful = lambda s: torch.tensor([2.0, 3.5])
+    rewards = {"length": length, "helpful": helpful}
+    c = R.parse_constraint(" helpful >= 3 ", rewards)
+    assert (c.name, c.b) == ("helpful >= 3", 3.0) and c.reward is helpful
+    c = R.parse_constraint("helpful<=-1.5e0", rewards)
+    assert c.b == 1.5 and c.reward(None).tolist() == [-2.0, -3.5]
+    c = R.parse_constraint("P[helpful>=3]>=0.9", rewards)
+    assert c.b == 0.9 and c.reward(None).tolist() == [0.0, 1.0]
+    assert c.cost(None).tolist() == pytest.approx([0.9, -0.1])
+    c = R.parse_constraint("P[ helpful <= 3 ] >= .5", rewards)
+    assert c.reward(None).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("length=>50", r"use >= or <="),
+    ("length>50", r"use >= or <="),
+    ("length==50", r"use >= or <="),
+    ("length>=fifty", r"cannot read 'length>=fifty'"),
+    ("helpfulness>=3", r"unknown reward 'helpfulness'; known rewards: helpful, length"),
+    ("P[helpful>=3]>=1.5", r"a probability must lie in \(0, 1\]"),
+    ("P[helpful>=3]<=0.1", r"chance constraint reads P\[NAME>=NUMBER\]>=PROB"),
+    ("", r"expected NAME>=NUMBER, NAME<=NUMBER, P\[NAME>=NUMBER\]>=PROB"),
+])
+def test_parse_constraint_errors(text, message):
+    with pytest.raises(R.ConstraintError, match=message):
+        R.parse_constraint(text, {"length": R.length_reward, "helpful": R.length_reward})
+
+
+def test_duplicate_constraints_rejected():
+    with pytest.raises(R.ConstraintError, match="given twice"):
+        R.parse_constraints(["length>=5", "length>=5"], {"length": R.length_reward})
+
+
+# -----------------------------------------------------------------------------
+# data.py (print the measured numbers with `pytest -s`)
 
 
 def write_jsonl(path, records):
@@ -1941,272 +2064,6 @@ def test_demo_properties_negatively_correlated(demo):
             answers = (pair[k].split("\n\nAssistant: ")[-1] for k in ("chosen", "rejected"))
             plus, minus = (D.demo_properties(a)[which] for a in answers)
             assert plus > minus
-
-
-# -----------------------------------------------------------------------------
-# Rewards
-
-
-def test_length_reward_and_costs(tok):
-    prompts = [[1, 5], [1, 6, 7]]
-    responses = [[8, 9, tok.eos_id], [10, 11, 12, 13]]  # the second hit max_new_tokens: no EOS
-    s = R.Samples.from_generate(prompts, responses, [True, False], tok)
-    assert R.length_reward(s).tolist() == [2.0, 4.0]  # |y| excludes the EOS
-    low, high = R.parse_constraints(["length>=3", "length<=3.5"], {"length": R.length_reward})
-    y = torch.tensor([2.0, 4.0])
-    assert torch.equal(low.cost(s), 3 - y)  # = b₁ − r₁ with §6.2's r₁ = |y| − l_low, b₁ = 0
-    assert torch.equal(high.cost(s), y - 3.5)  # = b₂ − r₂ with r₂ = l_high − |y|, b₂ = 0
-    assert torch.equal(R.costs([low, high], s), torch.stack([3 - y, y - 3.5], 1))  # (B, k)
-    assert R.costs([], s).shape == (2, 0)
-    assert s.response_texts == [tok.decode([8, 9]), tok.decode([10, 11, 12, 13])]
-
-
-def test_bradley_terry_loss_and_accuracy():
-    r_plus, r_minus = torch.tensor([0.0, 2.0, 1.0]), torch.tensor([0.0, 0.0, 3.0])
-    expected = -torch.log(torch.sigmoid(r_plus - r_minus)).mean()
-    assert torch.allclose(R.bradley_terry_loss(r_plus, r_minus), expected)
-    assert R.pairwise_accuracy(r_plus, r_minus) == pytest.approx(1 / 3)  # the tie counts as wrong
-
-
-def test_learned_reward_is_logp_norm(tok):
-    model = tiny_lm(tok.vocab_size, seed=1)
-    prompts = [tok.encode("Human: Hi.\n\nAssistant:"), tok.encode("Human: Tell me about the owl.\n\nAssistant:")]
-    responses = [tok.encode("Hello.", bos=False, eos=True), tok.encode("It hoots", bos=False)]
-    s = R.Samples.from_generate(prompts, responses, [True, False], tok)
-    rm = R.LearnedReward(model, micro_batch=1)
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    r = rm(s)
-    assert r.shape == (2,) and r.dtype == torch.float32
-    for i in range(2):
-        t, m = D.response_batch([prompts[i]], [responses[i]])
-        with torch.no_grad():
-            assert torch.allclose(r[i], l3m.logp_norm(model(t), t, m)[0], atol=1e-5)
-
-
-@torch.no_grad()
-def held_out_accuracy(model, examples, batch_size=32):
-    """Share of pairs a reward model ranks right, r(y⁺|x) > r(y⁻|x), in eval mode."""
-    model.eval()
-    rewards = [R.preference_rewards(model, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
-    model.train()
-    return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]), torch.cat([m for _, m in rewards]))
-
-
-def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok):
-    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy on the
-    cautious preferences (measured: 99.5 %; the informative ones are learnt through train.py below)."""
-    with one_thread():
-        torch.manual_seed(0)
-        start = time.time()
-        train = D.read_hh(demo.cautious_train, tok).examples
-        test = D.read_hh(demo.cautious_test, tok).examples
-        model = tiny_lm(tok.vocab_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(0)
-        before = held_out_accuracy(model, test)
-        for _ in range(30):
-            idx = torch.randint(len(train), (16,), generator=gen).tolist()
-            loss = R.bradley_terry_loss(*R.preference_rewards(model, [train[i] for i in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        acc = held_out_accuracy(model, test)
-        print(f"\nBradley–Terry cautious: held-out accuracy {before:.3f} -> {acc:.3f} "
-              f"({len(test)} pairs, {time.time() - start:.1f} s)")
-        assert acc >= 0.9
-
-
-# -----------------------------------------------------------------------------
-# reproduce.py: which mean rewards a policy choosing among given responses can reach (Fig. 3 feasibility)
-
-
-def test_pareto_frontier_and_margin_on_a_hand_made_case():
-    import reproduce
-    # prompts with responses {(1, 0), (0, 1)} and {(1, 0), (0, 2)}: the second switches at weight w = 2/3 on r₁,
-    # the first at 1/2, so the averages of the picks are (0, 1.5), (0.5, 1) and (1, 0)
-    scores = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]])]
-    assert np.allclose(reproduce.pareto_frontier(scores), [[0, 1.5], [0.5, 1], [1, 0]])
-    # the same prompt twice: the average of a segment with itself is that segment, no new vertex
-    assert np.allclose(reproduce.pareto_frontier([scores[0]] * 2), [[0, 1], [1, 0]])
-    f = np.array([[0.0, 1.0], [1.0, 0.0]])
-    assert reproduce.frontier_margin(f, 0.0, 0.0) == pytest.approx(0.5)  # (0.5, 0.5) clears both by 0.5
-    assert reproduce.frontier_margin(f, 0.6, 0.6) == pytest.approx(-0.1)  # above the diagonal: infeasible
-    assert reproduce.frontier_margin(f, 0.0, 0.9) == pytest.approx(0.05)  # at (0.05, 0.95), inside a segment
-    assert [(a, b, ok) for a, b, ok, _ in reproduce.feasibility(f, [(0.0, 0.0), (0.6, 0.6)])] == \
-        [(0.0, 0.0, True), (0.6, 0.6, False)]
-
-
-def test_frontier_margin_equals_its_dual_on_random_responses():
-    """max over the reachable set of min(r₁ − a, r₂ − b) = min over w ∈ [0, 1] of h(w) − w·a − (1 − w)·b, with
-    h(w) = mean over prompts of the best w·r₁ + (1 − w)·r₂ (minimax: the set is convex, the objective
-    bilinear). The dual needs no frontier, so it checks pareto_frontier and frontier_margin together. The
-    frontier comes from finitely many weights and may miss a vertex, so its margin is a lower bound: seen
-    6e-6 below the dual with 2001 weights."""
-    import reproduce
-    rng = np.random.default_rng(0)
-    scores = [rng.normal(size=(int(rng.integers(2, 7)), 2)) * [3.0, 1.0] for _ in range(5)]
-    w = np.linspace(0, 1, 20001)[:, None]
-    h = np.mean([(w * s[:, 0] + (1 - w) * s[:, 1]).max(1) for s in scores], 0)  # (W,)
-    frontier = reproduce.pareto_frontier(scores, n_weights=2001)
-    for a, b in [(0.0, 0.0), (1.0, -0.5), (-1.0, 1.0), (3.0, 3.0)]:
-        dual = (h - w[:, 0] * a - (1 - w[:, 0]) * b).min()
-        assert dual - 1e-4 <= reproduce.frontier_margin(frontier, a, b) <= dual + 1e-12
-
-
-def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
-    """reproduce.train keys its cache by the flags: the same flags reuse the report, other flags (a --quick run's
-    SFT model, evaluated without "before", then a full run in the same --out) run train.py again, and so does a
-    report from before flags.json. A cache keyed by the report alone fails the full run with KeyError: 'before'."""
-    import reproduce
-    runs = []
-
-    def fake_run(cmd, **kwargs):  # train.py's stand-in: a report that records its flags
-        runs.append(cmd)
-        out = next(x.split("=", 1)[1] for x in cmd if x.startswith("--out_dir="))
-        Path(out).mkdir(parents=True, exist_ok=True)
-        report = {"flags": cmd[2:], **({"before": {}} if "--eval_before=True" in cmd else {})}
-        Path(out, "report.json").write_text(json.dumps(report))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
-    out = str(tmp_path / "sft")
-    quick = reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d")
-    assert "before" not in quick and len(runs) == 1
-    assert reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d") == quick and len(runs) == 1
-    full = reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
-    assert "before" in full and len(runs) == 2
-    os.remove(tmp_path / "sft" / "flags.json")  # a report cached before flags.json existed
-    reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
-    assert len(runs) == 3
-
-
-def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
-    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags, and whose test
-    split disagrees with its validation split. Every choice must follow the validation split: the grid sits on
-    SFT's validation rewards, MM's η_λ is the one that meets its point there (then runs on every seed), and the
-    recipe chosen is the one that meets it there. A margin run trains on raised thresholds but is judged on the
-    grid's; the 800-step control and the leave-one-out runs get their own folders and flags."""
-    import reproduce
-
-    flags_of = {}
-
-    def fake_train(out, *flags, data_dir):
-        os.makedirs(out, exist_ok=True)
-        flags_of[os.path.basename(out)] = flags
-        f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
-        if f["method"] == "reward":
-            return {"test_accuracy": 0.9}
-        cons = [x.split("=", 1)[1] for x in flags if x.startswith("--constraint")]
-        b = [float(c.split(">=")[1]) for c in cons]
-        if f["method"] == "sft":  # (−5, −10) on the validation split, (−6, −11) on the test split
-            val, test = [-5.0, -10.0], [-6.0, -11.0]
-        elif f["method"] == "mm":  # η_λ = 1 meets its point on the validation split only, 0.1 on the test only
-            val = [x - 0.1 * (f["eta_lam"] != "1.0") for x in b]
-            test = [x - 0.1 * (f["eta_lam"] == "1.0") for x in b]
-        else:  # L3M lands on its thresholds on the test split; on the validation split 0.1 short, 0.01 at 40 steps
-            val, test = [x - (0.01 if f["steps"] == "40" else 0.1) for x in b], b
-        (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0], "C_hat": [0, 0],
-                                                            "lam": [1, 1]}) + "\n")
-
-        def split(got, n, se):
-            return {"n": n, "perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
-                c: {"b": t, "reward_mean": g, "C": t - g, "se": se, "violated_share": 0.5}
-                for c, t, g in zip(cons, b, got)}}
-        return {"val": split(val, 50, 0.02), "after": split(test, 200, 0.01)}
-    monkeypatch.setattr(reproduce, "train", fake_train)
-    (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
-    (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
-    table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
-                                    with_feasibility=True, margin_steps=40, loo=True)
-    # the grid on SFT's validation rewards; a standard error of a 200-prompt mean from 50 prompts' 0.02: 0.01
-    assert summary["sft"]["rewards"] == [-5.0, -10.0] and summary["sft"]["se"] == pytest.approx([0.01, 0.01])
-    steps = {k: next(x for x in v if x.startswith("--steps=")) for k, v in flags_of.items() if "rm_" not in k}
-    long = {f"l3m_margin2_-4.0_-9.5_s{s}_40steps" for s in (0, 1)} | {f"l3m_-4.0_-9.5_s{s}_40steps" for s in (0, 1)}
-    assert {k for k, v in steps.items() if v == "--steps=40"} == long
-    assert {k for k, v in flags_of.items() if "--baseline=loo" in v} == {f"l3m_loo_-4.0_-9.5_s{s}" for s in (0, 1)}
-    assert all(f"--eval_every={v[8:]}" in flags_of[k] for k, v in steps.items())  # a validation of the final model
-    # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
-    assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
-    assert summary["best_eta_lam"] == 1.0 and summary["recipe"] == ("l3m+margin", 40)
-    runs = {(r["method"], r["seed"], r["eta_lam"], r["steps"]): r for r in summary["runs"]}
-    assert set(runs) == {(m, s, None, n) for m, n in [("l3m", 10), ("l3m+loo", 10), ("l3m+margin", 10), ("l3m", 40),
-                                                       ("l3m+margin", 40)] for s in (0, 1)} | {
-        ("mm", 0, 0.1, 10), ("mm", 0, 1.0, 10), ("mm", 1, 1.0, 10)}
-    margin = runs["l3m+margin", 0, None, 10]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
-    assert (margin["informative"], margin["a"]) == (pytest.approx(-3.98), -4.0)
-    assert [v["C"] for v in margin["verdicts"]] == pytest.approx([-0.02, -0.02])
-    assert [v["C"] for v in margin["val_verdicts"]] == pytest.approx([0.08, 0.08])
-    assert "| (−4.00, −9.50) |" not in table and "| (-4.00, -9.50) |" in table and "2/2 ✓" in table
-    assert "raised by 2 standard errors (0.02, 0.02), 40 steps (chosen) | 2/2 ✓ | 2/2 ✓ | 2/2 ✓ |" in table
-
-
-def test_reproduce_verdicts_and_ledger_summary(tmp_path):
-    """A run's verdicts (worst constraint wins; a margin run judged on the untightened thresholds) and the
-    ledger summary (second half of the constraint steps only), against hand computations."""
-    import reproduce
-    report = {"after": {"constraints": {"a>=1": {"C": -0.1, "se": 0.2, "reward_mean": 1.1},
-                                        "b>=2": {"C": 0.3, "se": 0.2, "reward_mean": 1.7}}}}
-    v = reproduce.verdicts(report)
-    assert [x["verdict"] for x in v] == ["satisfied", "within noise"] and reproduce.overall(v) == "within noise"
-    v = reproduce.verdicts(report, thresholds=[0.5, 2.5])  # C = b − mean reward: −0.6 and 0.8 = 4 se
-    assert [x["C"] for x in v] == pytest.approx([-0.6, 0.8]) and reproduce.overall(v) == "violated"
-    assert reproduce.counts([{"verdicts": v}, {"verdicts": v[:1]}], 3) == "1/3 ✓, 1 ✗"
-    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "C_hat": [0, 0], "lam": lam} for c, lam in
-                                  [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]), (3.0, [0.5, 1.0])]]
-    steps.append({"kind": "constraint", "skipped": True})  # a non-finite reward: no C, not counted
-    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-    summary = reproduce.ledger_summary(str(tmp_path))
-    assert summary["late_C"] == pytest.approx([2.0, -2.0]) and summary["one_sided_share"] == 0.5
-
-
-# -----------------------------------------------------------------------------
-# Constraints on the command line
-
-
-def test_verdict_reads_C_against_its_standard_error():
-    assert [R.verdict(C, 0.5) for C in (-0.1, 0.0, 1e-9, 1.0, 1.0001)] == \
-        ["satisfied", "satisfied", "within noise", "within noise", "violated"]
-    # A model exactly on its threshold: its test estimate C ~ N(0, se²) reads satisfied half the time and
-    # violated with probability 1 − Φ(2) = 0.0228. 40,000 draws: binomial std ≤ 0.0025 for either share.
-    C = np.random.default_rng(0).normal(0.0, 0.3, 40_000)
-    reads = [R.verdict(float(x), 0.3) for x in C]
-    assert reads.count("satisfied") / len(C) == pytest.approx(0.5, abs=0.01)
-    assert reads.count("violated") / len(C) == pytest.approx(0.0228, abs=0.003)
-
-
-def test_parse_constraints():
-    length = R.length_reward
-    helpful = lambda s: torch.tensor([2.0, 3.5])
-    rewards = {"length": length, "helpful": helpful}
-    c = R.parse_constraint(" helpful >= 3 ", rewards)
-    assert (c.name, c.b) == ("helpful >= 3", 3.0) and c.reward is helpful
-    c = R.parse_constraint("helpful<=-1.5e0", rewards)
-    assert c.b == 1.5 and c.reward(None).tolist() == [-2.0, -3.5]
-    c = R.parse_constraint("P[helpful>=3]>=0.9", rewards)
-    assert c.b == 0.9 and c.reward(None).tolist() == [0.0, 1.0]
-    assert c.cost(None).tolist() == pytest.approx([0.9, -0.1])
-    c = R.parse_constraint("P[ helpful <= 3 ] >= .5", rewards)
-    assert c.reward(None).tolist() == [1.0, 0.0]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("length=>50", r"use >= or <="),
-    ("length>50", r"use >= or <="),
-    ("length==50", r"use >= or <="),
-    ("length>=fifty", r"cannot read 'length>=fifty'"),
-    ("helpfulness>=3", r"unknown reward 'helpfulness'; known rewards: helpful, length"),
-    ("P[helpful>=3]>=1.5", r"a probability must lie in \(0, 1\]"),
-    ("P[helpful>=3]<=0.1", r"chance constraint reads P\[NAME>=NUMBER\]>=PROB"),
-    ("", r"expected NAME>=NUMBER, NAME<=NUMBER, P\[NAME>=NUMBER\]>=PROB"),
-])
-def test_parse_constraint_errors(text, message):
-    with pytest.raises(R.ConstraintError, match=message):
-        R.parse_constraint(text, {"length": R.length_reward, "helpful": R.length_reward})
-
-
-def test_duplicate_constraints_rejected():
-    with pytest.raises(R.ConstraintError, match="given twice"):
-        R.parse_constraints(["length>=5", "length>=5"], {"length": R.length_reward})
 
 
 # -----------------------------------------------------------------------------
@@ -3080,3 +2937,146 @@ def test_demo_pipeline_end_to_end(tmp_path, data_dir):
             assert c["se"] == pytest.approx(r["length_se"]) and c["verdict"] == R.verdict(c["C"], c["se"])
         assert (low["satisfied"] and high["satisfied"]) == (20 <= r["length_mean"] <= 35)
     assert len(report["lam_hat"]) == 2 and all(x >= 0 for x in report["lam_hat"])
+
+
+# -----------------------------------------------------------------------------
+# reproduce.py: which mean rewards a policy choosing among given responses can reach (Fig. 3 feasibility)
+
+
+def test_pareto_frontier_and_margin_on_a_hand_made_case():
+    import reproduce
+    # prompts with responses {(1, 0), (0, 1)} and {(1, 0), (0, 2)}: the second switches at weight w = 2/3 on r₁,
+    # the first at 1/2, so the averages of the picks are (0, 1.5), (0.5, 1) and (1, 0)
+    scores = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]])]
+    assert np.allclose(reproduce.pareto_frontier(scores), [[0, 1.5], [0.5, 1], [1, 0]])
+    # the same prompt twice: the average of a segment with itself is that segment, no new vertex
+    assert np.allclose(reproduce.pareto_frontier([scores[0]] * 2), [[0, 1], [1, 0]])
+    f = np.array([[0.0, 1.0], [1.0, 0.0]])
+    assert reproduce.frontier_margin(f, 0.0, 0.0) == pytest.approx(0.5)  # (0.5, 0.5) clears both by 0.5
+    assert reproduce.frontier_margin(f, 0.6, 0.6) == pytest.approx(-0.1)  # above the diagonal: infeasible
+    assert reproduce.frontier_margin(f, 0.0, 0.9) == pytest.approx(0.05)  # at (0.05, 0.95), inside a segment
+    assert [(a, b, ok) for a, b, ok, _ in reproduce.feasibility(f, [(0.0, 0.0), (0.6, 0.6)])] == \
+        [(0.0, 0.0, True), (0.6, 0.6, False)]
+
+
+def test_frontier_margin_equals_its_dual_on_random_responses():
+    """max over the reachable set of min(r₁ − a, r₂ − b) = min over w ∈ [0, 1] of h(w) − w·a − (1 − w)·b, with
+    h(w) = mean over prompts of the best w·r₁ + (1 − w)·r₂ (minimax: the set is convex, the objective
+    bilinear). The dual needs no frontier, so it checks pareto_frontier and frontier_margin together. The
+    frontier comes from finitely many weights and may miss a vertex, so its margin is a lower bound: seen
+    6e-6 below the dual with 2001 weights."""
+    import reproduce
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(size=(int(rng.integers(2, 7)), 2)) * [3.0, 1.0] for _ in range(5)]
+    w = np.linspace(0, 1, 20001)[:, None]
+    h = np.mean([(w * s[:, 0] + (1 - w) * s[:, 1]).max(1) for s in scores], 0)  # (W,)
+    frontier = reproduce.pareto_frontier(scores, n_weights=2001)
+    for a, b in [(0.0, 0.0), (1.0, -0.5), (-1.0, 1.0), (3.0, 3.0)]:
+        dual = (h - w[:, 0] * a - (1 - w[:, 0]) * b).min()
+        assert dual - 1e-4 <= reproduce.frontier_margin(frontier, a, b) <= dual + 1e-12
+
+
+def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
+    """reproduce.train keys its cache by the flags: the same flags reuse the report, other flags (a --quick run's
+    SFT model, evaluated without "before", then a full run in the same --out) run train.py again, and so does a
+    report from before flags.json. A cache keyed by the report alone fails the full run with KeyError: 'before'."""
+    import reproduce
+    runs = []
+
+    def fake_run(cmd, **kwargs):  # train.py's stand-in: a report that records its flags
+        runs.append(cmd)
+        out = next(x.split("=", 1)[1] for x in cmd if x.startswith("--out_dir="))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        report = {"flags": cmd[2:], **({"before": {}} if "--eval_before=True" in cmd else {})}
+        Path(out, "report.json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    out = str(tmp_path / "sft")
+    quick = reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d")
+    assert "before" not in quick and len(runs) == 1
+    assert reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d") == quick and len(runs) == 1
+    full = reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
+    assert "before" in full and len(runs) == 2
+    os.remove(tmp_path / "sft" / "flags.json")  # a report cached before flags.json existed
+    reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
+    assert len(runs) == 3
+
+
+def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
+    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags, and whose test
+    split disagrees with its validation split. Every choice must follow the validation split: the grid sits on
+    SFT's validation rewards, MM's η_λ is the one that meets its point there (then runs on every seed), and the
+    recipe chosen is the one that meets it there. A margin run trains on raised thresholds but is judged on the
+    grid's; the 800-step control and the leave-one-out runs get their own folders and flags."""
+    import reproduce
+
+    flags_of = {}
+
+    def fake_train(out, *flags, data_dir):
+        os.makedirs(out, exist_ok=True)
+        flags_of[os.path.basename(out)] = flags
+        f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
+        if f["method"] == "reward":
+            return {"test_accuracy": 0.9}
+        cons = [x.split("=", 1)[1] for x in flags if x.startswith("--constraint")]
+        b = [float(c.split(">=")[1]) for c in cons]
+        if f["method"] == "sft":  # (−5, −10) on the validation split, (−6, −11) on the test split
+            val, test = [-5.0, -10.0], [-6.0, -11.0]
+        elif f["method"] == "mm":  # η_λ = 1 meets its point on the validation split only, 0.1 on the test only
+            val = [x - 0.1 * (f["eta_lam"] != "1.0") for x in b]
+            test = [x - 0.1 * (f["eta_lam"] == "1.0") for x in b]
+        else:  # L3M lands on its thresholds on the test split; on the validation split 0.1 short, 0.01 at 40 steps
+            val, test = [x - (0.01 if f["steps"] == "40" else 0.1) for x in b], b
+        (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0], "C_hat": [0, 0],
+                                                            "lam": [1, 1]}) + "\n")
+
+        def split(got, n, se):
+            return {"n": n, "perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
+                c: {"b": t, "reward_mean": g, "C": t - g, "se": se, "violated_share": 0.5}
+                for c, t, g in zip(cons, b, got)}}
+        return {"val": split(val, 50, 0.02), "after": split(test, 200, 0.01)}
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
+    (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
+    table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
+                                    with_feasibility=True, margin_steps=40, loo=True)
+    # the grid on SFT's validation rewards; a standard error of a 200-prompt mean from 50 prompts' 0.02: 0.01
+    assert summary["sft"]["rewards"] == [-5.0, -10.0] and summary["sft"]["se"] == pytest.approx([0.01, 0.01])
+    steps = {k: next(x for x in v if x.startswith("--steps=")) for k, v in flags_of.items() if "rm_" not in k}
+    long = {f"l3m_margin2_-4.0_-9.5_s{s}_40steps" for s in (0, 1)} | {f"l3m_-4.0_-9.5_s{s}_40steps" for s in (0, 1)}
+    assert {k for k, v in steps.items() if v == "--steps=40"} == long
+    assert {k for k, v in flags_of.items() if "--baseline=loo" in v} == {f"l3m_loo_-4.0_-9.5_s{s}" for s in (0, 1)}
+    assert all(f"--eval_every={v[8:]}" in flags_of[k] for k, v in steps.items())  # a validation of the final model
+    # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
+    assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
+    assert summary["best_eta_lam"] == 1.0 and summary["recipe"] == ("l3m+margin", 40)
+    runs = {(r["method"], r["seed"], r["eta_lam"], r["steps"]): r for r in summary["runs"]}
+    assert set(runs) == {(m, s, None, n) for m, n in [("l3m", 10), ("l3m+loo", 10), ("l3m+margin", 10), ("l3m", 40),
+                                                       ("l3m+margin", 40)] for s in (0, 1)} | {
+        ("mm", 0, 0.1, 10), ("mm", 0, 1.0, 10), ("mm", 1, 1.0, 10)}
+    margin = runs["l3m+margin", 0, None, 10]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
+    assert (margin["informative"], margin["a"]) == (pytest.approx(-3.98), -4.0)
+    assert [v["C"] for v in margin["verdicts"]] == pytest.approx([-0.02, -0.02])
+    assert [v["C"] for v in margin["val_verdicts"]] == pytest.approx([0.08, 0.08])
+    assert "| (−4.00, −9.50) |" not in table and "| (-4.00, -9.50) |" in table and "2/2 ✓" in table
+    assert "raised by 2 standard errors (0.02, 0.02), 40 steps (chosen) | 2/2 ✓ | 2/2 ✓ | 2/2 ✓ |" in table
+
+
+def test_reproduce_verdicts_and_ledger_summary(tmp_path):
+    """A run's verdicts (worst constraint wins; a margin run judged on the untightened thresholds) and the
+    ledger summary (second half of the constraint steps only), against hand computations."""
+    import reproduce
+    report = {"after": {"constraints": {"a>=1": {"C": -0.1, "se": 0.2, "reward_mean": 1.1},
+                                        "b>=2": {"C": 0.3, "se": 0.2, "reward_mean": 1.7}}}}
+    v = reproduce.verdicts(report)
+    assert [x["verdict"] for x in v] == ["satisfied", "within noise"] and reproduce.overall(v) == "within noise"
+    v = reproduce.verdicts(report, thresholds=[0.5, 2.5])  # C = b − mean reward: −0.6 and 0.8 = 4 se
+    assert [x["C"] for x in v] == pytest.approx([-0.6, 0.8]) and reproduce.overall(v) == "violated"
+    assert reproduce.counts([{"verdicts": v}, {"verdicts": v[:1]}], 3) == "1/3 ✓, 1 ✗"
+    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "C_hat": [0, 0], "lam": lam} for c, lam in
+                                  [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]), (3.0, [0.5, 1.0])]]
+    steps.append({"kind": "constraint", "skipped": True})  # a non-finite reward: no C, not counted
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    summary = reproduce.ledger_summary(str(tmp_path))
+    assert summary["late_C"] == pytest.approx([2.0, -2.0]) and summary["one_sided_share"] == 0.5
