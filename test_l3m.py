@@ -2573,14 +2573,14 @@ def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypat
     assert task_rows == [4, 4] * kinds.count("task")
 
 
-def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, data_dir):
+def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, data_dir, tiny_base):
     """--margin=δ: a constraint step's costs are c_i + δ_i, so Ĉ aims at C_i ≤ −δ_i, while evaluations keep
     c_i. The first constraint step follows the same task steps in both runs and samples alike, so its batch
-    mean C moves by exactly δ; the demo base's test report, before training, is the same. Catches the margin
+    mean C moves by exactly δ; tiny_base's test report, before training, is the same. Catches the margin
     ignored, subtracted, swapped between constraints, or carried into the evaluations."""
     runs = {}
     for name, margins in (("plain", []), ("margin", ["--margin=0.25", "--margin=3"])):
-        run_train(tmp_path / name, data_dir, "--init=demo", "--method=l3m", "--steps=4", *margins)
+        run_train(tmp_path / name, data_dir, f"--init={tiny_base}", "--method=l3m", "--steps=4", *margins)
         first = next(r for r in ledger(tmp_path / name) if r["kind"] == "constraint")
         report = json.loads((tmp_path / name / "report.json").read_text())
         runs[name] = first, report["before"]["constraints"]
