@@ -1,14 +1,14 @@
-"""The paper's Fig. 1–3 at toy scale, on the demo data and the demo base model (train.py --init=demo).
+"""The paper's Fig. 1–3 at toy scale, on the demo data and its base model (train.py --init=demo).
 
     python reproduce.py --quick     # one band, one grid point, one seed
-    python reproduce.py             # ten bands and five grid points, three seeds each (about 2.5 hours on 2 cores)
-    python reproduce.py --real_model out/smollm2 --runs sft l3m_band l3m_short   # smollm2.sh's summary
+    python reproduce.py             # ten bands, five grid points, three seeds each (2.5 h, 2 cores)
+    python reproduce.py --real_model out/smollm2 --runs sft l3m_band l3m_short  # smollm2.sh's table
 
-Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each) whose report.json is
-read back. Results go to --out (default out/reproduce): results.json, results.md and, when matplotlib
-is installed, fig1.png (the barrier family), fig2.png (length distributions against their bands),
-fig3.png (the two learned rewards reached by L3M and MM) and trajectory.png (one L3M run's µ, Ĉ, λ̂ and
-batch rewards over its steps).
+Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each)
+whose report.json is read back. Results go to --out (default out/reproduce): results.json,
+results.md and, when matplotlib is installed, fig1.png (the barrier family), fig2.png (length
+distributions against their bands), fig3.png (the two learned rewards reached by L3M and MM) and
+trajectory.png (one L3M run's µ, Ĉ, λ̂ and batch rewards over its steps).
 
 Toy-scale choices: the demo base's responses are ~40 tokens where LLaMA-7B SFT's are ~120, so the
 paper's length bands are divided by 3.125 (e.g. [50, 100] -> [16, 32]). The two reward models
@@ -32,19 +32,22 @@ import torch
 import l3m
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FULL_BANDS = [(16, 32), (32, 48), (16, 24), (24, 32), (32, 40), (40, 48), (24, 28), (28, 32), (32, 36), (36, 40)]
+FULL_BANDS = [(16, 32), (32, 48), (16, 24), (24, 32), (32, 40), (40, 48), (24, 28), (28, 32),
+              (32, 36), (36, 40)]
 QUICK_BANDS = [(16, 24)]
-# (informative, cautious) thresholds as offsets from the SFT model's mean rewards, in nats of ℓ̄, along the
-# trade-off the paper's grid walks: raise one, the other, or both a little.
+# (informative, cautious) thresholds as offsets from the SFT model's mean rewards, in nats of ℓ̄,
+# along the trade-off the paper's grid walks: raise one, the other, or both a little.
 FULL_GRID = [(1.0, -0.5), (1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (-0.5, 1.0)]
 QUICK_GRID = [(1.0, 0.0)]
 FIG3_LR = 1e-4
 RM_STEPS = 60
 
 
-LANES = threading.Semaphore(2)  # jobs at once, over both figures: one per core of the 2-core machine
-# Fig. 3 is a chain (reward models, then the SFT model that places its thresholds, then L3M beside MM): its reward
-# models take both lanes first, and Fig. 2's runs fill the lanes the chain leaves free after them.
+# jobs at once, over both figures: one per core of the 2-core machine
+LANES = threading.Semaphore(2)
+# Fig. 3 is a chain (reward models, then the SFT model that places its thresholds, then L3M beside
+# MM): its reward models take both lanes first, and Fig. 2's runs fill the lanes the chain leaves
+# free after them.
 REWARD_MODELS_DONE = threading.Event()
 
 
@@ -55,9 +58,9 @@ def in_lane(f, *a, **k):
 
 
 def train(out: str, *flags, data_dir: str) -> dict:
-    """Run train.py once and return its report. The run is skipped when its report exists and was made
-    with the same flags (flags.json beside it): a --quick run's SFT model, evaluated without its "before"
-    block, is not what a full run in the same --out may reuse."""
+    """Run train.py once and return its report. The run is skipped when its report exists and was
+    made with the same flags (flags.json beside it): a --quick run's SFT model, evaluated without
+    its "before" block, is not what a full run in the same --out may reuse."""
     report, made_with = os.path.join(out, "report.json"), os.path.join(out, "flags.json")
     args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--overwrite=True", *flags]
     same = False
@@ -67,7 +70,8 @@ def train(out: str, *flags, data_dir: str) -> dict:
     if not same:
         # none, cut short (no report) or made with other flags: run it (again)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), *args]
-        p = in_lane(subprocess.run, cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = in_lane(subprocess.run, cmd, capture_output=True, text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"})
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
         with open(made_with, "w") as f:
@@ -103,9 +107,9 @@ MARK = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}  # rewards
 
 
 def verdicts(report: dict, thresholds=None, split: str = "after") -> list:
-    """Each constraint's verdict on the test split ("after"; "val": the validation split), as C ± its standard
-    error (rewards.verdict); judged against `thresholds` (one b per constraint) where a run was trained on
-    raised ones."""
+    """Each constraint's verdict on the test split ("after"; "val": the validation split), as C ±
+    its standard error (rewards.verdict); judged against `thresholds` (one b per constraint) where a
+    run was trained on raised ones."""
     import rewards
     out = []
     for j, c in enumerate(report[split]["constraints"].values()):
@@ -129,7 +133,8 @@ def spread(xs, digits: int = 2) -> str:
 def counts(runs: list, n: int) -> str:
     """'k/n ✓' and, where any, the within-noise and violated counts."""
     tally = [sum(overall(r["verdicts"]) == v for r in runs) for v in MARK]
-    return f"{tally[0]}/{n} ✓" + "".join(f", {t} {m}" for t, m in zip(tally[1:], list(MARK.values())[1:]) if t)
+    others = zip(tally[1:], list(MARK.values())[1:])
+    return f"{tally[0]}/{n} ✓" + "".join(f", {t} {m}" for t, m in others if t)
 
 
 def run_all(jobs: dict, data_dir: str) -> dict:
@@ -139,37 +144,45 @@ def run_all(jobs: dict, data_dir: str) -> dict:
         return {o: f.result() for o, f in futures.items()}
 
 
-def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list, with_sft: bool = True) -> tuple:
-    """SFT and length-constrained L3Ms (paper Fig. 2) over seeds: mean length, task perplexity, how many
-    seeds land inside each band. Without with_sft, the first band's run evaluates the base model instead."""
+def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list,
+         with_sft: bool = True) -> tuple:
+    """SFT and length-constrained L3Ms (paper Fig. 2) over seeds: mean length, task perplexity,
+    how many seeds land inside each band. Without with_sft, the first band's run evaluates the
+    base model instead."""
     REWARD_MODELS_DONE.wait()
     models = {"SFT": ["--method=sft", "--eval_before=True"]} if with_sft else {}
-    models.update({f"L3M [{lo}, {hi}]": ["--method=l3m", f"--constraint=length>={lo}", f"--constraint=length<={hi}"]
-                   + ([] if with_sft or i else ["--eval_before=True"]) for i, (lo, hi) in enumerate(bands)})
-    folder = {(name, s): os.path.join(out, "fig2", name.replace(" ", "").replace(",", "-") + f"_s{s}")
-              for name in models for s in seeds}
-    reports = run_all({folder[k]: [f"--steps={steps}", f"--seed={k[1]}", *common, *models[k[0]]] for k in folder
-                       if k[0] != "SFT" or k[1] == seeds[0]}, data_dir)  # SFT, the reference, on one seed
-    table = ["| model | mean length (over seeds) | quartiles (seed 0) | task perplexity | length test mean ± "
-             "std. error per seed | inside the band |", "|---|---|---|---|---|---|"]
+    for i, (lo, hi) in enumerate(bands):
+        flags = ["--method=l3m", f"--constraint=length>={lo}", f"--constraint=length<={hi}"]
+        models[f"L3M [{lo}, {hi}]"] = flags + ([] if with_sft or i else ["--eval_before=True"])
+    folder = {(name, s): os.path.join(out, "fig2", name.replace(" ", "").replace(",", "-")
+                                      + f"_s{s}") for name in models for s in seeds}
+    # SFT, the reference, on one seed
+    reports = run_all({folder[k]: [f"--steps={steps}", f"--seed={k[1]}", *common, *models[k[0]]]
+                       for k in folder if k[0] != "SFT" or k[1] == seeds[0]}, data_dir)
+    table = ["| model | mean length (over seeds) | quartiles (seed 0) | task perplexity | length "
+             "test mean ± std. error per seed | inside the band |", "|---|---|---|---|---|---|"]
     base = reports[folder[next(iter(models)), seeds[0]]]["before"]
-    table.append(f"| base (demo pretraining) | {base['length_mean']:.1f} | {base['length_q1']:.0f} / "
-                 f"{base['length_median']:.0f} / {base['length_q3']:.0f} | {base['perplexity_mean']:.3f} | | |")
+    table.append(f"| base (demo pretraining) | {base['length_mean']:.1f} | {base['length_q1']:.0f} "
+                 f"/ {base['length_median']:.0f} / {base['length_q3']:.0f} | "
+                 f"{base['perplexity_mean']:.3f} | | |")
     results = []
     for name in models:
-        runs = [{"seed": s, **reports[folder[name, s]]["after"]} for s in seeds if folder[name, s] in reports]
+        runs = [{"seed": s, **reports[folder[name, s]]["after"]} for s in seeds
+                if folder[name, s] in reports]
         for run in runs:
             run["verdicts"] = list(run["constraints"].values())
         r0 = runs[0]
         inside = counts(runs, len(seeds)) if name != "SFT" else ""
-        table.append(f"| {name} | {spread([r['length_mean'] for r in runs])} | {r0['length_q1']:.0f} / "
-                     f"{r0['length_median']:.0f} / {r0['length_q3']:.0f} | "
+        table.append(f"| {name} | {spread([r['length_mean'] for r in runs])} | "
+                     f"{r0['length_q1']:.0f} / {r0['length_median']:.0f} / {r0['length_q3']:.0f} | "
                      f"{spread([r['perplexity_mean'] for r in runs], 3)} | "
-                     + ", ".join(f"{r['length_mean']:.1f} ± {r['length_se']:.1f}" for r in runs) + f" | {inside} |")
-        results.append({"model": name, "band": None if name == "SFT" else bands[len(results) - with_sft], "runs": [
-            {k: r[k] for k in ("seed", "length_mean", "length_se", "length_p10", "length_q1", "length_median",
-                               "length_q3", "length_p90", "perplexity_mean", "perplexity_std", "verdicts")}
-            for r in runs]})
+                     + ", ".join(f"{r['length_mean']:.1f} ± {r['length_se']:.1f}" for r in runs)
+                     + f" | {inside} |")
+        keys = ("seed", "length_mean", "length_se", "length_p10", "length_q1", "length_median",
+                "length_q3", "length_p90", "perplexity_mean", "perplexity_std", "verdicts")
+        band = None if name == "SFT" else bands[len(results) - with_sft]
+        kept = [{k: r[k] for k in keys} for r in runs]
+        results.append({"model": name, "band": band, "runs": kept})
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 4.5))
@@ -181,10 +194,11 @@ def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list, with_s
         for i, r in enumerate(results, start=1):
             ax.plot([i] * len(r["runs"]), [x["length_mean"] for x in r["runs"]], "k.", ms=4)
             if r["band"]:
-                ax.plot([i - 0.4, i + 0.4], [r["band"][0]] * 2, "r-", [i - 0.4, i + 0.4], [r["band"][1]] * 2, "r-")
+                ax.plot([i - 0.4, i + 0.4], [r["band"][0]] * 2, "r-", [i - 0.4, i + 0.4],
+                        [r["band"][1]] * 2, "r-")
         ax.set_ylabel("response length (tokens)")
-        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale): seed 0's box (quartiles, p10–p90), ▲ its mean, "
-                     "• every seed's mean, red the band", fontsize=8)
+        ax.set_title("Length-constrained L3Ms (Fig. 2, toy scale): seed 0's box (quartiles, "
+                     "p10–p90), ▲ its mean, • every seed's mean, red the band", fontsize=8)
         plt.xticks(rotation=30, ha="right")
         plt.tight_layout()
         plt.savefig(os.path.join(out, "fig2.png"), dpi=120)
@@ -195,56 +209,70 @@ def fig2(out: str, bands, seeds, steps: int, data_dir: str, common: list, with_s
 REWARDS = ("informative", "cautious")
 
 
-def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: list, before: bool = True) -> tuple:
-    """The two reward models (trained if missing) and the SFT model every Fig. 3 run is compared with:
-    (held-out accuracy per reward model, the --reward_model flags, SFT's report, with the base model's rewards
-    unless not `before`)."""
+def fig3_references(out: str, steps: int, rm_steps: int, data_dir: str, common: list,
+                    before: bool = True) -> tuple:
+    """The two reward models (trained if missing) and the SFT model every Fig. 3 run is compared
+    with: (held-out accuracy per reward model, the --reward_model flags, SFT's report, with the base
+    model's rewards unless not `before`)."""
     f3 = os.path.join(out, "fig3")
-    rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}", f"--steps={rm_steps}",
-                                                 "--eval_every=20", "--lr=1e-3"] for n in REWARDS}, data_dir)
+    rms = run_all({os.path.join(f3, f"rm_{n}"): ["--method=reward", f"--demo_reward={n}",
+                                                 f"--steps={rm_steps}", "--eval_every=20",
+                                                 "--lr=1e-3"] for n in REWARDS}, data_dir)
     REWARD_MODELS_DONE.set()
     accuracy = {n: rms[os.path.join(f3, f"rm_{n}")]["test_accuracy"] for n in REWARDS}
     rm_flags = [f"--reward_model={n}={os.path.join(f3, f'rm_{n}', 'best')}" for n in REWARDS]
-    # thresholds so low that they only make the report carry the SFT model's mean rewards and their spread
+    # thresholds so low that they only make the report carry the SFT model's mean rewards and
+    # their spread
+    # its rewards on the validation split place the grid
     sft = train(os.path.join(f3, "sft"), "--method=sft", f"--steps={steps}", *rm_flags,
-                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common, f"--eval_before={before}",
-                f"--eval_every={steps}", data_dir=data_dir)  # its rewards on the validation split place the grid
+                "--constraint=informative>=-100", "--constraint=cautious>=-100", *common,
+                f"--eval_before={before}", f"--eval_every={steps}", data_dir=data_dir)
     return accuracy, rm_flags, sft
 
 
-def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_dir: str, common: list,
-         with_feasibility: bool, margin_steps: int = 0, loo: bool = False) -> tuple:
-    """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3), over seeds.
+def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_dir: str,
+         common: list, with_feasibility: bool, margin_steps: int = 0, loo: bool = False) -> tuple:
+    """Two learned rewards, a grid of (r₁ ≥ a, r₂ ≥ b) constraints, L3M vs MM (paper Fig. 3),
+    over seeds.
 
     Every setting is chosen on the validation split, and the test split is read for what was chosen:
-    - the grid, and the standard error a margin is counted in, sit on the SFT model's validation rewards;
-    - MM runs every η_λ in `etas` on the first seed, and the one that does best on the validation split
-      (val_score) on the others;
-    - with margin_z, L3M also trains on thresholds raised by margin_z standard errors of a test mean and is
-      judged on the grid's: the recipe for a constraint that must hold on new prompts. With margin_steps, it
-      also trains that many steps, beside plain L3M for as many (the control: is it the margin or the steps?).
-      The recipe that does best on the validation split is the chosen one.
-    With loo, plain L3M runs again with --baseline=loo at every point and seed (l3m.loo_baseline)."""
+    - the grid, and the standard error a margin is counted in, sit on the SFT
+      model's validation rewards;
+    - MM runs every η_λ in `etas` on the first seed, and the one that does best on the validation
+      split (val_score) on the others;
+    - with margin_z, L3M also trains on thresholds raised by margin_z standard errors of a test
+      mean and is judged on the grid's: the recipe for a constraint that must hold on new prompts.
+      With margin_steps, it also trains that many steps, beside plain L3M for as many (the
+      control: is it the margin or the steps?). The recipe that does best on the validation split
+      is the chosen one.
+    With loo, plain L3M runs again with --baseline=loo at every point
+    and seed (l3m.loo_baseline)."""
     names, f3 = REWARDS, os.path.join(out, "fig3")
-    accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common, before=with_feasibility)
+    accuracy, rm_flags, sft = fig3_references(out, steps, rm_steps, data_dir, common,
+                                              before=with_feasibility)
     val = sft["val"]["constraints"]
     m = [val[f"{n}>=-100"]["reward_mean"] for n in names]
-    # the standard error of a mean over the test split's n prompts, from the validation split's spread
+    # the standard error of a mean over the test split's n prompts, from the validation
+    # split's spread
     se = [val[f"{n}>=-100"]["se"] * math.sqrt(sft["val"]["n"] / sft["after"]["n"]) for n in names]
     points = [(round(m[0] + da, 2), round(m[1] + db, 2)) for da, db in grid]
     feas, feas_path, side = {}, os.path.join(f3, "feasibility.json"), ThreadPoolExecutor(1)
-    if with_feasibility and not os.path.isfile(feas_path):  # beside the training runs, in a lane of its own
+    # beside the training runs, in a lane of its own
+    if with_feasibility and not os.path.isfile(feas_path):
         side.submit(in_lane, fig3_feasibility, out, data_dir, steps, rm_steps, common, grid=grid)
 
     def job(method, a, b, seed, eta=None, n=steps):
         """(key, folder, flags) of one run; method: l3m, l3m+loo, l3m+margin or mm."""
         key = (method, a, b, seed, eta, n)
         tight = method == "l3m+margin"
-        ta, tb = (round(a + margin_z * se[0], 2), round(b + margin_z * se[1], 2)) if tight else (a, b)
-        name = method.replace("+", "_") + (f"{margin_z:g}" if tight else "") + f"_{a}_{b}_s{seed}" + (
-            f"_eta{eta:g}" if eta is not None else "") + (f"_{n}steps" if n != steps else "")
-        flags = [f"--method={method.split('+')[0]}", f"--steps={n}", f"--seed={seed}", *rm_flags, *common,
-                 f"--eval_every={n}", f"--constraint=informative>={ta}", f"--constraint=cautious>={tb}"]
+        ta, tb = (a, b)
+        if tight:
+            ta, tb = round(a + margin_z * se[0], 2), round(b + margin_z * se[1], 2)
+        name = method.replace("+", "_") + (f"{margin_z:g}" if tight else "") + f"_{a}_{b}_s{seed}"
+        name += (f"_eta{eta:g}" if eta is not None else "") + (f"_{n}steps" if n != steps else "")
+        flags = [f"--method={method.split('+')[0]}", f"--steps={n}", f"--seed={seed}", *rm_flags,
+                 *common, f"--eval_every={n}", f"--constraint=informative>={ta}",
+                 f"--constraint=cautious>={tb}"]
         flags += [f"--eta_lam={eta}"] if eta is not None else []
         flags += ["--baseline=loo"] if method == "l3m+loo" else []
         return key, os.path.join(f3, name), flags
@@ -253,59 +281,70 @@ def fig3(out: str, grid, seeds, etas, margin_z, steps: int, rm_steps: int, data_
         done = run_all({o: f for _, o, f in jobs}, data_dir)
         return {key: done[o] for key, o, _ in jobs}
 
-    # the recipes for a constraint that must hold, at both ends of the grid and in its middle: (method, steps)
+    # the recipes for a constraint that must hold, at both ends of the grid and in its middle:
+    # (method, steps)
     recipes = [("l3m", steps)] + ([("l3m+margin", steps)] if margin_z else [])
     if margin_steps and margin_steps != steps:
         recipes += [("l3m", margin_steps)] + ([("l3m+margin", margin_steps)] if margin_z else [])
     jobs = [job("l3m", a, b, s) for a, b in points for s in seeds]
     jobs += [job("l3m+loo", a, b, s) for a, b in points for s in seeds] if loo else []
     jobs += [job("mm", a, b, seeds[0], eta) for a, b in points for eta in etas]
-    jobs += [job(method, a, b, s, n=n) for method, n in recipes[1:] for a, b in points[::2] for s in seeds]
-    jobs.sort(key=lambda j: -j[0][-1])  # the longest runs first, so that both lanes end about together
+    jobs += [job(method, a, b, s, n=n) for method, n in recipes[1:] for a, b in points[::2]
+             for s in seeds]
+    # the longest runs first, so that both lanes end about together
+    jobs.sort(key=lambda j: -j[0][-1])
     reports = run_jobs(jobs)
 
     def val_of(key):
         return {"verdicts": verdicts(reports[key], key[1:3], split="val")}
-    best = max(etas, key=lambda eta: val_score([val_of(("mm", a, b, seeds[0], eta, steps)) for a, b in points]))
+    best = max(etas, key=lambda eta: val_score([val_of(("mm", a, b, seeds[0], eta, steps))
+                                                for a, b in points]))
     reports.update(run_jobs([job("mm", a, b, s, best) for a, b in points for s in seeds[1:]]))
     recipe = max(recipes, key=lambda r: val_score([val_of((r[0], a, b, s, None, r[1]))
                                                    for a, b in points[::2] for s in seeds]))
     side.shutdown()  # waits for the feasibility job, if one ran
-    if with_feasibility:  # margin in nats of each grid point, and of its tightened version, from the frontier
+    # margin in nats of each grid point, and of its tightened version, from the frontier
+    if with_feasibility:
         with open(feas_path) as f:
             frontier = np.array(json.load(f)["frontiers"]["any+policy"])
-        feas = {(a, b): (frontier_margin(frontier, a, b), frontier_margin(frontier, a + margin_z * se[0],
-                                                                          b + margin_z * se[1])) for a, b in points}
+        feas = {(a, b): (frontier_margin(frontier, a, b),
+                         frontier_margin(frontier, a + margin_z * se[0], b + margin_z * se[1]))
+                for a, b in points}
     results = []
     for (method, a, b, seed, eta, n), r in reports.items():
         cons = list(r["after"]["constraints"].values())
         results.append({"a": a, "b": b, "method": method, "seed": seed, "eta_lam": eta, "steps": n,
                         "informative": cons[0]["reward_mean"], "cautious": cons[1]["reward_mean"],
-                        "verdicts": verdicts(r, [a, b]), "val_verdicts": verdicts(r, [a, b], split="val"),
                         # against the thresholds the run trained on (a margin run's raised ones)
+                        "verdicts": verdicts(r, [a, b]),
+                        "val_verdicts": verdicts(r, [a, b], split="val"),
                         "violated_share": [c["violated_share"] for c in cons],
                         "perplexity_mean": r["after"]["perplexity_mean"],
                         "perplexity_std": r["after"]["perplexity_std"],
                         "run": job(method, a, b, seed, eta, n)[1]})
         results[-1].update(ledger_summary(results[-1]["run"]))
     summary = {"reward_model_accuracy": accuracy, "sft": {"rewards": m, "se": se, "split": "val"},
-               "best_eta_lam": best, "margin_z": margin_z, "steps": steps, "recipes": recipes, "recipe": recipe,
-               "feasibility_margin": {f"{a}, {b}": v for (a, b), v in feas.items()}, "runs": results}
+               "best_eta_lam": best, "margin_z": margin_z, "steps": steps, "recipes": recipes,
+               "recipe": recipe, "feasibility_margin": {f"{a}, {b}": v
+                                                        for (a, b), v in feas.items()},
+               "runs": results}
     return fig3_tables(out, summary, points, seeds, etas), summary
 
 
 def val_score(runs: list) -> tuple:
-    """How well a setting did on the validation split, over its runs (each with "verdicts"), larger is better:
-    the runs with every constraint satisfied, then those with none violated, then minus the total violation."""
+    """How well a setting did on the validation split, over its runs (each with "verdicts"), larger
+    is better: the runs with every constraint satisfied, then those with none violated, then minus
+    the total violation."""
     return (sum(overall(r["verdicts"]) == "satisfied" for r in runs),
             sum(overall(r["verdicts"]) != "violated" for r in runs),
             -sum(max(v["C"], 0) for r in runs for v in r["verdicts"]))
 
 
 def ledger_summary(run_dir: str) -> dict:
-    """The second half of a constrained run's constraint steps, from its ledger: the mean batch C_i (near 0 for
-    an active constraint the run tracks, whatever its last steps did) and the share of steps in which one
-    multiplier is under 1/1000 of the other (each such step serves one constraint only)."""
+    """The second half of a constrained run's constraint steps, from its ledger: the mean batch
+    C_i (near 0 for an active constraint the run tracks, whatever its last steps did) and the
+    share of steps in which one multiplier is under 1/1000 of the other (each such step serves
+    one constraint only)."""
     with open(os.path.join(run_dir, "ledger.jsonl")) as f:
         con = [r for r in map(json.loads, f) if "C_hat" in r]  # constraint steps not skipped
     late = con[len(con) // 2:]
@@ -316,10 +355,12 @@ def ledger_summary(run_dir: str) -> dict:
 
 def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
     """Fig. 3's tables (each says its split) and fig3.png."""
-    runs, best, (m1, m2), se, steps = s["runs"], s["best_eta_lam"], s["sft"]["rewards"], s["sft"]["se"], s["steps"]
+    runs, best, steps = s["runs"], s["best_eta_lam"], s["steps"]
+    (m1, m2), se = s["sft"]["rewards"], s["sft"]["se"]
 
     def pick(method, a, b, eta=None, n=steps):
-        return [r for r in runs if (r["method"], r["a"], r["b"], r["eta_lam"], r["steps"]) == (method, a, b, eta, n)]
+        return [r for r in runs if (r["method"], r["a"], r["b"], r["eta_lam"],
+                                    r["steps"]) == (method, a, b, eta, n)]
 
     def rewards_cell(rs):
         return f"{spread([r['informative'] for r in rs])}, {spread([r['cautious'] for r in rs])}"
@@ -328,77 +369,90 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
         return ", ".join(f"{np.mean([r['violated_share'][j] for r in rs]):.0%}" for j in range(2))
 
     acc = s["reward_model_accuracy"]
-    lines = [f"Reward models' held-out pairwise accuracy: informative {acc['informative']:.3f}, cautious "
-             f"{acc['cautious']:.3f}. The grid sits on the SFT model's rewards on the validation split: informative "
-             f"{m1:.2f}, cautious {m2:.2f}; the standard error of a test mean, from the validation split's spread: "
-             f"{se[0]:.2f}, {se[1]:.2f}. {len(seeds)} seed(s). MM's η_λ, of {', '.join(f'{e:g}' for e in etas)}, "
-             f"chosen on seed 0's validation split: {best:g}. Every other number is on the test split, unless it "
-             "says val.", "",
-             "**L3M and MM** (test split; mean ± sd over seeds; met: both constraints ✓ satisfied, ≈ within two "
-             "standard errors, ✗ violated; answers violating: the share of test prompts whose answer misses "
-             "each constraint, mean over seeds; reachable by: how far inside the frontier of fig3_feasibility "
-             "the point lies, and the point raised by the margin, in nats: a lower bound on its margin):", "",
-             "| (informative ≥ a, cautious ≥ b) | reachable by ≥ (raised) | L3M: informative, cautious | met | "
-             "answers violating | perplexity | MM: informative, cautious | met | answers violating | perplexity |",
-             "|---" * 10 + "|"]
+    lines = [f"Reward models' held-out pairwise accuracy: informative {acc['informative']:.3f}, "
+             f"cautious {acc['cautious']:.3f}. The grid sits on the SFT model's rewards on the "
+             f"validation split: informative {m1:.2f}, cautious {m2:.2f}; the standard error of a "
+             f"test mean, from the validation split's spread: {se[0]:.2f}, {se[1]:.2f}. "
+             f"{len(seeds)} seed(s). MM's η_λ, of {', '.join(f'{e:g}' for e in etas)}, chosen on "
+             f"seed 0's validation split: {best:g}. Every other number is on the test split, "
+             "unless it says val.", "", "**L3M and MM** (test split; mean ± sd over seeds; met: "
+             "both constraints ✓ satisfied, ≈ within two standard errors, ✗ violated; answers "
+             "violating: the share of test prompts whose answer misses each constraint, mean over "
+             "seeds; reachable by: how far inside the frontier of fig3_feasibility the point lies, "
+             "and the point raised by the margin, in nats: a lower bound on its margin):", "",
+             "| (informative ≥ a, cautious ≥ b) | reachable by ≥ (raised) | L3M: informative, "
+             "cautious | met | answers violating | perplexity | MM: informative, cautious | met | "
+             "answers violating | perplexity |", "|---" * 10 + "|"]
     for a, b in points:
         l3, mm = pick("l3m", a, b), pick("mm", a, b, best)
         f = s["feasibility_margin"].get(f"{a}, {b}")
-        lines.append(f"| ({a:.2f}, {b:.2f}) | " + (f"{f[0]:+.2f} ({f[1]:+.2f})" if f else "") + " | "
-                     f"{rewards_cell(l3)} | {counts(l3, len(l3))} | {violating_cell(l3)} | "
-                     f"{spread([r['perplexity_mean'] for r in l3], 3)} | {rewards_cell(mm)} | {counts(mm, len(mm))} | "
-                     f"{violating_cell(mm)} | {spread([r['perplexity_mean'] for r in mm], 3)} |")
+        lines.append(f"| ({a:.2f}, {b:.2f}) | " + (f"{f[0]:+.2f} ({f[1]:+.2f})" if f else "")
+                     + f" | {rewards_cell(l3)} | {counts(l3, len(l3))} | {violating_cell(l3)} | "
+                     f"{spread([r['perplexity_mean'] for r in l3], 3)} | {rewards_cell(mm)} | "
+                     f"{counts(mm, len(mm))} | {violating_cell(mm)} | "
+                     f"{spread([r['perplexity_mean'] for r in mm], 3)} |")
     if any(r["method"] == "l3m+loo" for r in runs):
-        lines += ["", "**The constraint step's baseline, none (Eq. 12) against leave-one-out** (`--baseline=loo`; "
-                  "test split; one-sided steps: the share of the second half's constraint steps in which one λ̂ is "
-                  "under 1/1000 of the other, mean ± sd over seeds):", "",
-                  "| (a, b) | none: informative, cautious | met | perplexity | one-sided steps | loo: informative, "
-                  "cautious | met | perplexity | one-sided steps |", "|---" * 9 + "|"]
+        lines += ["", "**The constraint step's baseline, none (Eq. 12) against leave-one-out** "
+                  "(`--baseline=loo`; test split; one-sided steps: the share of the second half's "
+                  "constraint steps in which one λ̂ is under 1/1000 of the other, mean ± sd over "
+                  "seeds):", "", "| (a, b) | none: informative, cautious | met | perplexity | "
+                  "one-sided steps | loo: informative, cautious | met | perplexity | one-sided "
+                  "steps |", "|---" * 9 + "|"]
         for a, b in points:
-            cells = [f"{rewards_cell(rs)} | {counts(rs, len(rs))} | {spread([r['perplexity_mean'] for r in rs], 3)}"
-                     f" | {spread([100 * r['one_sided_share'] for r in rs], 0)} %"
+            cells = [f"{rewards_cell(rs)} | {counts(rs, len(rs))} | "
+                     f"{spread([r['perplexity_mean'] for r in rs], 3)} | "
+                     f"{spread([100 * r['one_sided_share'] for r in rs], 0)} %"
                      for rs in (pick("l3m", a, b), pick("l3m+loo", a, b))]
             lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
-        tot = [[r for r in runs if r["method"] == m and r["steps"] == steps] for m in ("l3m", "l3m+loo")]
-        cells = [f"{counts(rs, len(rs))} | | {spread([100 * r['one_sided_share'] for r in rs], 0)} %" for rs in tot]
+        tot = [[r for r in runs if r["method"] == m and r["steps"] == steps]
+               for m in ("l3m", "l3m+loo")]
+        cells = [f"{counts(rs, len(rs))} | | "
+                 f"{spread([100 * r['one_sided_share'] for r in rs], 0)} %" for rs in tot]
         lines.append(f"| all | | {cells[0]} | | {cells[1]} |")
-    lines += ["", "**MM's η_λ on seed 0's validation split** (C = b − mean reward, informative, cautious; the η_λ "
-              "chosen: most runs ✓, then fewest ✗, then the least violation):", "",
-              "| (a, b) | " + " | ".join(f"η_λ {e:g}" for e in etas) + " |", "|---" * (len(etas) + 1) + "|"]
+    lines += ["", "**MM's η_λ on seed 0's validation split** (C = b − mean reward, informative, "
+              "cautious; the η_λ chosen: most runs ✓, then fewest ✗, then the least violation):",
+              "", "| (a, b) | " + " | ".join(f"η_λ {e:g}" for e in etas) + " |",
+              "|---" * (len(etas) + 1) + "|"]
     for a, b in points:
         cells = [", ".join(f"{v['C']:+.2f} {MARK[v['verdict']]}" for v in r["val_verdicts"])
                  for e in etas for r in pick("mm", a, b, e)[:1]]
         lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
     if len(s["recipes"]) > 1:
         ends = points[::2]
-        lines += ["", f"**Recipes for a constraint that must hold**, at {len(ends)} grid points × {len(seeds)} seeds, "
-                  f"judged on the grid's thresholds. Chosen on the validation split (most runs ✓, then fewest ✗, "
-                  f"then the least violation); the test split is read for the chosen one only:", "",
-                  "| recipe | " + " | ".join(f"({a:.2f}, {b:.2f}): val" for a, b in ends)
-                  + " | all: val | all: test | one-sided steps |", "|---" * (len(ends) + 4) + "|"]
+        lines += ["", f"**Recipes for a constraint that must hold**, at {len(ends)} grid points × "
+                  f"{len(seeds)} seeds, judged on the grid's thresholds. Chosen on the validation "
+                  "split (most runs ✓, then fewest ✗, then the least violation); the test split "
+                  "is read for the chosen one only:", "", "| recipe | "
+                  + " | ".join(f"({a:.2f}, {b:.2f}): val" for a, b in ends) + " | all: val | all: "
+                  "test | one-sided steps |", "|---" * (len(ends) + 4) + "|"]
         for method, n in s["recipes"]:
             rs = [r for a, b in ends for r in pick(method, a, b, n=n)]
             as_val = [{"verdicts": r["val_verdicts"]} for r in rs]
             name = (f"raised by {s['margin_z']:g} standard errors ({s['margin_z'] * se[0]:.2f}, "
-                    f"{s['margin_z'] * se[1]:.2f})" if method == "l3m+margin" else "plain L3M") + f", {n} steps"
+                    f"{s['margin_z'] * se[1]:.2f})" if method == "l3m+margin"
+                    else "plain L3M") + f", {n} steps"
             chosen = [method, n] == list(s["recipe"])
             lines.append(f"| {name}{' (chosen)' if chosen else ''} | "
-                         + " | ".join(counts([{"verdicts": r["val_verdicts"]} for r in pick(method, a, b, n=n)],
+                         + " | ".join(counts([{"verdicts": r["val_verdicts"]}
+                                              for r in pick(method, a, b, n=n)],
                                              len(seeds)) for a, b in ends)
-                         + f" | {counts(as_val, len(rs))} | {counts(rs, len(rs)) if chosen else ''} | "
+                         + f" | {counts(as_val, len(rs))} | "
+                         f"{counts(rs, len(rs)) if chosen else ''} | "
                          f"{spread([100 * r['one_sided_share'] for r in rs], 0)} % |")
-    lines += ["", "**Every run** (C = b − mean reward on the test split ± its standard error; the verdict on the test "
-              "split and on the validation split; from the ledger's second half, the mean batch C and the share of "
-              "one-sided constraint steps):", "",
-              "| (a, b) | method | steps | seed | η_λ | C informative | C cautious | verdict | val verdict | "
-              "perplexity | late batch C | one-sided steps |", "|---" * 12 + "|"]
-    for r in sorted(runs, key=lambda r: (r["a"], r["method"], r["steps"], r["eta_lam"] or 0, r["seed"])):
+    lines += ["", "**Every run** (C = b − mean reward on the test split ± its standard error; the "
+              "verdict on the test split and on the validation split; from the ledger's second "
+              "half, the mean batch C and the share of one-sided constraint steps):", "",
+              "| (a, b) | method | steps | seed | η_λ | C informative | C cautious | verdict | val "
+              "verdict | perplexity | late batch C | one-sided steps |", "|---" * 12 + "|"]
+    for r in sorted(runs, key=lambda r: (r["a"], r["method"], r["steps"], r["eta_lam"] or 0,
+                                         r["seed"])):
         v = r["verdicts"]
-        lines.append(f"| ({r['a']:.2f}, {r['b']:.2f}) | {r['method'].upper()} | {r['steps']} | {r['seed']} | "
-                     f"{'' if r['eta_lam'] is None else format(r['eta_lam'], 'g')} | "
+        lines.append(f"| ({r['a']:.2f}, {r['b']:.2f}) | {r['method'].upper()} | {r['steps']} | "
+                     f"{r['seed']} | {'' if r['eta_lam'] is None else format(r['eta_lam'], 'g')} | "
                      + " | ".join(f"{x['C']:+.2f} ± {x['se']:.2f} {MARK[x['verdict']]}" for x in v)
-                     + f" | {overall(v)} | {overall(r['val_verdicts'])} | {r['perplexity_mean']:.3f} | "
-                     + ", ".join(f"{x:+.2f}" for x in r["late_C"]) + f" | {r['one_sided_share']:.0%} |")
+                     + f" | {overall(v)} | {overall(r['val_verdicts'])} | "
+                     f"{r['perplexity_mean']:.3f} | " + ", ".join(f"{x:+.2f}" for x in r["late_C"])
+                     + f" | {r['one_sided_share']:.0%} |")
     plt = pyplot()
     if plt:
         fig, ax = plt.subplots(figsize=(6, 5))
@@ -406,10 +460,13 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
         shown = [r for r in runs if r["steps"] == steps and r["method"] in colors
                  and (r["method"] != "mm" or r["eta_lam"] == best)]
         for r in shown:
-            ax.plot([r["a"], r["informative"]], [r["b"], r["cautious"]], color=colors[r["method"]], lw=0.6)
+            ax.plot([r["a"], r["informative"]], [r["b"], r["cautious"]], color=colors[r["method"]],
+                    lw=0.6)
             ax.scatter(r["informative"], r["cautious"], color=colors[r["method"]], s=18,
-                       marker={"satisfied": "o", "within noise": "^", "violated": "x"}[overall(r["verdicts"])])
-        ax.scatter([a for a, _ in points], [b for _, b in points], color="k", marker="+", label="thresholds")
+                       marker={"satisfied": "o", "within noise": "^",
+                               "violated": "x"}[overall(r["verdicts"])])
+        ax.scatter([a for a, _ in points], [b for _, b in points], color="k", marker="+",
+                   label="thresholds")
         ax.scatter(m1, m2, color="k", marker="s", label="SFT (val)")
         for method in sorted({r["method"] for r in shown}):
             ax.plot([], [], "o", color=colors[method],
@@ -425,9 +482,9 @@ def fig3_tables(out: str, s: dict, points, seeds, etas) -> str:
 
 
 def trajectory(run_dir: str, png: str):
-    """One constrained run's ledger drawn over its steps (needs matplotlib): µ; each Ĉ_i and the batch mean of c_i
-    against the threshold 0 (C_i ≤ 0 holds the constraint); λ̂_i; the rollouts' mean length, p10 and p90; the
-    task loss. The barrier is seen acting."""
+    """One constrained run's ledger drawn over its steps (needs matplotlib): µ; each Ĉ_i and the
+    batch mean of c_i against the threshold 0 (C_i ≤ 0 holds the constraint); λ̂_i; the rollouts'
+    mean length, p10 and p90; the task loss. The barrier is seen acting."""
     plt = pyplot()
     if plt is None:
         print("matplotlib is missing: no trajectory plot (pip install matplotlib)")
@@ -444,14 +501,15 @@ def trajectory(run_dir: str, png: str):
     axes[0].set_ylabel("µ")
     for i, name in enumerate(names):
         axes[1].plot(steps, [r["C_hat"][i] for r in con], color=f"C{i}", label=f"Ĉ  {name}")
-        axes[1].plot(steps, [r["C"][i] for r in con], color=f"C{i}", lw=0.6, ls=":", label="batch mean of c")
+        axes[1].plot(steps, [r["C"][i] for r in con], color=f"C{i}", lw=0.6, ls=":",
+                     label="batch mean of c")
         axes[2].semilogy(steps, [r["lam"][i] for r in con], color=f"C{i}", label=name)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set_ylabel("C = E[b − r] (≤ 0 holds)")
     axes[2].set_ylabel("λ̂_i")
     axes[3].plot(steps, [r["len_mean"] for r in con], "k", label="mean")
-    axes[3].fill_between(steps, [r["len_p10"] for r in con], [r["len_p90"] for r in con], color="0.85",
-                         label="p10 to p90")
+    axes[3].fill_between(steps, [r["len_p10"] for r in con], [r["len_p90"] for r in con],
+                         color="0.85", label="p10 to p90")
     axes[3].set_ylabel("rollout length")
     axes[4].plot([r["step"] for r in task], [r["loss"] for r in task], "k.-", lw=0.7)
     axes[4].set_ylabel("task loss −ℓ̄")
@@ -465,17 +523,19 @@ def trajectory(run_dir: str, png: str):
 
 
 # -----------------------------------------------------------------------------
-# Fig. 3 feasibility: which (informative, cautious) mean rewards can a policy be shown to reach on the test prompts?
+# Fig. 3 feasibility: which (informative, cautious) mean rewards can a policy be shown to reach on
+# the test prompts?
 #
-# The demo answers are written by code (data.demo_answer), so the responses a policy could give to a test
-# prompt are known. For each prompt, sample many generator answers about its subject, score them with both
-# reward models, and take the set of mean-reward pairs a policy choosing among them per prompt reaches: the
-# Minkowski average of the per-prompt convex hulls. Its upper-right (Pareto) frontier comes from
-# scalarisation: for w in [0, 1] every prompt picks its candidate maximising w·r₁ + (1 − w)·r₂, and the
-# frontier point is the mean of the picks. The set is an inner bound: every point under the frontier is reached
-# by a policy choosing among these candidates, so a positive margin proves a grid point reachable; a negative one
-# proves nothing (other answers may reach it). Candidates longer than --max_new_tokens are left out: no policy
-# under that flag can write them.
+# The demo answers are written by code (data.demo_answer), so the responses a policy could give to a
+# test prompt are known. For each prompt, sample many generator answers about its subject, score
+# them with both reward models, and take the set of mean-reward pairs a policy choosing among them
+# per prompt reaches: the Minkowski average of the per-prompt convex hulls. Its upper-right (Pareto)
+# frontier comes from scalarisation: for w in [0, 1] every prompt picks its candidate maximising
+# w·r₁ + (1 − w)·r₂, and the frontier point is the mean of the picks. The set is an inner bound:
+# every point under the frontier is reached by a policy choosing among these candidates, so a
+# positive margin proves a grid point reachable; a negative one proves nothing (other answers may
+# reach it). Candidates longer than --max_new_tokens are left out: no policy under that flag can
+# write them.
 
 
 def demo_subject(prompt_text: str) -> str:
@@ -489,9 +549,9 @@ def demo_subject(prompt_text: str) -> str:
 
 
 def demo_sentence_check(response: str, name: str) -> tuple:
-    """(sentences, unknown, off_subject) of a sampled response to a question about name: how many sentences it
-    has, how many of them the demo generator never writes (garbled), and how many it writes only about another
-    subject (a fact or caution naming the wrong animal or thing)."""
+    """(sentences, unknown, off_subject) of a sampled response to a question about name: how many
+    sentences it has, how many of them the demo generator never writes (garbled), and how many it
+    writes only about another subject (a fact or caution naming the wrong animal or thing)."""
     import re
     import data
     own = {t for ts in data._sentences(name).values() for t in ts}
@@ -502,9 +562,10 @@ def demo_sentence_check(response: str, name: str) -> tuple:
 
 
 def demo_candidates(rng, name: str, n: int, style: str = "any") -> list:
-    """Up to n distinct demo answers about name (data.demo_answer). style "train": caution and filler shares
-    drawn as the reward models' preference data draws them (data._style); "any": any shares in [0, 1], half
-    of them pinned at 0 or 1, so that answers of only facts, only cautions or only fillers are frequent."""
+    """Up to n distinct demo answers about name (data.demo_answer). style "train": caution and
+    filler shares drawn as the reward models' preference data draws them (data._style); "any": any
+    shares in [0, 1], half of them pinned at 0 or 1, so that answers of only facts, only cautions or
+    only fillers are frequent."""
     import data
     out, tries = {}, 0
     while len(out) < n and tries < 20 * n:
@@ -519,15 +580,19 @@ def demo_candidates(rng, name: str, n: int, style: str = "any") -> list:
     return list(out)
 
 
-def score_responses(reward_models: list, prompt_ids, responses: list, eos_id: int, micro_batch: int = 64) -> np.ndarray:
-    """(n, k) rewards r_i(y|x) = ℓ̄_φᵢ(y|x) (EOS included, as rewards.LearnedReward scores a finished
-    sample) of n responses (lists of ids ending with EOS) to one prompt, under each reward model."""
+def score_responses(reward_models: list, prompt_ids, responses: list, eos_id: int,
+                    micro_batch: int = 64) -> np.ndarray:
+    """(n, k) rewards r_i(y|x) = ℓ̄_φᵢ(y|x) (EOS included, as rewards.LearnedReward scores
+    a finished sample) of n responses (lists of ids ending with EOS) to one prompt, under
+    each reward model."""
     import rewards
     prompt_ids = list(prompt_ids)
-    order = np.argsort([len(r) for r in responses], kind="stable")  # micro-batches of similar lengths pad little
+    # micro-batches of similar lengths pad little
+    order = np.argsort([len(r) for r in responses], kind="stable")
     ordered = [list(responses[i]) for i in order]
-    samples = rewards.Samples([prompt_ids] * len(ordered), ordered, [r[-1] == eos_id for r in ordered],
-                              [""] * len(ordered), [""] * len(ordered))
+    samples = rewards.Samples([prompt_ids] * len(ordered), ordered,
+                              [r[-1] == eos_id for r in ordered], [""] * len(ordered),
+                              [""] * len(ordered))
     cols = []
     for rm in reward_models:
         scorer = rewards.LearnedReward(rm, pad_id=eos_id, micro_batch=micro_batch)
@@ -540,10 +605,11 @@ def score_responses(reward_models: list, prompt_ids, responses: list, eos_id: in
 def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
     """The upper-right frontier of the mean rewards reachable by choosing one candidate per prompt.
 
-    scores: one (n_p, 2) array of (r₁, r₂) per prompt. For each w in linspace(0, 1), every prompt takes the
-    candidate maximising w·r₁ + (1 − w)·r₂ (ties: the larger r₁ + r₂); the point is the mean over prompts.
-    Returns the distinct points (m, 2), sorted by r₁ ascending (so r₂ descending): the vertices of the
-    frontier of the Minkowski average of the per-prompt convex hulls."""
+    scores: one (n_p, 2) array of (r₁, r₂) per prompt. For each w in linspace(0, 1), every
+    prompt takes the candidate maximising w·r₁ + (1 − w)·r₂ (ties: the larger r₁ + r₂); the
+    point is the mean over prompts. Returns the distinct points (m, 2), sorted by r₁ ascending
+    (so r₂ descending): the vertices of the frontier of the Minkowski average of the
+    per-prompt convex hulls."""
     points = []
     for w in np.linspace(0.0, 1.0, n_weights):
         picks = []
@@ -554,14 +620,16 @@ def pareto_frontier(scores: list, n_weights: int = 201) -> np.ndarray:
         points.append(np.mean(picks, 0))
     points = np.unique(np.round(np.array(points), 12), axis=0)
     points = points[np.argsort(points[:, 0], kind="stable")]
-    keep = [p for p in points if not any((q >= p).all() and (q > p).any() for q in points)]  # Pareto only
+    # Pareto only
+    keep = [p for p in points if not any((q >= p).all() and (q > p).any() for q in points)]
     return np.array(keep)
 
 
 def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
-    """max over the candidates' set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) in it, negative
-    when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline (vertices
-    and the segments between them, on which min of two linear functions peaks at an end or where they cross)."""
+    """max over the candidates' set of min(r₁ − a, r₂ − b): the largest δ with (a + δ, b + δ) in it,
+    negative when (a, b) is not. The set is convex, so the maximum lies on the frontier's polyline
+    (vertices and the segments between them, on which min of two linear functions peaks at an end or
+    where they cross)."""
     f = np.asarray(frontier, dtype=float)
     best = np.max(np.minimum(f[:, 0] - a, f[:, 1] - b))
     for p, q in zip(f[:-1], f[1:]):
@@ -575,8 +643,8 @@ def frontier_margin(frontier: np.ndarray, a: float, b: float) -> float:
 
 
 def feasibility(frontier: np.ndarray, grid) -> list:
-    """[(a, b, reachable, margin)] for thresholds (a, b): shown reachable iff a frontier point has r₁ ≥ a and
-    r₂ ≥ b; margin in nats as frontier_margin (a lower bound on the true margin)."""
+    """[(a, b, reachable, margin)] for thresholds (a, b): shown reachable iff a frontier point has
+    r₁ ≥ a and r₂ ≥ b; margin in nats as frontier_margin (a lower bound on the true margin)."""
     out = []
     for a, b in grid:
         m = frontier_margin(frontier, a, b)
@@ -594,45 +662,50 @@ def demo_test_split(tok, data_dir: str, common: list) -> list:
     return data.split_dataset(read.examples, val=cfg.val, test=cfg.test, seed=cfg.data_seed)[2]
 
 
-def sample_and_score(policy, tok, test: list, rm_models: list, n: int, seed: int = 0, top_p: float = 0.9,
-                     max_new_tokens: int = 128) -> tuple:
-    """n responses per test prompt sampled from policy (top-p, temperature 1, as train.py's rollouts), scored by
-    the reward models. Returns (per-prompt (n, k) rewards, (prompts · n, 4) array of demo_sentence_check's
-    (sentences, unknown, off subject) and whether the response was cut at max_new_tokens)."""
+def sample_and_score(policy, tok, test: list, rm_models: list, n: int, seed: int = 0,
+                     top_p: float = 0.9, max_new_tokens: int = 128) -> tuple:
+    """n responses per test prompt sampled from policy (top-p, temperature 1, as train.py's
+    rollouts), scored by the reward models. Returns (per-prompt (n, k) rewards, (prompts · n, 4)
+    array of demo_sentence_check's (sentences, unknown, off subject) and whether the response was
+    cut at max_new_tokens)."""
     import model as M
     scores, props = [], []
     for i, ex in enumerate(test):
         name = demo_subject(tok.decode(ex.prompt.tolist()))
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + j) for j in range(n)]
-        responses, ended = M.generate(policy, [ex.prompt.tolist()] * n, max_new_tokens, tok.eos_id, 1.0, top_p, gens)
+        responses, ended = M.generate(policy, [ex.prompt.tolist()] * n, max_new_tokens, tok.eos_id,
+                                      1.0, top_p, gens)
         scores.append(score_responses(rm_models, ex.prompt, responses, tok.eos_id))
-        props += [demo_sentence_check(tok.decode(r), name) + (not e,) for r, e in zip(responses, ended)]
+        props += [demo_sentence_check(tok.decode(r), name) + (not e,)
+                  for r, e in zip(responses, ended)]
     return scores, np.array(props, dtype=float)
 
 
 def sample_summary(scores: list, props: np.ndarray) -> dict:
-    """Mean and per-sample std of the rewards of sample_and_score, the standard error of a test mean with one
-    sample per prompt, and the shares of garbled, off-subject and cut responses."""
+    """Mean and per-sample std of the rewards of sample_and_score, the standard error of a test mean
+    with one sample per prompt, and the shares of garbled, off-subject and cut responses."""
     s = np.concatenate(scores)
     std = s.std(0, ddof=1)
-    return {"n": len(s), "mean": s.mean(0).tolist(), "std": std.tolist(), "se_100": (std / 10).tolist(),
+    return {"n": len(s), "mean": s.mean(0).tolist(), "std": std.tolist(),
+            "se_100": (std / 10).tolist(),
             "unknown_sentence_share": float(props[:, 1].sum() / max(props[:, 0].sum(), 1)),
             "responses_with_unknown": float(np.mean(props[:, 1] > 0)),
             "off_subject_sentence_share": float(props[:, 2].sum() / max(props[:, 0].sum(), 1)),
             "truncated_share": float(props[:, 3].mean())}
 
 
-def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list, n_candidates: int = 200,
-                     n_policy: int = 8, seed: int = 0, grid=None) -> dict:
-    """Score generator candidates (and the SFT model's own samples) for every test prompt with both reward
-    models; print the frontier and which points of FULL_GRID it shows reachable. Trains the reward models and
-    SFT if missing.
-    Writes out/fig3/feasibility.json and the per-prompt scores feasibility_scores.npz."""
+def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common: list,
+                     n_candidates: int = 200, n_policy: int = 8, seed: int = 0, grid=None) -> dict:
+    """Score generator candidates (and the SFT model's own samples) for every test prompt with
+    both reward models; print the frontier and which points of FULL_GRID it shows reachable.
+    Trains the reward models and SFT if missing. Writes out/fig3/feasibility.json and the
+    per-prompt scores feasibility_scores.npz."""
     import random
     import model as M
     names = REWARDS
     _, _, sft = fig3_references(out, steps, rm_steps, data_dir, common)
-    means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names] for w in ("before", "after", "val")}
+    means = {w: [sft[w]["constraints"][f"{n}>=-100"]["reward_mean"] for n in names]
+             for w in ("before", "after", "val")}
     torch.set_num_threads(1)
     rm_models = [M.load_model(os.path.join(out, "fig3", f"rm_{n}", "best"))[0] for n in names]
     policy, tok = M.load_model(os.path.join(out, "fig3", "sft", "final"))
@@ -643,14 +716,19 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
     for ex in test:
         name = demo_subject(tok.decode(ex.prompt.tolist()))
         for style in per_prompt:
-            ids = [tok.encode(t, bos=False, eos=True) for t in demo_candidates(rng, name, n_candidates // 2, style)]
-            ids = [i for i in ids if len(i) <= max_new_tokens]  # what a policy can write, EOS included
+            texts = demo_candidates(rng, name, n_candidates // 2, style)
+            ids = [tok.encode(t, bos=False, eos=True) for t in texts]
+            # what a policy can write, EOS included
+            ids = [i for i in ids if len(i) <= max_new_tokens]
             per_prompt[style].append(score_responses(rm_models, ex.prompt, ids, tok.eos_id))
-    # the SFT model's own samples (top-p 0.9, as in its test evaluation): what a policy near SFT can say
+    # the SFT model's own samples (top-p 0.9, as in its test evaluation): what a policy near SFT
+    # can say
     per_prompt["policy"], props = sample_and_score(policy, tok, test, rm_models, n_policy, seed)
-    per_prompt["any+policy"] = [np.concatenate([a, p]) for a, p in zip(per_prompt["any"], per_prompt["policy"])]
+    per_prompt["any+policy"] = [np.concatenate([a, p])
+                                for a, p in zip(per_prompt["any"], per_prompt["policy"])]
     frontiers = {k: pareto_frontier(v) for k, v in per_prompt.items()}
-    grid = [(round(means["val"][0] + da, 2), round(means["val"][1] + db, 2)) for da, db in grid or FULL_GRID]
+    grid = [(round(means["val"][0] + da, 2), round(means["val"][1] + db, 2)) for da, db in grid
+            or FULL_GRID]
     pol = sample_summary(per_prompt["policy"], props)
     result = {"sft": means["after"], "base": means["before"], "minutes": (time.time() - t0) / 60,
               "n_candidates": {k: int(sum(len(s) for s in v)) for k, v in per_prompt.items()},
@@ -659,36 +737,44 @@ def fig3_feasibility(out: str, data_dir: str, steps: int, rm_steps: int, common:
                          for k, f in frontiers.items()},
               "feasibility": {k: feasibility(f, grid) for k, f in frontiers.items()},
               "sft_margin": {k: frontier_margin(f, *means["after"]) for k, f in frontiers.items()},
-              "base_margin": {k: frontier_margin(f, *means["before"]) for k, f in frontiers.items()},
+              "base_margin": {k: frontier_margin(f, *means["before"])
+                              for k, f in frontiers.items()},
               "sft_samples": pol}
-    lines = [f"SFT test means (informative, cautious) {means['after'][0]:.2f}, {means['after'][1]:.2f}; base "
-             f"{means['before'][0]:.2f}, {means['before'][1]:.2f}. SFT's own samples ({pol['n']}): "
-             f"{pol['mean'][0]:.2f}, {pol['mean'][1]:.2f}, per-sample std {pol['std'][0]:.2f}, {pol['std'][1]:.2f} "
-             f"(standard error of a 100-prompt test mean {pol['se_100'][0]:.2f}, {pol['se_100'][1]:.2f}); "
-             f"sentences the generator never writes {pol['unknown_sentence_share']:.1%}, off subject "
-             f"{pol['off_subject_sentence_share']:.1%}, cut at max_new_tokens {pol['truncated_share']:.1%}"]
+    lines = [f"SFT test means (informative, cautious) {means['after'][0]:.2f}, "
+             f"{means['after'][1]:.2f}; base {means['before'][0]:.2f}, {means['before'][1]:.2f}. "
+             f"SFT's own samples ({pol['n']}): {pol['mean'][0]:.2f}, {pol['mean'][1]:.2f}, "
+             f"per-sample std {pol['std'][0]:.2f}, {pol['std'][1]:.2f} (standard error of a "
+             f"100-prompt test mean {pol['se_100'][0]:.2f}, {pol['se_100'][1]:.2f}); sentences the "
+             f"generator never writes {pol['unknown_sentence_share']:.1%}, off subject "
+             f"{pol['off_subject_sentence_share']:.1%}, cut at max_new_tokens "
+             f"{pol['truncated_share']:.1%}"]
     for k, f in frontiers.items():
-        lines.append(f"frontier from {k} ({result['n_candidates'][k]} responses): {len(f)} vertices, max informative "
-                     f"at {f[-1].round(2).tolist()}, max cautious at {f[0].round(2).tolist()}; margin of SFT "
-                     f"{result['sft_margin'][k]:+.2f}, of base {result['base_margin'][k]:+.2f}")
-    lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: reachable, margin" for k in frontiers) + " |",
+        lines.append(f"frontier from {k} ({result['n_candidates'][k]} responses): {len(f)} "
+                     f"vertices, max informative at {f[-1].round(2).tolist()}, max cautious at "
+                     f"{f[0].round(2).tolist()}; margin of SFT {result['sft_margin'][k]:+.2f}, of "
+                     f"base {result['base_margin'][k]:+.2f}")
+    lines += ["", "| constraint (a, b) | " + " | ".join(f"{k}: reachable, margin"
+                                                        for k in frontiers) + " |",
               "|---" * (len(frontiers) + 1) + "|"]
     for j, (a, b) in enumerate(grid):
-        cells = [f"{'✓' if result['feasibility'][k][j][2] else 'not shown'} {result['feasibility'][k][j][3]:+.2f}"
-                 for k in frontiers]
+        cells = [f"{'✓' if result['feasibility'][k][j][2] else 'not shown'} "
+                 f"{result['feasibility'][k][j][3]:+.2f}" for k in frontiers]
         lines.append(f"| ({a:.2f}, {b:.2f}) | " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
-    np.savez(os.path.join(out, "fig3", "feasibility_scores.npz"),  # per prompt, for further analysis
-             **{f"{k}_{i}": s for k in ("any", "train", "policy") for i, s in enumerate(per_prompt[k])})
+    # per prompt, for further analysis
+    np.savez(os.path.join(out, "fig3", "feasibility_scores.npz"),
+             **{f"{k}_{i}": s for k in ("any", "train", "policy")
+                for i, s in enumerate(per_prompt[k])})
     with open(os.path.join(out, "fig3", "feasibility.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     return result
 
 
 def real_model(out: str, runs: list):
-    """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the base model): the
-    validation split, where the runs read it (settings are chosen there), and the test split side by side,
-    answers to the first held-out prompts, and each constrained run's trajectory.png."""
+    """smollm2.sh's summary of runs in out/RUN (the first an SFT run that also evaluated the
+    base model): the validation split, where the runs read it (settings are chosen there),
+    and the test split side by side, answers to the first held-out prompts, and each
+    constrained run's trajectory.png."""
     reports = {}
     for run in runs:
         with open(os.path.join(out, run, "report.json")) as f:
@@ -704,12 +790,13 @@ def real_model(out: str, runs: list):
         turn = sample["prompt"].split("<|im_start|>user")[-1].split("<|im_start|>assistant")[0]
         print(f"\nprompt: {turn.replace('<|im_end|>', '').strip()}")
         for name, r in test.items():
-            print(f"  {name:>10s} ({r['samples'][i]['length']:2d}): {r['samples'][i]['response']!r}")
+            print(f"  {name:>10s} ({r['samples'][i]['length']:2d}): "
+                  f"{r['samples'][i]['response']!r}")
 
 
 def real_model_table(reports: dict, split: str) -> str:
-    """Evaluations side by side: lengths, degenerate answers, perplexity, fluency, and every constraint of the
-    first (an SFT run evaluates them all; "—" where a run was not given one)."""
+    """Evaluations side by side: lengths, degenerate answers, perplexity, fluency, and every
+    constraint of the first (an SFT run evaluates them all; "—" where a run was not given one)."""
     mark = {"satisfied": "✓", "within noise": "≈", "violated": "✗"}
 
     def constraint_cell(r, name):
@@ -720,8 +807,9 @@ def real_model_table(reports: dict, split: str) -> str:
 
     first = next(iter(reports.values()))
     rows = [("mean length (tokens)", lambda r: f"{r['length_mean']:.1f} ± {r['length_se']:.1f}"),
-            ("empty / looped / cut", lambda r: " / ".join(f"{100 * r[k + '_share']:.0f}%"
-                                                          for k in ("empty", "loop", "cut"))),
+            ("empty / looped / cut",
+             lambda r: " / ".join(f"{100 * r[k + '_share']:.0f}%"
+                                  for k in ("empty", "loop", "cut"))),
             ("task perplexity (−ℓ̄)", lambda r: f"{r['perplexity_mean']:.3f}"),
             ("fluency (NLL, base)", lambda r: f"{r['fluency_mean']:.2f} ± {r['fluency_se']:.2f}")]
     # like lengths: per-token NLL rises as answers get shorter (train.fluency_stats)
@@ -729,9 +817,12 @@ def real_model_table(reports: dict, split: str) -> str:
     for lo, hi in zip(bins, bins[1:] + [None]):
         label = f"  answers of {lo}–{int(hi) - 1}" if hi else f"  answers of {lo}+"
         rows.append((label, lambda r, b=lo: fluency_cell(r["fluency_by_length"][b])))
-    rows += [(f"C  {name}", lambda r, n=name: constraint_cell(r, n)) for name in first["constraints"]]
-    lines = [f"{split} ({first['n']} prompts)".ljust(24) + "".join(f"{name:>18s}" for name in reports)]
-    lines += [label.ljust(24) + "".join(f"{cell(r):>18s}" for r in reports.values()) for label, cell in rows]
+    rows += [(f"C  {name}", lambda r, n=name: constraint_cell(r, n))
+             for name in first["constraints"]]
+    lines = [f"{split} ({first['n']} prompts)".ljust(24)
+             + "".join(f"{name:>18s}" for name in reports)]
+    lines += [label.ljust(24) + "".join(f"{cell(r):>18s}" for r in reports.values())
+              for label, cell in rows]
     return "\n".join(lines)
 
 
@@ -754,37 +845,49 @@ def pyplot():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one band (no SFT row), one grid point, one seed")
+    p.add_argument("--quick", action="store_true", help="one band (no SFT row), one grid point, "
+                   "one seed")
     p.add_argument("--out", default="out/reproduce", help="where the runs, tables and figures go")
-    p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base model")
+    p.add_argument("--data_dir", default="out", help="where train.py caches the demo data and base "
+                   "model")
     p.add_argument("--steps", type=int, default=200, help="steps per fine-tuning run")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per band and grid point (--quick: 1)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per band and grid point "
+                   "(--quick: 1)")
     p.add_argument("--margin", type=float, default=3.0,
-                   help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: none; --quick: 0)")
+                   help="Fig. 3's L3M + margin: thresholds raised by this many standard errors (0: "
+                   "none; --quick: 0)")
     p.add_argument("--margin_steps", type=int, default=800,
-                   help="Fig. 3's long recipes: L3M + margin, and plain L3M as its control, also trained this many "
-                        "steps (0: none; --quick: none)")
+                   help="Fig. 3's long recipes: L3M + margin, and plain L3M as its control, also "
+                   "trained this many steps (0: none; --quick: none)")
     p.add_argument("--feasibility", action="store_true",
-                   help="only Fig. 3's feasibility: which FULL_GRID thresholds a policy provably can meet "
-                        "(choosing among generator answers: a lower bound on what is reachable)")
-    p.add_argument("--real_model", metavar="OUT", help="only print smollm2.sh's summary of the runs OUT/RUN")
+                   help="only Fig. 3's feasibility: which FULL_GRID thresholds a policy provably "
+                   "can meet (choosing among generator answers: a lower bound on what is "
+                   "reachable)")
+    p.add_argument("--real_model", metavar="OUT", help="only print smollm2.sh's summary of the "
+                   "runs OUT/RUN")
     p.add_argument("--runs", nargs="+", default=[], help="with --real_model: the runs, SFT first")
     a = p.parse_args()
     if a.real_model:
         real_model(a.real_model, a.runs)
         return
-    print(f"reproduce.py: every run is cached in {a.out} as it finishes (delete it to start over)", flush=True)
+    print(f"reproduce.py: every run is cached in {a.out} as it finishes (delete it to start over)",
+          flush=True)
     os.makedirs(a.out, exist_ok=True)
     start = time.time()
-    # the test split: 200 prompts for Fig. 3 (a reward's test mean has a standard error of ~0.35 nats), 100 for
-    # Fig. 2 (~1.5 tokens); only the SFT runs evaluate before training too (the base model's row)
-    common = ["--val=50", "--test=100", "--eval_every=0", "--ckpt_every=0", "--show=0", "--eval_before=False"]
-    # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the lr (docs/reproduce.md)
-    # and 200 validation prompts, on which its settings are chosen with the test split's noise
+    # the test split: 200 prompts for Fig. 3 (a reward's test mean has a standard error of ~0.35
+    # nats), 100 for Fig. 2 (~1.5 tokens); only the SFT runs evaluate before training too (the base
+    # model's row)
+    common = ["--val=50", "--test=100", "--eval_every=0", "--ckpt_every=0", "--show=0",
+              "--eval_before=False"]
+    # Fig. 3 at half the demo's lr: the end-of-run swing across an active boundary shrinks with the
+    # lr (docs/reproduce.md) and 200 validation prompts, on which its settings are chosen with the
+    # test split's noise
     common3 = common + ["--test=200", "--val=200", f"--lr={FIG3_LR}"]
-    # The demo base is pretrained once by the first train.py run that needs it; do it before the pool starts.
-    warmup = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft", "--steps=1", "--test=8",
-                             "--val=8", f"--data_dir={a.data_dir}", f"--out_dir={os.path.join(a.out, 'warmup')}",
+    # The demo base is pretrained once by the first train.py run that needs it; do it before the
+    # pool starts.
+    warmup = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--method=sft",
+                             "--steps=1", "--test=8", "--val=8", f"--data_dir={a.data_dir}",
+                             f"--out_dir={os.path.join(a.out, 'warmup')}",
                              "--overwrite=True"], capture_output=True, text=True)
     if warmup.returncode != 0:
         raise SystemExit(f"reproduce.py: the demo base could not be made:\n{warmup.stdout[-2000:]}"
@@ -795,13 +898,16 @@ def main():
     seeds = list(range(1 if a.quick else a.seeds))
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
-    with ThreadPoolExecutor(1) as beside:  # Fig. 2's runs take the lanes Fig. 3's chain of runs leaves free
-        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps, a.data_dir, common,
-                           with_sft=not a.quick)
+    # Fig. 2's runs take the lanes Fig. 3's chain of runs leaves free
+    with ThreadPoolExecutor(1) as beside:
+        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps,
+                           a.data_dir, common, with_sft=not a.quick)
         try:
-            t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds, (0.1,) if a.quick else (0.01, 0.1, 1.0),
+            t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds,
+                          (0.1,) if a.quick else (0.01, 0.1, 1.0),
                           0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3,
-                          with_feasibility=not a.quick, margin_steps=0 if a.quick else a.margin_steps, loo=not a.quick)
+                          with_feasibility=not a.quick, margin_steps=0 if a.quick
+                          else a.margin_steps, loo=not a.quick)
         finally:  # Fig. 2 waits for Fig. 3's reward models: never forever
             REWARD_MODELS_DONE.set()
         print(t3, flush=True)
@@ -810,15 +916,16 @@ def main():
         t2, r2 = f2.result()
     print(t2, flush=True)
     minutes = (time.time() - start) / 60
-    md = (f"# Toy-scale reproduction ({'--quick' if a.quick else 'full'}, {minutes:.0f} minutes)\n\n"
-          f"## Fig. 1: the relaxed log barrier B_(µ,µ²)(z)\n\n{t1}\n\n## Fig. 2: length-constrained L3Ms\n\nTest split (100 prompts); no "
-          f"setting of Fig. 2 is chosen by its results.\n\n{t2}\n\n"
-          f"## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n\nOne L3M run's trajectory: {first} "
-          f"(trajectory.png with matplotlib).\n")
+    md = (f"# Toy-scale reproduction ({'--quick' if a.quick else 'full'}, {minutes:.0f} "
+          f"minutes)\n\n## Fig. 1: the relaxed log barrier B_(µ,µ²)(z)\n\n{t1}\n\n## Fig. 2: "
+          "length-constrained L3Ms\n\nTest split (100 prompts); no setting of Fig. 2 is chosen by "
+          f"its results.\n\n{t2}\n\n## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n\nOne L3M "
+          f"run's trajectory: {first} (trajectory.png with matplotlib).\n")
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"quick": a.quick, "seeds": seeds, "minutes": minutes, "fig2": r2, "fig3": r3}, f, indent=2)
+        json.dump({"quick": a.quick, "seeds": seeds, "minutes": minutes, "fig2": r2, "fig3": r3}, f,
+                  indent=2)
     print(f"wrote {a.out}/results.md and results.json in {minutes:.1f} minutes", flush=True)
 
 

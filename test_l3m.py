@@ -29,25 +29,28 @@ import data as D
 import l3m
 import model as M
 import rewards as R
-from l3m import (ConstraintEMA, Multipliers, barrier, barrier_grad, chance, lambda_hat, logp_norm, loo_baseline,
-                 mu_at, reinforce_surrogate, task_loss)
+from l3m import (ConstraintEMA, Multipliers, barrier, barrier_grad, chance, lambda_hat, logp_norm,
+                 loo_baseline, mu_at, reinforce_surrogate, task_loss)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# Shared fixtures: the demo data and its tokenizer, built once per session; a tiny model trained on them
+# Shared fixtures: the demo data and its tokenizer, built once per session; a tiny model trained
+# on them
 
 
 def shared(tmp_path_factory, name):
-    """A folder of this session that its pytest-xdist workers share (their base folders' parent), or, without
-    xdist, a folder of the one process: what a session fixture builds there, it builds once."""
+    """A folder of this session that its pytest-xdist workers share (their base folders'
+    parent), or, without xdist, a folder of the one process: what a session fixture builds
+    there, it builds once."""
     root = tmp_path_factory.getbasetemp()
     return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
 
 
 @contextlib.contextmanager
 def built_once(folder):
-    """Hold a lock beside folder while the caller builds it, so that a second worker waits, then reuses it."""
+    """Hold a lock beside folder while the caller builds it, so that a second worker waits, then
+    reuses it."""
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -55,7 +58,8 @@ def built_once(folder):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    return D.prepare_demo(shared(tmp_path_factory, "out"), seed=0)  # prepare_demo locks and caches on its own
+    # prepare_demo locks and caches on its own
+    return D.prepare_demo(shared(tmp_path_factory, "out"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +74,17 @@ def data_dir(demo):
 
 @pytest.fixture(scope="session")
 def tiny_base(demo, tmp_path_factory):
-    """A tiny LLaMA trained (SFT, 150 steps, ~20 s) until its rollouts end with EOS at varied lengths: seen,
-    test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64 tokens. On such rollouts the
-    rows of a batch have different costs c, so Ĉ differs between a rank's batch and the global one, and the
-    EMA differs from the last batch mean: the tests below can see a dropped all-reduce or a lost Ĉ."""
+    """A tiny LLaMA trained (SFT, 150 steps, ~20 s) until its rollouts end with EOS at varied
+    lengths: seen, test-split lengths with quartiles 18 / 34 / 48 tokens, 88 % ended within 64
+    tokens. On such rollouts the rows of a batch have different costs c, so Ĉ differs between a
+    rank's batch and the global one, and the EMA differs from the last batch mean: the tests below
+    can see a dropped all-reduce or a lost Ĉ."""
     out = shared(tmp_path_factory, "tiny_base")
     with built_once(out):
         if not (out / "final").is_dir():
-            run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150", "--batch_size=16",
-                      "--micro_batch=16", "--lr=1e-2", "--test=8", "--overwrite=True")
+            run_train(out, str(demo.folder.parent), "--method=sft", "--steps=150",
+                      "--batch_size=16", "--micro_batch=16", "--lr=1e-2", "--test=8",
+                      "--overwrite=True")
     return str(out / "final")
 
 
@@ -110,9 +116,11 @@ def tiny_model(seed=0, **kw):
 def hf_llama(n_kv_heads, seed=0, vocab_size=101):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=n_kv_heads, vocab_size=vocab_size, rms_norm_eps=1e-5,
-                                   rope_theta=500000.0, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=n_kv_heads,
+                                   vocab_size=vocab_size, rms_norm_eps=1e-5,
+                                   rope_theta=500000.0, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     # HF initialises norms to 1; random norm weights make the test see a swapped norm.
     with torch.no_grad():
@@ -122,8 +130,9 @@ def hf_llama(n_kv_heads, seed=0, vocab_size=101):
     return hf
 
 
-# float32 logits of a 2-layer model are O(1); the two implementations sum in different orders, so they
-# agree to ~1e-6. 1e-4 leaves room for that and still catches any wrong permutation or norm (errors O(0.1)).
+# float32 logits of a 2-layer model are O(1); the two implementations sum in different orders, so
+# they agree to ~1e-6. 1e-4 leaves room for that and still catches any wrong permutation or norm
+# (errors O(0.1)).
 ATOL = 1e-4
 
 
@@ -182,8 +191,9 @@ def test_meta_hf_round_trip_is_exact():
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_export_then_convert_is_exact(tmp_path, tied):
-    """ours -> Hugging Face -> ours gives back every weight bit for bit and the shape; a tied embedding (one
-    matrix for input and output, as LLaMA-3.2 1B/3B) is written once and marked tied."""
+    """ours -> Hugging Face -> ours gives back every weight bit for bit and the shape; a
+    tied embedding (one matrix for input and output, as LLaMA-3.2 1B/3B) is written once
+    and marked tied."""
     pytest.importorskip("transformers")  # convert reads config.json the way from_hf expects it
     args = tiny_args(n_kv_heads=2, rope_theta=500000.0)
     model = M.Transformer(args).init_weights(6)
@@ -191,30 +201,33 @@ def test_export_then_convert_is_exact(tmp_path, tied):
         model.output.weight = model.tok_embeddings.weight
     M.save_checkpoint(model.state_dict(), str(tmp_path / "ours"), args)
     config = M.export_hf(str(tmp_path / "ours"), str(tmp_path / "hf"))
-    assert config["tie_word_embeddings"] == tied and config["rope_parameters"]["rope_theta"] == 500000.0
+    assert config["tie_word_embeddings"] == tied
+    assert config["rope_parameters"]["rope_theta"] == 500000.0
     M.convert(str(tmp_path / "hf"), str(tmp_path / "back"))
     back_args, back = M.read_checkpoint(str(tmp_path / "back"))
     sd = model.state_dict()
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
-              "max_seq_len")
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps",
+              "rope_theta", "max_seq_len")
     assert [getattr(back_args, f) for f in fields] == [getattr(args, f) for f in fields]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_exported_training_output_loads_in_transformers(tmp_path, tiny_base, fmt, monkeypatch):
-    """train.py's final/ -> `python model.py export` -> transformers' LlamaForCausalLM gives our logits; without
-    safetensors installed the weights go to pytorch_model.bin."""
+    """train.py's final/ -> `python model.py export` -> transformers' LlamaForCausalLM gives our
+    logits; without safetensors installed the weights go to pytorch_model.bin."""
     transformers = pytest.importorskip("transformers")
     if fmt == "safetensors":
         pytest.importorskip("safetensors")
-        subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "export", tiny_base, str(tmp_path / "hf")],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "export", tiny_base,
+                        str(tmp_path / "hf")], check=True, capture_output=True)
     else:
-        monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # `from safetensors.torch import` fails
+        # `from safetensors.torch import` fails
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)
         M.export_hf(tiny_base, str(tmp_path / "hf"))
     weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
-    assert sorted(os.listdir(tmp_path / "hf")) == sorted(["config.json", "tokenizer.model", weights])
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(["config.json", "tokenizer.model",
+                                                          weights])
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     ours, tok = M.load_model(tiny_base)
     x = torch.tensor([tok.encode("Human: Tell me about the owl.\n\nAssistant: The owl")])
@@ -224,21 +237,24 @@ def test_exported_training_output_loads_in_transformers(tmp_path, tiny_base, fmt
 
 
 # -----------------------------------------------------------------------------
-# llama.cpp GGUF files and byte-level BPE tokenizers, written here with the gguf and tokenizers packages
+# llama.cpp GGUF files and byte-level BPE tokenizers, written here with the gguf and
+# tokenizers packages
 
 CHAT_MARKERS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def varied_lines(n, seed=0):
-    """n lines of text a tokenizer can get wrong: Unicode (accents, CJK, emoji), digits, runs of spaces, tabs and
-    newlines, code, contractions, and ChatML markers between turns."""
+    """n lines of text a tokenizer can get wrong: Unicode (accents, CJK, emoji), digits, runs of
+    spaces, tabs and newlines, code, contractions, and ChatML markers between turns."""
     rng = np.random.default_rng(seed)
-    words = ["hello", "world", "Ünïcödé", "naïve", "café", "東京", "日本語", "🙂", "🚀🚀", "don't", "we'll", "x_1",
-             "2024", "3.14159", "-42", "1,000,000", "def", "f(x):", "return", "{'a': [1, 2]}", "==", "->", "#",
-             "   ", "\t", "\n", "\n\n", "  \t ", "The", "quick", "brown", "fox", "ǅ", "Ω≈ç√", "™", "...", "?!"]
+    words = ["hello", "world", "Ünïcödé", "naïve", "café", "東京", "日本語", "🙂", "🚀🚀", "don't", "we'll",
+             "x_1", "2024", "3.14159", "-42", "1,000,000", "def", "f(x):", "return",
+             "{'a': [1, 2]}", "==", "->", "#", "   ", "\t", "\n", "\n\n", "  \t ", "The", "quick",
+             "brown", "fox", "ǅ", "Ω≈ç√", "™", "...", "?!"]
     lines = []
     for i in range(n):
-        text = "".join(str(rng.choice(words)) + str(rng.choice(["", " ", "  ", "\n"])) for _ in range(rng.integers(1, 12)))
+        text = "".join(str(rng.choice(words)) + str(rng.choice(["", " ", "  ", "\n"]))
+                       for _ in range(rng.integers(1, 12)))
         if i % 5 == 0:
             text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
         lines.append(text)
@@ -246,11 +262,13 @@ def varied_lines(n, seed=0):
 
 
 def byte_level_bpe(vocab_size=600):
-    """(tokens by id, merges "a b") of a byte-level BPE trained on varied_lines, the chat markers its first ids."""
+    """(tokens by id, merges "a b") of a byte-level BPE trained on varied_lines, the chat markers
+    its first ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_MARKERS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_MARKERS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(varied_lines(2000, seed=1), trainer)
     vocab = tk.get_vocab()
@@ -258,9 +276,11 @@ def byte_level_bpe(vocab_size=600):
     return sorted(vocab, key=vocab.get), [" ".join(m) if isinstance(m, list) else m for m in merges]
 
 
-def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96):
-    """A llama GGUF with random weights in one quantisation type (the norms in F32, as llama.cpp writes them), no
-    output.weight (tied), and the byte-level BPE tokenizer. Rows must be whole blocks of 32: dim and ffn are."""
+def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+               ffn=96):
+    """A llama GGUF with random weights in one quantisation type (the norms in F32, as llama.cpp
+    writes them), no output.weight (tied), and the byte-level BPE tokenizer. Rows must be whole
+    blocks of 32: dim and ffn are."""
     gguf = pytest.importorskip("gguf")
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
     tokens, merges = byte_level_bpe()
@@ -277,14 +297,16 @@ def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_he
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([3 if t in CHAT_MARKERS else 1 for t in tokens])  # 3: a control token, 1: a normal one
+    # 3: a control token, 1: a normal one
+    w.add_token_types([3 if t in CHAT_MARKERS else 1 for t in tokens])
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(add_bos)
 
     def add(name, shape):
-        a = (rng.standard_normal(shape) * 0.1 + (len(shape) == 1)).astype(np.float32)  # norms around 1
+        # norms around 1
+        a = (rng.standard_normal(shape) * 0.1 + (len(shape) == 1)).astype(np.float32)
         if len(shape) == 1 or qtype_name == "F32":
             w.add_tensor(name, a)
         else:
@@ -294,9 +316,11 @@ def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_he
     add("token_embd.weight", (len(tokens), dim))
     for i in range(n_layers):
         for kind, shape in [("attn_norm", (dim,)), ("attn_q", (n_heads * head_dim, dim)),
-                            ("attn_k", (n_kv_heads * head_dim, dim)), ("attn_v", (n_kv_heads * head_dim, dim)),
-                            ("attn_output", (dim, dim)), ("ffn_norm", (dim,)), ("ffn_gate", (ffn, dim)),
-                            ("ffn_up", (ffn, dim)), ("ffn_down", (dim, ffn))]:
+                            ("attn_k", (n_kv_heads * head_dim, dim)),
+                            ("attn_v", (n_kv_heads * head_dim, dim)),
+                            ("attn_output", (dim, dim)), ("ffn_norm", (dim,)),
+                            ("ffn_gate", (ffn, dim)), ("ffn_up", (ffn, dim)),
+                            ("ffn_down", (dim, ffn))]:
             add(f"blk.{i}.{kind}.weight", shape)
     add("output_norm.weight", (dim,))
     w.write_header_to_file()
@@ -308,38 +332,44 @@ def write_gguf(path, qtype_name, seed=0, add_bos=False, dim=64, n_layers=2, n_he
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_gguf_converts_as_transformers_loads_it(tmp_path, qtype):
-    """`python model.py convert FILE.gguf` against transformers' own GGUF loader (its dequantisation and its q/k
-    permutation, not ours): logits within 2e-4 (the same float32 weights summed in another order: ~1e-6) and the
-    same 20 greedy tokens. The q/k layout, exactly: GGUF's attn_q/attn_k rows are our wq/wk as they are, and
-    transformers' q_proj/k_proj are them in its rotate-half order."""
+    """`python model.py convert FILE.gguf` against transformers' own GGUF loader (its
+    dequantisation and its q/k permutation, not ours): logits within 2e-4 (the same float32
+    weights summed in another order: ~1e-6) and the same 20 greedy tokens. The q/k layout,
+    exactly: GGUF's attn_q/attn_k rows are our wq/wk as they are, and transformers' q_proj/k_proj
+    are them in its rotate-half order."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers loads GGUF files through it
     gguf = pytest.importorskip("gguf")
     path = write_gguf(tmp_path / "tiny.gguf", qtype)
-    subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "convert", str(path), str(tmp_path / "ours")],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "model.py"), "convert", str(path),
+                    str(tmp_path / "ours")], check=True, capture_output=True)
     ours, tok = M.load_model(str(tmp_path / "ours"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
                                                            dtype=torch.float32).eval()
-    tensors = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in gguf.GGUFReader(str(path)).tensors}
+    tensors = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type))
+               for t in gguf.GGUFReader(str(path)).tensors}
     for ours_key, theirs in (("wq", "q_proj"), ("wk", "k_proj")):
         w = getattr(ours.layers[1].attention, ours_key).weight
         assert torch.equal(w, torch.from_numpy(tensors[f"blk.1.attn_{ours_key[1]}.weight"]))
         hf_w = getattr(hf.model.layers[1].self_attn, theirs).weight
-        assert torch.equal(M._rope_permute(f"layers.1.attention.{ours_key}.weight", w, ours.args, to_hf=True), hf_w)
-    x = torch.tensor([tok.encode("<|im_start|>user\nHello, world! 2024<|im_end|>\n<|im_start|>assistant\n")])
+        assert torch.equal(M._rope_permute(f"layers.1.attention.{ours_key}.weight", w, ours.args,
+                                           to_hf=True), hf_w)
+    x = torch.tensor([tok.encode("<|im_start|>user\nHello, world! "
+                                 "2024<|im_end|>\n<|im_start|>assistant\n")])
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max().item() <= 2e-4
-    theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    theirs = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20,
+                         min_new_tokens=20)
     out, _ = M.generate(ours, x.tolist(), 20, eos_id=len(tok.added) + 10 ** 6, temperature=0)
     assert out[0] == theirs[0, x.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_bpe_tokenizer_matches_transformers(tmp_path, add_bos):
-    """Our BPETokenizer, from a GGUF file (built by gguf_tokenizer) and from the Hugging Face folder that export
-    writes (convert carries its tokenizer.json), gives transformers' ids on 2,400 varied lines, BOS included when
-    the model adds one; decode gives the text back (EOS left out); the chat markers are added tokens that ChatML can use."""
+    """Our BPETokenizer, from a GGUF file (built by gguf_tokenizer) and from the Hugging Face folder
+    that export writes (convert carries its tokenizer.json), gives transformers' ids on 2,400 varied
+    lines, BOS included when the model adds one; decode gives the text back (EOS left out); the chat
+    markers are added tokens that ChatML can use."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     path = write_gguf(tmp_path / "tiny.gguf", "F16", add_bos=add_bos)
@@ -353,41 +383,56 @@ def test_bpe_tokenizer_matches_transformers(tmp_path, add_bos):
     assert isinstance(tok, M.BPETokenizer) and isinstance(back, M.BPETokenizer)
     lines = varied_lines(2400)
     for reference in references:
-        assert [tok.encode(line) for line in lines] == [reference(line)["input_ids"] for line in lines]
+        assert [tok.encode(line) for line in lines] == [reference(line)["input_ids"]
+                                                        for line in lines]
     assert [back.encode(line) for line in lines] == [tok.encode(line) for line in lines]
-    assert all(tok.decode(tok.encode(line, bos=False)) == line.replace("<|im_end|>", "") for line in lines)  # EOS
-    assert tok.encode("hi", bos=True)[:1] == [1] * add_bos + tok.encode("hi", bos=False)[:1 - add_bos]
+    # EOS
+    assert all(tok.decode(tok.encode(line, bos=False)) == line.replace("<|im_end|>", "")
+               for line in lines)
+    assert tok.encode("hi", bos=True)[:1] == [1] * add_bos + tok.encode("hi",
+                                                                        bos=False)[:1 - add_bos]
     assert tok.added == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2} and tok.eos_id == 2
     assert D.stop_id(tok, "chatml") == 2 and tok.vocab_size == 600
-    # ChatML: prompt + answer are the ids of the whole exchange as transformers tokenises it in one piece
+    # ChatML: prompt + answer are the ids of the whole exchange as transformers tokenises it in
+    # one piece
     dialogue = [("user", "Hi there, 2 owls?"), ("assistant", "Yes: two."), ("user", "And café?")]
-    whole = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in [("system", "Be brief.")] + dialogue)
-    ids = D.encode_prompt(tok, dialogue, "chatml", "Be brief.").tolist() + D.encode_response(tok, "Oui!", "chatml").tolist()
+    whole = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n"
+                    for role, text in [("system", "Be brief.")] + dialogue)
+    ids = D.encode_prompt(tok, dialogue, "chatml", "Be brief.").tolist()
+    ids += D.encode_response(tok, "Oui!", "chatml").tolist()
     assert ids == references[0](whole + "<|im_start|>assistant\nOui!<|im_end|>")["input_ids"]
 
 
 def test_tokenizers_that_cannot_be_read_are_named(tmp_path):
-    """A tokenizer.json the tokenizers library cannot read, a tokenizer.model that is tiktoken BPE (LLaMA-3's
-    release), or no tokenizer at all: one error that says what is there and what to do."""
+    """A tokenizer.json the tokenizers library cannot read, a tokenizer.model that is tiktoken
+    BPE (LLaMA-3's release), or no tokenizer at all: one error that says what is there and
+    what to do."""
     pytest.importorskip("tokenizers")
     args = tiny_args()
-    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "json"), args)
+    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "json"),
+                      args)
     import train
-    with pytest.raises(train.ConfigError, match="has no tokenizer: copy the model's tokenizer.model .* or tokenizer"):
-        train.check_config(train.parse_config([f"--init={tmp_path / 'json'}", f"--out_dir={tmp_path / 'run'}"]))
+    with pytest.raises(train.ConfigError, match="has no tokenizer: copy the model's "
+                       "tokenizer.model .* or tokenizer"):
+        train.check_config(train.parse_config([f"--init={tmp_path / 'json'}",
+                                               f"--out_dir={tmp_path / 'run'}"]))
     (tmp_path / "json" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-    with pytest.raises(M.CheckpointError, match="is not a Hugging Face tokenizer.json that the tokenizers library"):
+    with pytest.raises(M.CheckpointError, match="is not a Hugging Face tokenizer.json that the "
+                       "tokenizers library"):
         M.load_model(str(tmp_path / "json"))
     shutil.copytree(tmp_path / "json", tmp_path / "tiktoken")
-    (tmp_path / "tiktoken" / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # tiktoken's format: base64 rank
-    with pytest.raises(M.CheckpointError, match="is not a sentencepiece model .* tiktoken .* tokenizer.json"):
+    # tiktoken's format: base64 rank
+    (tmp_path / "tiktoken" / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")
+    with pytest.raises(M.CheckpointError, match="is not a sentencepiece model .* tiktoken .* "
+                       "tokenizer.json"):
         M.load_model(str(tmp_path / "tiktoken"))
 
 
 def write_meta(sd, args, dst):
     """Meta's layout, one shard: params.json (Meta's fields only) + consolidated.00.pth."""
     os.makedirs(dst, exist_ok=True)
-    params = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("hidden_dim", "max_seq_len")}
+    params = {k: v for k, v in dataclasses.asdict(args).items()
+              if k not in ("hidden_dim", "max_seq_len")}
     assert M.ModelArgs(**params).hidden_dim == args.hidden_dim  # Meta's rule gives the width back
     torch.save(sd, os.path.join(dst, "consolidated.00.pth"))
     with open(os.path.join(dst, "params.json"), "w") as f:
@@ -396,12 +441,14 @@ def write_meta(sd, args, dst):
 
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_checkpoint_loads(tmp_path, n_shards):
-    """A Meta-layout release (params.json + consolidated.NN.pth, model-parallel shards) converts exactly."""
+    """A Meta-layout release (params.json + consolidated.NN.pth, model-parallel shards) converts
+    exactly."""
     args = tiny_args(n_kv_heads=2)
     ref = M.Transformer(args).init_weights(6).eval()
     sd = ref.state_dict()
     write_meta(sd, args, str(tmp_path / "meta"))
-    if n_shards == 2:  # split as Meta's model parallelism does: columns for wo/w2 and LLaMA-1/2's embedding
+    # split as Meta's model parallelism does: columns for wo/w2 and LLaMA-1/2's embedding
+    if n_shards == 2:
         shards = [{}, {}]
         for k, v in sd.items():
             dim = 1 if k.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")) else 0
@@ -421,7 +468,8 @@ def test_meta_checkpoint_loads(tmp_path, n_shards):
 
 
 def test_kv_cache_decoding_matches_full_forward():
-    """Prefill + one token at a time with left padding gives the logits of the full, unpadded forward."""
+    """Prefill + one token at a time with left padding gives the logits of the full, unpadded
+    forward."""
     model = tiny_model(seed=7)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 9, 2)]
@@ -435,8 +483,8 @@ def test_kv_cache_decoding_matches_full_forward():
     with torch.no_grad():
         step_logits = [M.prefill(model, padded, cache)]
         for t in range(n_new - 1):
-            step_logits.append(M.decode_one_token(model, torch.tensor([c[t] for c in conts]), torch.tensor([P + t]),
-                                                  cache))
+            step_logits.append(M.decode_one_token(model, torch.tensor([c[t] for c in conts]),
+                                                  torch.tensor([P + t]), cache))
         for b in range(B):
             full = model(torch.tensor([prompts[b] + conts[b]]))[0]  # (T, V)
             for t in range(n_new):
@@ -445,11 +493,13 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_compiled_decode_step_matches_eager():
-    """torch.compile(decode_one_token) (train.py --compile) gives the eager logits, step after step, and is traced
-    once for every batch size and cache length (dynamic shapes; the step's own shapes never change with the
-    token). Eager and compiled kernels sum in different orders: float32 noise, ~1e-6 on these logits."""
+    """torch.compile(decode_one_token) (train.py --compile) gives the eager logits, step after step,
+    and is traced once for every batch size and cache length (dynamic shapes; the step's own shapes
+    never change with the token). Eager and compiled kernels sum in different orders: float32 noise,
+    ~1e-6 on these logits."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
-        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on PATH")
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on "
+                    "PATH")
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' traces count too
     model, compiled = tiny_model(seed=5), torch.compile(M.decode_one_token, dynamic=True)
@@ -462,10 +512,12 @@ def test_compiled_decode_step_matches_eager():
             M.prefill(model, tokens, caches[0]), M.prefill(model, tokens, caches[1])
             for t in range(n_new):
                 token, pos = torch.randint(3, 97, (B,), generator=g), torch.tensor([P + t])
-                eager, traced = M.decode_one_token(model, token, pos, caches[0]), compiled(model, token, pos, caches[1])
+                eager = M.decode_one_token(model, token, pos, caches[0])
+                traced = compiled(model, token, pos, caches[1])
                 assert (eager - traced).abs().max().item() <= 1e-5
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(caches[0].k, caches[1].k))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # none for new shapes
+    # none for new shapes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
     prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]]
     sample = lambda step, prompts=prompts: M.generate(model, prompts, 12, eos_id=2, step=step,
                                                       generator=torch.Generator().manual_seed(1))
@@ -473,16 +525,19 @@ def test_compiled_decode_step_matches_eager():
 
 
 def test_compiled_decode_keeps_one_cache_and_one_graph():
-    """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors stay where they
-    are from one generate to the next (CUDA graphs replay only then), and one trace for all of them; the tokens
-    are eager's. A cache made anew by each generate moves the tensors (the address check fails on it)."""
+    """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors
+    stay where they are from one generate to the next (CUDA graphs replay only then), and one trace
+    for all of them; the tokens are eager's. A cache made anew by each generate moves the tensors
+    (the address check fails on it)."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
-        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on PATH")
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on "
+                    "PATH")
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' traces count too
     model, decode = tiny_model(seed=5), M.CompiledDecode()
     addresses = set()
-    for prompts, n in (([[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]], 12), ([[1, 3], [1, 8, 8, 8], [1]], 9)):
+    for prompts, n in (([[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]], 12),
+                       ([[1, 3], [1, 8, 8, 8], [1]], 9)):
         sample = lambda step: M.generate(model, prompts, n, eos_id=2, step=step,
                                          generator=torch.Generator().manual_seed(1))
         assert sample(decode) == sample(M.decode_one_token)
@@ -493,7 +548,8 @@ def test_compiled_decode_keeps_one_cache_and_one_graph():
 
 
 def top_p_filter(probs, top_p):
-    """The reference nucleus: probs (B, V) with every token outside its top-p nucleus zeroed, by a full sort."""
+    """The reference nucleus: probs (B, V) with every token outside its top-p nucleus zeroed, by a
+    full sort."""
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -511,8 +567,8 @@ def test_top_p_keeps_only_the_nucleus():
     draws = M.sample_top_p(logits, 1.0, 0.8, g)
     counts = torch.bincount(draws, minlength=5).double()
     assert counts[0] == 0 and counts[2] == 0  # never outside the nucleus
-    # Inside it, frequencies follow the renormalised nucleus: 0.4/0.85 etc. The binomial standard error
-    # with n = 20000 is ≤ 0.0036; 0.015 is four of them.
+    # Inside it, frequencies follow the renormalised nucleus: 0.4/0.85 etc. The binomial standard
+    # error with n = 20000 is ≤ 0.0036; 0.015 is four of them.
     assert torch.allclose(counts / 20000, kept[0].double() / 0.85, atol=0.015)
     # p = 1 samples the whole distribution unchanged.
     full = torch.bincount(M.sample_top_p(logits, 1.0, 1.0, g), minlength=5).double() / 20000
@@ -520,25 +576,29 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_top_k_then_top_p_as_transformers_orders_them():
-    """top_k = 3 keeps 0.4, 0.3, 0.15; renormalised (÷ 0.85) the mass before each is 0, 0.47, 0.82, so the 0.8
-    nucleus is the first two: [0.4, 0.3] / 0.7. (Top-p on the raw probabilities would keep all three, mass
-    before 0.7 < 0.8: the renormalisation is what transformers' top-k-then-top-p does.)"""
+    """top_k = 3 keeps 0.4, 0.3, 0.15; renormalised (÷ 0.85) the mass before each is 0, 0.47,
+    0.82, so the 0.8 nucleus is the first two: [0.4, 0.3] / 0.7. (Top-p on the raw
+    probabilities would keep all three, mass before 0.7 < 0.8: the renormalisation is what
+    transformers' top-k-then-top-p does.)"""
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     logits = probs.log().expand(20000, 5)
-    for top_p, expected in [(0.8, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0]), (1.0, [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85])]:
+    for top_p, expected in [(0.8, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0]),
+                            (1.0, [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85])]:
         draws = M.sample_top_p(logits, 1.0, top_p, torch.Generator().manual_seed(0), top_k=3)
         freq = torch.bincount(draws, minlength=5).double() / 20000
         assert all(freq[i] == 0 for i, e in enumerate(expected) if e == 0)  # never outside
-        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015)  # 4 binomial s.e.
-    assert torch.equal(M.sample_top_p(logits[:3], 0, 0.8, top_k=3), torch.tensor([1, 1, 1]))  # greedy ignores it
+        # 4 binomial s.e.
+        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015)
+    # greedy ignores it
+    assert torch.equal(M.sample_top_p(logits[:3], 0, 0.8, top_k=3), torch.tensor([1, 1, 1]))
 
 
 def test_nucleus_threshold_is_the_sorted_nucleus_exactly():
-    """The radix select finds the sort's nucleus boundary exactly: for nuclei of 1 token to most of the vocabulary
-    (logit scales 0.3 to 30), τ is the least probability kept by a float64 cumsum of the sorted probabilities,
-    and {p ≥ τ} is that nucleus, with any tokens tied with τ (float32 probabilities of 32,000 tokens tie often).
-    A float32 cumsum as reference would disagree on a few rows (its rounding); an off-by-one bucket or a level's
-    lost mass moves τ on most rows."""
+    """The radix select finds the sort's nucleus boundary exactly: for nuclei of 1 token to most of
+    the vocabulary (logit scales 0.3 to 30), τ is the least probability kept by a float64 cumsum of
+    the sorted probabilities, and {p ≥ τ} is that nucleus, with any tokens tied with τ (float32
+    probabilities of 32,000 tokens tie often). A float32 cumsum as reference would disagree on a few
+    rows (its rounding); an off-by-one bucket or a level's lost mass moves τ on most rows."""
     for V in (5, 623, 32000):
         for scale in (0.3, 1.0, 3.0, 10.0, 30.0):
             logits = torch.randn(64, V, generator=torch.Generator().manual_seed(V)) * scale
@@ -549,46 +609,55 @@ def test_nucleus_threshold_is_the_sorted_nucleus_exactly():
                 s64 = s.double()
                 n = ((s64.cumsum(-1) - s64) < top_p).sum(-1)  # the nucleus' size
                 assert torch.equal(tau, s.gather(-1, (n - 1)[:, None]).squeeze(-1))
-                assert ((probs > tau[:, None]).sum(-1) < n).all() and ((probs >= tau[:, None]).sum(-1) >= n).all()
+                assert ((probs > tau[:, None]).sum(-1) < n).all()
+                assert ((probs >= tau[:, None]).sum(-1) >= n).all()
     # ties at τ all stay: a uniform row keeps every token
     assert M.nucleus_threshold(torch.full((1, 10), 0.1), 0.5).item() == pytest.approx(0.1)
-    # a top_p below the fixed point's unit (2^-40) keeps the likeliest token alone, as any top_p < its mass does
+    # a top_p below the fixed point's unit (2^-40) keeps the likeliest token alone, as any top_p <
+    # its mass does
     assert torch.equal(M.nucleus_threshold(probs, 1e-13), probs.max(-1).values)
 
 
 def test_a_rows_draw_ignores_its_batch():
-    """With one generator per row, a row samples the same token alone as inside any batch (train.py's
-    rollouts rely on it: a row's tokens must not depend on how the global batch splits over ranks)."""
-    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    """With one generator per row, a row samples the same token alone as inside any batch
+    (train.py's rollouts rely on it: a row's tokens must not depend on how the global batch
+    splits over ranks)."""
+    scales = torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)) * scales
     for top_k in (0, 50):
-        together = M.sample_top_p(logits, 1.0, 0.9, [torch.Generator().manual_seed(i) for i in range(6)], top_k=top_k)
-        alone = [M.sample_top_p(logits[i:i + 1], 1.0, 0.9, [torch.Generator().manual_seed(i)], top_k=top_k).item()
-                 for i in range(6)]
+        together = M.sample_top_p(logits, 1.0, 0.9, [torch.Generator().manual_seed(i)
+                                                     for i in range(6)], top_k=top_k)
+        alone = [M.sample_top_p(logits[i:i + 1], 1.0, 0.9, [torch.Generator().manual_seed(i)],
+                                top_k=top_k).item() for i in range(6)]
         assert together.tolist() == alone
 
 
 def test_top_p_on_a_flat_distribution_samples_the_nucleus():
-    """A wide nucleus (~450 of 1,000 nearly equal tokens): exactly the nucleus is sampled, each token at its
-    renormalised probability."""
-    probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]  # nearly flat: the 0.5-nucleus has ~450 tokens
+    """A wide nucleus (~450 of 1,000 nearly equal tokens): exactly the nucleus is sampled, each
+    token at its renormalised probability."""
+    # nearly flat: the 0.5-nucleus has ~450 tokens
+    probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]
     kept = top_p_filter(probs, 0.5)
     assert (kept > 0).sum() > 128
-    draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5, torch.Generator().manual_seed(1))
+    draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5,
+                           torch.Generator().manual_seed(1))
     assert (kept[0, draws] > 0).all()
-    # each of the ~450 kept tokens has probability ~1/450: with 50000 draws about 110 each, the binomial
-    # standard error of a frequency is ~0.00021; 0.0012 is > 5 of them.
+    # each of the ~450 kept tokens has probability ~1/450: with 50000 draws about 110 each, the
+    # binomial standard error of a frequency is ~0.00021; 0.0012 is > 5 of them.
     freq = torch.bincount(draws, minlength=1000).double() / 50000
     assert torch.allclose(freq, kept[0].double() / kept.sum(), atol=0.0012)
 
 
 def test_nan_logits_stop_generate_with_one_error():
-    """A NaN in the weights makes NaN logits, from which sampling would return a token all the same (searchsorted
-    on a NaN CDF): generate raises instead, naming the first new token and the rows."""
+    """A NaN in the weights makes NaN logits, from which sampling would return a token all
+    the same (searchsorted on a NaN CDF): generate raises instead, naming the first new token
+    and the rows."""
     model = tiny_model(seed=8)
     with torch.no_grad():
         model.layers[1].feed_forward.w2.weight[0, 0] = math.nan
     for temperature in (1.0, 0.0):
-        with pytest.raises(FloatingPointError, match=r"NaN logits for new token 0 in rows \[0, 1\]"):
+        with pytest.raises(FloatingPointError,
+                           match=r"NaN logits for new token 0 in rows \[0, 1\]"):
             M.generate(model, [[5, 6], [7]], max_new_tokens=4, eos_id=2, temperature=temperature)
 
 
@@ -611,7 +680,8 @@ def test_greedy_with_padding_equals_unpadded():
 
 
 class Scripted(M.Transformer):
-    """Greedy decoding of this model says token 10 + step, except EOS (2) at each row's scripted step."""
+    """Greedy decoding of this model says token 10 + step, except EOS (2) at each row's scripted
+    step."""
 
     def __init__(self, eos_step, prompt_len):
         super().__init__(tiny_args())
@@ -620,7 +690,8 @@ class Scripted(M.Transformer):
     def forward(self, tokens, cache=None, pos=None):
         super().forward(tokens, cache, pos)
         B, T = tokens.shape
-        n = int(pos[-1]) + 1 - self.prompt_len  # tokens generated once this call's logits are sampled
+        # tokens generated once this call's logits are sampled
+        n = int(pos[-1]) + 1 - self.prompt_len
         logits = torch.zeros(B, T, self.args.vocab_size)
         for b in range(B):
             logits[b, -1, 2 if n == self.eos_step[b] else 10 + n] = 1.0
@@ -629,7 +700,8 @@ class Scripted(M.Transformer):
 
 def test_generate_stops_each_row_at_its_eos():
     model = Scripted([1, 3, 99], prompt_len=4).eval()
-    out, ended = M.generate(model, [[1, 4, 5, 6], [1, 7], [1]], max_new_tokens=5, eos_id=2, temperature=0)
+    out, ended = M.generate(model, [[1, 4, 5, 6], [1, 7], [1]], max_new_tokens=5, eos_id=2,
+                            temperature=0)
     # the EOS is part of the response, nothing after it; the third row never ends
     assert out == [[10, 2], [10, 11, 12, 2], [10, 11, 12, 13, 14]]
     assert ended == [True, True, False]
@@ -639,10 +711,11 @@ def test_generate_stops_each_row_at_its_eos():
 def sp_model(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
     path = tmp_path_factory.mktemp("tok") / "tok"
-    text = ["the quick brown fox jumps over the lazy dog", "a short answer", "a much longer answer with words"] * 20
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path), vocab_size=60,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   byte_fallback=False, minloglevel=2)
+    text = ["the quick brown fox jumps over the lazy dog", "a short answer",
+            "a much longer answer with words"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path),
+                                   vocab_size=60, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, byte_fallback=False, minloglevel=2)
     return str(path) + ".model"
 
 
@@ -670,7 +743,8 @@ def test_wrong_checkpoints_fail_clearly(tmp_path, sp_model):
     sd = model.state_dict()
     sd["layers.0.attention.wk.weight"] = sd["layers.0.attention.wk.weight"][:8]
     M.save_checkpoint(sd, str(tmp_path / "shape"), args)
-    with pytest.raises(M.CheckpointError, match=r"'layers.0.attention.wk.weight' has shape \(8, 64\).*\(32, 64\)"):
+    with pytest.raises(M.CheckpointError,
+                       match=r"'layers.0.attention.wk.weight' has shape \(8, 64\).*\(32, 64\)"):
         M.load_model(str(tmp_path / "shape"))
 
     other = tiny_args(vocab_size=97)
@@ -719,7 +793,8 @@ def test_barrier_continuous_at_junction(mu, s):
 @pytest.mark.parametrize("mu, s", [(1.0, 1.0), (0.1, 0.01), (1e-3, 1e-6)])
 def test_barrier_convex_and_grad_is_autograd(mu, s):
     # a grid over both branches that contains the junction z = −s exactly
-    z = torch.cat([torch.linspace(-3.0, 2.0, 2001, dtype=F64), torch.tensor([-s], dtype=F64)]).unique()
+    z = torch.cat([torch.linspace(-3.0, 2.0, 2001, dtype=F64),
+                   torch.tensor([-s], dtype=F64)]).unique()
     z.requires_grad_(True)
     (auto,) = torch.autograd.grad(barrier(z, mu, s).sum(), z)
     # float64 rounding of µ/max(−z, s) only
@@ -744,7 +819,8 @@ def test_barrier_tends_to_characteristic_function():
     # for z > 0, B = z/µ + µ + 2µ·log(1/µ) ≥ z/µ → ∞ (at µ = 0.01 at least 100·z)
     for mu, values in zip(mus, out):
         assert (values >= z_out / mu).all()
-    assert all(a[-1] < b[-1] for a, b in zip(out, out[1:]))  # increasing in 1/µ once µ ≤ z (here z = 1)
+    # increasing in 1/µ once µ ≤ z (here z = 1)
+    assert all(a[-1] < b[-1] for a, b in zip(out, out[1:]))
 
 
 def test_mu_schedule_exact_ends():
@@ -790,7 +866,8 @@ def test_ema_closed_form():
 
 
 def run_on_ranks(fn, per_rank_args):
-    """Run fn(*args, all_reduce) on one thread per simulated rank; all_reduce sums in place over them."""
+    """Run fn(*args, all_reduce) on one thread per simulated rank; all_reduce sums in place over
+    them."""
     n = len(per_rank_args)
     sent, results, sync = [None] * n, [None] * n, threading.Barrier(n)
 
@@ -826,7 +903,8 @@ def test_ema_all_reduce_gives_global_mean():
     for C_hat in got:
         torch.testing.assert_close(C_hat, global_mean, rtol=1e-12, atol=1e-12)  # float64 sums
     # the mean of the rank means differs (3 vs 7 samples): the test would catch it
-    assert not torch.allclose((batches[0].mean(0) + batches[1].mean(0)).double() / 2, global_mean, atol=1e-3)
+    assert not torch.allclose((batches[0].mean(0) + batches[1].mean(0)).double() / 2, global_mean,
+                              atol=1e-3)
     with pytest.raises(ValueError, match="no samples"):
         ConstraintEMA(k).update(batches[2])
 
@@ -857,7 +935,8 @@ def test_mm_update_is_projected_ascent_on_fresh_C_hat():
     assert torch.equal(mult.lam(mu=0.1), torch.tensor([1.0, 0.0]))  # max(0, 0 + 0.5·Ĉ)
     C_hat = mult.observe(torch.tensor([[-10.0, 7.0]]))  # Ĉ = 0.9·(2, −3) + 0.1·(−10, 7)
     torch.testing.assert_close(C_hat, torch.tensor([0.8, -2.0], dtype=F64), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(mult.lam(mu=1e-6), torch.tensor([1.4, 0.0]))  # 1 + 0.5·0.8; λ_2 stays 0
+    # 1 + 0.5·0.8; λ_2 stays 0
+    torch.testing.assert_close(mult.lam(mu=1e-6), torch.tensor([1.4, 0.0]))
 
 
 @pytest.mark.parametrize("method, eta", [("l3m", None), ("mm", 0.3)])
@@ -872,7 +951,8 @@ def test_multipliers_state_round_trip(method, eta):
     buf.seek(0)
     b = Multipliers(3, method, eta)
     b.load_state_dict(torch.load(buf, weights_only=True))
-    flat, old = a.state_dict(), Multipliers(3, method, eta)  # older checkpoints nest Ĉ and α under "ema"
+    # older checkpoints nest Ĉ and α under "ema"
+    flat, old = a.state_dict(), Multipliers(3, method, eta)
     old.load_state_dict({**{k: flat[k] for k in ("k", "method", "eta_lam", "lam")},
                          "ema": {"alpha": flat["alpha"], "C_hat": flat["C_hat"]}})
     assert torch.equal(old.ema.value, b.ema.value) and torch.equal(old.lam(0.1), b.lam(0.1))
@@ -885,12 +965,14 @@ def test_multipliers_state_round_trip(method, eta):
 
 
 def test_step_kind_is_a_fair_coin_keyed_by_seed_and_step():
-    """step_kind: the same kind for a (seed, step) wherever it is asked (every rank), heads half the time, and
-    the sequences of two seeds independent. Seed 0 from step 1,000,003 on once repeated seed 1 from step 0
-    (a seed of seed·1,000,003 + step); keyed, they agree on about half the steps, as independent coins do.
-    Catches a coin that is not shared, not fair, or keyed by an arithmetic that collides."""
+    """step_kind: the same kind for a (seed, step) wherever it is asked (every rank), heads half
+    the time, and the sequences of two seeds independent. Seed 0 from step 1,000,003 on once
+    repeated seed 1 from step 0 (a seed of seed·1,000,003 + step); keyed, they agree on about half
+    the steps, as independent coins do. Catches a coin that is not shared, not fair, or keyed by an
+    arithmetic that collides."""
     import train
-    kinds = lambda seed, start: [train.step_kind(train.Config(seed=seed), t) for t in range(start, start + 4000)]
+    kinds = lambda seed, start: [train.step_kind(train.Config(seed=seed), t)
+                                 for t in range(start, start + 4000)]
     a, b = kinds(1, 0), kinds(0, 1_000_003)
     assert a == kinds(1, 0) and set(a) == {"task", "constraint"}
     # 4 standard errors of a fair coin's mean over 4,000 flips, √(.25/4000) = 0.0079
@@ -944,8 +1026,8 @@ def test_logp_norm_temperature_bf16_and_errors():
 
 def test_token_log_prob_gradient_matches_autograd_across_chunks(monkeypatch):
     """TokenLogProb's hand-written backward, (1[v = y] − softmax(z/τ)) / τ, against autograd through
-    log_softmax, in float64, with chunks of 2 positions (so T = 7 ends in a partial chunk) and τ = 1 and 0.7.
-    From bf16 logits: the gradient comes back in bf16, as autograd's would."""
+    log_softmax, in float64, with chunks of 2 positions (so T = 7 ends in a partial chunk) and τ = 1
+    and 0.7. From bf16 logits: the gradient comes back in bf16, as autograd's would."""
     monkeypatch.setattr(l3m.TokenLogProb, "chunk", 2 * 3 * 11)  # B·2·V: two positions per chunk
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(3, 7, 11, generator=g, dtype=F64)
@@ -955,7 +1037,8 @@ def test_token_log_prob_gradient_matches_autograd_across_chunks(monkeypatch):
         ours = logits.clone().requires_grad_()
         out = l3m.TokenLogProb.apply(ours, targets, temperature)
         ref = logits.clone().requires_grad_()
-        expected = torch.log_softmax(ref / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+        expected = torch.log_softmax(ref / temperature, -1).gather(-1,
+                                                                   targets[..., None]).squeeze(-1)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         (out * weights).sum().backward()
         (expected * weights).sum().backward()
@@ -964,7 +1047,8 @@ def test_token_log_prob_gradient_matches_autograd_across_chunks(monkeypatch):
     (l3m.TokenLogProb.apply(half, targets, 1.0) * weights.float()).sum().backward()
     assert half.grad.dtype == torch.bfloat16
     ref = logits.bfloat16().float().requires_grad_()
-    (torch.log_softmax(ref, -1).gather(-1, targets[..., None]).squeeze(-1) * weights.float()).sum().backward()
+    logp = torch.log_softmax(ref, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (logp * weights.float()).sum().backward()
     torch.testing.assert_close(half.grad.float(), ref.grad, rtol=0.01, atol=0.002)  # bf16's 8 bits
 
 
@@ -977,8 +1061,9 @@ logits = torch.randn(B, T, V).requires_grad_()
 tokens = torch.randint(0, V, (B, T))
 mask = torch.zeros(B, T, dtype=torch.bool)
 mask[:, 8:] = True
-l3m.logp_norm(logits[:2, :4].detach().requires_grad_(), tokens[:2, :4], mask[:2, :4] | (torch.arange(4) > 0),
-              1.0).sum().backward()  # once small: torch's own first-use allocations are not ℓ̄'s
+# once small: torch's own first-use allocations are not ℓ̄'s
+small = logits[:2, :4].detach().requires_grad_()
+l3m.logp_norm(small, tokens[:2, :4], mask[:2, :4] | (torch.arange(4) > 0), 1.0).sum().backward()
 def peak():  # this process's peak resident memory (ru_maxrss would start at the parent's)
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -988,15 +1073,16 @@ print((peak() - base) / logits.nbytes)
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc (Linux)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"),
+                    reason="reads VmHWM from /proc (Linux)")
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logp_norm_peak_memory_is_the_gradient_and_a_chunk(temperature):
-    """Forward and backward of ℓ̄ on float32 logits (8 × 64 × 32000, 66 MB) raise the process's peak memory
-    (VmHWM, in a fresh process) by one copy of the logits, the gradient, plus a few 1 MB chunks:
-    measured 1.03, asked ≤ 1.2. Autograd through slice, cast, division, logsumexp and gather held 4.0
-    copies at its peak."""
-    p = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(temperature)], cwd=HERE, env=ONE_THREAD,
-                       capture_output=True, text=True, timeout=120)
+    """Forward and backward of ℓ̄ on float32 logits (8 × 64 × 32000, 66 MB) raise the process's peak
+    memory (VmHWM, in a fresh process) by one copy of the logits, the gradient, plus a few 1 MB
+    chunks: measured 1.03, asked ≤ 1.2. Autograd through slice, cast, division, logsumexp and gather
+    held 4.0 copies at its peak."""
+    p = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(temperature)], cwd=HERE,
+                       env=ONE_THREAD, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     copies = float(p.stdout)
     assert 0.9 <= copies <= 1.2, copies
@@ -1014,7 +1100,8 @@ def test_surrogate_gradient_is_eq11_term_by_term():
     pos = torch.arange(T)
     mask = (pos >= start) & (pos < stop)
     c = torch.randn(B, k, generator=g, dtype=F64, requires_grad=True)
-    C_hat = torch.tensor([0.2, -(mu**2) / 3, -0.4], dtype=F64)  # violated, in the relaxed zone, inactive
+    # violated, in the relaxed zone, inactive
+    C_hat = torch.tensor([0.2, -(mu**2) / 3, -0.4], dtype=F64)
 
     logp = logp_norm(params[0][tokens] @ params[1], tokens, mask)
     surrogate = reinforce_surrogate(logp, c, lambda_hat(C_hat, mu, k))
@@ -1101,15 +1188,18 @@ def test_reinforce_is_unbiased_on_an_enumerable_policy():
     score = grad((pi.detach() * c * log_pi).sum())  # E[c·∇log π], Eq. 12
     normed = grad((pi.detach() * c * lbar).sum())  # E[c·∇ℓ̄], what the surrogate estimates
     per_token = grad((pi * c / length).sum())  # ∇E[c/|y|]
-    torch.testing.assert_close(score, true_grad, rtol=1e-10, atol=1e-12)  # exact identities, float64
+    # exact identities, float64
+    torch.testing.assert_close(score, true_grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(normed, per_token, rtol=1e-10, atol=1e-12)
-    assert (normed - true_grad).norm() > 0.1 * true_grad.norm()  # normalising by |y| changes the direction
+    # normalising by |y| changes the direction
+    assert (normed - true_grad).norm() > 0.1 * true_grad.norm()
 
     # Monte Carlo through the code path of a constraint step, against E[c·∇ℓ̄]
     n = 20_000
     s_tokens, s_mask = sample_responses(model, n, g)
     s_lbar = logp_norm(model(s_tokens), s_tokens, s_mask)
-    surrogate = reinforce_surrogate(s_lbar, cost(s_tokens, s_mask)[:, None], torch.ones(1, dtype=F64))
+    surrogate = reinforce_surrogate(s_lbar, cost(s_tokens, s_mask)[:, None],
+                                    torch.ones(1, dtype=F64))
     mc = grad(surrogate)
     per_sample = torch.stack([grad(c[j] * lbar[j]) for j in range(len(c))])  # (15, P)
     var = (pi.detach()[:, None] * per_sample**2).sum(0) - normed**2
@@ -1120,7 +1210,8 @@ def test_reinforce_is_unbiased_on_an_enumerable_policy():
 
 
 def enumerated_policy():
-    """The toy policy's ∇ (of a scalar, flattened over its parameters), its 15 responses and their ℓ̄ (15,)."""
+    """The toy policy's ∇ (of a scalar, flattened over its parameters), its 15 responses and their
+    ℓ̄ (15,)."""
     g = torch.Generator().manual_seed(SEED)
     model = BagPolicy(MAX_LEN + 1, 4, 3, g)
     params = list(model.parameters())
@@ -1133,11 +1224,11 @@ def enumerated_policy():
 
 
 def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
-    """--baseline=loo against Eq. 12 by exact enumeration: every batch of 3 responses drawn from the 15 of the toy
-    policy, weighted by its probability (3,375 batches). With c' = l3m.loo_baseline(c, |y|) the expected step
-    mean_b c'_b·∇ℓ̄_b is E[c·∇ℓ̄], Eq. 12's with ℓ̄, to float64 rounding. The plain leave-one-out baseline,
-    c_b − mean_{j≠b} c_j, is off by exactly −C·∇E[1/|y|]. The variance ratio (total variance of the step,
-    exact) is printed; on this cost the baseline lowers it."""
+    """--baseline=loo against Eq. 12 by exact enumeration: every batch of 3 responses drawn from the
+    15 of the toy policy, weighted by its probability (3,375 batches). With c' = l3m.loo_baseline(c,
+    |y|) the expected step mean_b c'_b·∇ℓ̄_b is E[c·∇ℓ̄], Eq. 12's with ℓ̄, to float64 rounding. The
+    plain leave-one-out baseline, c_b − mean_{j≠b} c_j, is off by exactly −C·∇E[1/|y|]. The variance
+    ratio (total variance of the step, exact) is printed; on this cost the baseline lowers it."""
     grad, tokens, mask, lbar = enumerated_policy()
     n = mask.sum(1).to(F64)
     pi = (lbar * n).exp().detach()
@@ -1171,16 +1262,18 @@ def test_loo_baseline_keeps_eq12_and_the_plain_one_pushes_on_length():
 
 
 def test_sum_score_steps_along_grad_C_with_and_without_its_baseline():
-    """--score=sum by exact enumeration on the toy policy: weighting c by l3m.sequence_score(ℓ̄, |y|, "sum")
-    makes the expected step ∇C = ∇E[c] (where the default "mean" gives ∇E[c/|y|]), and so does a batch of 3
-    with the leave-one-out baseline at count 1, as constraint_step passes it (3,375 batches). Catches a sum
-    score that is still normalised, and a baseline scaled by |y| with it (biased)."""
+    """--score=sum by exact enumeration on the toy policy: weighting c by l3m.sequence_score(ℓ̄,
+    |y|, "sum") makes the expected step ∇C = ∇E[c] (where the default "mean" gives ∇E[c/|y|]), and
+    so does a batch of 3 with the leave-one-out baseline at count 1, as constraint_step passes it
+    (3,375 batches). Catches a sum score that is still normalised, and a baseline scaled by |y|
+    with it (biased)."""
     grad, tokens, mask, lbar = enumerated_policy()
     n = mask.sum(1)
     pi = (lbar * n).exp()
     c = 0.9 - (n - 1 <= 2).to(F64)  # P[|y| ≤ 2] ≥ 0.9 as rewards.py writes it: c = b − 1{…}
     true_grad = grad((pi * c).sum())  # ∇C
-    d_score = {k: torch.stack([grad(l3m.sequence_score(lbar, n, k)[j]) for j in range(15)]) for k in ("mean", "sum")}
+    d_score = {k: torch.stack([grad(l3m.sequence_score(lbar, n, k)[j]) for j in range(15)])
+               for k in ("mean", "sum")}
     w = pi.detach()
     expected = {k: (w[:, None] * c[:, None] * d).sum(0) for k, d in d_score.items()}
     torch.testing.assert_close(expected["sum"], true_grad, rtol=1e-10, atol=1e-12)
@@ -1194,11 +1287,13 @@ def test_sum_score_steps_along_grad_C_with_and_without_its_baseline():
         steps.append((loo_baseline(cb, torch.ones(3, dtype=F64)) * d_score["sum"][b]).mean(0))
         biased.append((loo_baseline(cb, n[b]) * d_score["sum"][b]).mean(0))
     weights = torch.stack(weights)[:, None]
-    torch.testing.assert_close((weights * torch.stack(steps)).sum(0), true_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close((weights * torch.stack(steps)).sum(0), true_grad, rtol=1e-10,
+                               atol=1e-12)
     assert ((weights * torch.stack(biased)).sum(0) - true_grad).norm() > 0.1 * true_grad.norm()
 
 
-# ----------------------------------------------------------------------------- toy constrained problems
+# ----------------------------------------------------------------------------- toy
+# constrained problems
 
 def run_categorical(p, c_of, k, theta0, method="l3m", eta_lam=None, steps=4000, lr=0.1,
                     batch_task=64, batch_con=1024, seed=0):
@@ -1278,7 +1373,8 @@ ALPHA, BATCH_CON = 0.1, 1024
 
 
 def categorical_costs(y):  # c = b − r, (B, 2)
-    return torch.tensor(BOUND, dtype=torch.float32) - torch.tensor(R_TOY, dtype=torch.float32)[:, y].T
+    rewards = torch.tensor(R_TOY, dtype=torch.float32)[:, y].T
+    return torch.tensor(BOUND, dtype=torch.float32) - rewards
 
 
 def run_toy(method, eta_lam, seed):
@@ -1289,7 +1385,8 @@ def run_toy(method, eta_lam, seed):
 
 def test_l3m_reaches_the_kkt_point():
     pi_star, lam_star = kkt_point(P_TOY, R_TOY, BOUND, active=0)
-    assert lam_star[0] > 0.5 and R_TOY[1] @ pi_star - BOUND[1] > 0.1  # one active, one inactive with slack
+    # one active, one inactive with slack
+    assert lam_star[0] > 0.5 and R_TOY[1] @ pi_star - BOUND[1] > 0.1
     assert (R_TOY @ P_TOY < BOUND).all()  # the start violates both
 
     rec = run_toy("l3m", None, SEED)
@@ -1302,8 +1399,9 @@ def test_l3m_reaches_the_kkt_point():
     tol_C = 4 * sigma_C_hat
     # how far 4σ_Ĉ of slack in C_1 moves the optimum: TV to the KKT point with b_1 + 4σ_Ĉ (0.014)
     tol_tv = tv(kkt_point(P_TOY, R_TOY, BOUND + np.array([tol_C, 0.0]), active=0)[0], pi_star)
-    print(f"L3M: TV(π, π*) = {tv(pi_end, pi_star):.4f} (start {tv(P_TOY, pi_star):.3f}, tol {tol_tv:.4f}), "
-          f"C_1 = {BOUND[0] - R_TOY[0] @ pi_end:+.4f} (tol {tol_C:.4f}), C_2 = {BOUND[1] - R_TOY[1] @ pi_end:+.4f}")
+    print(f"L3M: TV(π, π*) = {tv(pi_end, pi_star):.4f} (start {tv(P_TOY, pi_star):.3f}, tol "
+          f"{tol_tv:.4f}), C_1 = {BOUND[0] - R_TOY[0] @ pi_end:+.4f} (tol {tol_C:.4f}), C_2 = "
+          f"{BOUND[1] - R_TOY[1] @ pi_end:+.4f}")
     assert tv(pi_end, pi_star) < tol_tv
     assert abs(BOUND[0] - R_TOY[0] @ pi_end) < tol_C
 
@@ -1337,7 +1435,8 @@ def test_mm_needs_a_well_chosen_eta():
         tail = slice(int(0.8 * len(rec["pi"])), None)  # the last 20 % of the run
         lam_tail = rec["lam"][tail][~rec["task"][tail], 0]
         pi_end = rec["pi"][tail].mean(0)
-        summary[eta] = (tv(pi_end, pi_star), BOUND[0] - R_TOY[0] @ pi_end, lam_tail.mean(), lam_tail.std())
+        summary[eta] = (tv(pi_end, pi_star), BOUND[0] - R_TOY[0] @ pi_end, lam_tail.mean(),
+                        lam_tail.std())
         print(f"MM η_λ = {eta}: TV {summary[eta][0]:.4f}, C_1 {summary[eta][1]:+.4f}, "
               f"λ_1 {summary[eta][2]:.3f} ± {summary[eta][3]:.3f} (λ* {lam_star[0]:.3f})")
     # Good: λ's time constant 1/(η·Var_π R_1) ≈ 270 constraint steps is slower than θ's and
@@ -1371,7 +1470,8 @@ def test_chance_constraint_with_indicator_rewards():
     rec = run_categorical(torch.tensor(p), costs, 1, theta0, seed=SEED)
     pi_end = rec["pi"][-400:].mean(0)
     prob = good @ pi_end
-    print(f"chance: P[r ≥ b] = {prob:.4f} (start 0.25, target 0.8), TV(π, π*) = {tv(pi_end, pi_star):.4f}")
+    print(f"chance: P[r ≥ b] = {prob:.4f} (start 0.25, target 0.8), TV(π, π*) = "
+          f"{tv(pi_end, pi_star):.4f}")
     # noise floor as above: σ_c = √(0.8·0.2) = 0.4, σ_Ĉ = 0.4·√(0.1/(1.9·1024)) = 0.0029; allow 4σ_Ĉ
     assert prob == pytest.approx(0.8, abs=0.012)
     # π* scales the p-mass of {r ≥ b} up to 0.8 and the rest down to 0.2. TV counts the mass
@@ -1452,7 +1552,8 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
                 tokens, mask, lengths = band_sample(theta, 256, g)
                 c = torch.stack([l_low - lengths, lengths - l_high], 1).float()  # (B, 2), c = b − r
                 mult.observe(c)
-                loss = reinforce_surrogate(logp_norm(band_logits(theta, 256), tokens, mask), c, mult.lam(mu))
+                loss = reinforce_surrogate(logp_norm(band_logits(theta, 256), tokens, mask), c,
+                                           mult.lam(mu))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([theta], 1.0)
@@ -1476,7 +1577,8 @@ def test_length_band_from_either_side(side, data_mean, data_sd):
 
 
 def tiny_lm(vocab_size, seed=0, dim=64):
-    args = M.ModelArgs(dim=dim, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32, max_seq_len=256)
+    args = M.ModelArgs(dim=dim, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=32,
+                       max_seq_len=256)
     return M.Transformer(args).init_weights(seed)
 
 
@@ -1503,7 +1605,8 @@ def test_bradley_terry_loss_and_accuracy():
 
 def test_learned_reward_is_logp_norm(tok):
     model = tiny_lm(tok.vocab_size, seed=1)
-    prompts = [tok.encode("Human: Hi.\n\nAssistant:"), tok.encode("Human: Tell me about the owl.\n\nAssistant:")]
+    prompts = [tok.encode("Human: Hi.\n\nAssistant:"), tok.encode("Human: Tell me about the "
+                                                                  "owl.\n\nAssistant:")]
     responses = [tok.encode("Hello.", bos=False, eos=True), tok.encode("It hoots", bos=False)]
     s = R.Samples.from_generate(prompts, responses, [True, False], tok)
     rm = R.LearnedReward(model, micro_batch=1)
@@ -1520,14 +1623,17 @@ def test_learned_reward_is_logp_norm(tok):
 def held_out_accuracy(model, examples, batch_size=32):
     """Share of pairs a reward model ranks right, r(y⁺|x) > r(y⁻|x), in eval mode."""
     model.eval()
-    rewards = [R.preference_rewards(model, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    rewards = [R.preference_rewards(model, examples[i:i + batch_size])
+               for i in range(0, len(examples), batch_size)]
     model.train()
-    return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]), torch.cat([m for _, m in rewards]))
+    return R.pairwise_accuracy(torch.cat([p for p, _ in rewards]),
+                               torch.cat([m for _, m in rewards]))
 
 
 def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok):
-    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out accuracy on the
-    cautious preferences (measured: 99.5 %; the informative ones are learnt through train.py below)."""
+    """A random-init 2-layer model, 30 Bradley–Terry steps of 16 pairs: ≥ 90 % held-out
+    accuracy on the cautious preferences (measured: 99.5 %; the informative ones are learnt
+    through train.py below)."""
     with one_thread():
         torch.manual_seed(0)
         start = time.time()
@@ -1556,8 +1662,9 @@ def test_bradley_terry_reward_model_learns_demo_preferences(demo, tok):
 def test_verdict_reads_C_against_its_standard_error():
     assert [R.verdict(C, 0.5) for C in (-0.1, 0.0, 1e-9, 1.0, 1.0001)] == \
         ["satisfied", "satisfied", "within noise", "within noise", "violated"]
-    # A model exactly on its threshold: its test estimate C ~ N(0, se²) reads satisfied half the time and
-    # violated with probability 1 − Φ(2) = 0.0228. 40,000 draws: binomial std ≤ 0.0025 for either share.
+    # A model exactly on its threshold: its test estimate C ~ N(0, se²) reads satisfied half the
+    # time and violated with probability 1 − Φ(2) = 0.0228. 40,000 draws: binomial std ≤ 0.0025 for
+    # either share.
     C = np.random.default_rng(0).normal(0.0, 0.3, 40_000)
     reads = [R.verdict(float(x), 0.3) for x in C]
     assert reads.count("satisfied") / len(C) == pytest.approx(0.5, abs=0.01)
@@ -1626,8 +1733,10 @@ DIALOGUE = ["Tell me about the owl.", "The owl lives in old forests.", "And what
 def test_template_and_exact_boundary(tok):
     dialogue = [("user", "Hi there."), ("assistant", "Hello."), ("user", "Tell me about the owl.")]
     prompt = D.render_dialogue(dialogue) + "\n\nAssistant:"
-    assert prompt == "Human: Hi there.\n\nAssistant: Hello.\n\nHuman: Tell me about the owl.\n\nAssistant:"
-    p, r = D.encode_prompt(tok, dialogue), D.encode_response(tok, " The owl lives in old forests.\n")
+    assert prompt == ("Human: Hi there.\n\nAssistant: Hello.\n\nHuman: Tell me about the owl.\n\n"
+                      "Assistant:")
+    p = D.encode_prompt(tok, dialogue)
+    r = D.encode_response(tok, " The owl lives in old forests.\n")
     assert p.tolist() == tok.encode(prompt, bos=True)
     assert p[0] == tok.bos_id and r[-1] == tok.eos_id and tok.eos_id not in r[:-1]
     # prompt + response decode to the whole exchange: sentencepiece's leading space is the only glue
@@ -1642,11 +1751,12 @@ def test_template_and_exact_boundary(tok):
 
 @pytest.mark.parametrize("system", ["", "Be brief."])
 def test_llama2_chat_template_token_for_token(tok, system):
-    """LLaMA-2-chat's format as Meta's chat_completion builds it: every finished exchange is BOS, the text
-    "[INST] u [/INST] a " and EOS (ids, not text); the open turn is BOS "[INST] u [/INST]"; a system prompt
-    sits inside the first [INST] between <<SYS>> tags. The answer, tokenised apart, continues the prompt exactly
-    as the whole exchange is tokenised in training."""
-    dialogue = [("user", "Hi there. "), ("assistant", " Hello."), ("user", "Tell me about the owl.")]
+    """LLaMA-2-chat's format as Meta's chat_completion builds it: every finished exchange is BOS,
+    the text "[INST] u [/INST] a " and EOS (ids, not text); the open turn is BOS "[INST] u [/INST]";
+    a system prompt sits inside the first [INST] between <<SYS>> tags. The answer, tokenised apart,
+    continues the prompt exactly as the whole exchange is tokenised in training."""
+    dialogue = [("user", "Hi there. "), ("assistant", " Hello."),
+                ("user", "Tell me about the owl.")]
     first = "<<SYS>>\nBe brief.\n<</SYS>>\n\nHi there." if system else "Hi there."
     expected = ([tok.bos_id] + tok.sp.encode(f"[INST] {first} [/INST] Hello. ") + [tok.eos_id]
                 + [tok.bos_id] + tok.sp.encode("[INST] Tell me about the owl. [/INST]"))
@@ -1654,17 +1764,20 @@ def test_llama2_chat_template_token_for_token(tok, system):
     assert p.tolist() == expected and p.dtype == np.int32
     r = D.encode_response(tok, "The owl lives in old forests.", "llama2")
     whole = tok.sp.encode("[INST] Tell me about the owl. [/INST] The owl lives in old forests. ")
-    assert tok.sp.encode("[INST] Tell me about the owl. [/INST]") + r.tolist() == whole + [tok.eos_id]
+    assert tok.sp.encode("[INST] Tell me about the owl. "
+                         "[/INST]") + r.tolist() == whole + [tok.eos_id]
     with pytest.raises(ValueError, match="user turn"):
         D.encode_prompt(tok, dialogue[:2], "llama2")
 
 
 @pytest.fixture
 def chatml_tok(demo, tmp_path):
-    """The demo tokenizer with ChatML's markers added after its V pieces: <|im_end|> = V, <|im_start|> = V + 1."""
+    """The demo tokenizer with ChatML's markers added after its V pieces: <|im_end|> = V,
+    <|im_start|> = V + 1."""
     V = M.Tokenizer(str(demo.tokenizer)).vocab_size
     shutil.copyfile(demo.tokenizer, tmp_path / "tokenizer.model")
-    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": V, "<|im_start|>": V + 1}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": V,
+                                                            "<|im_start|>": V + 1}))
     return M.Tokenizer(str(tmp_path / "tokenizer.model"))
 
 
@@ -1674,25 +1787,31 @@ def test_added_tokens_split_the_text(chatml_tok, tmp_path):
     text = "<|im_start|>user\nHi<|im_end|>\n"
     assert t.encode(text) == [t.bos_id, V + 1] + t.sp.encode("user\nHi") + [V] + t.sp.encode("\n")
     assert t.decode(t.encode(text, eos=True)) == text
-    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 5}))  # inside the vocabulary
+    # inside the vocabulary
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 5}))
     with pytest.raises(M.CheckpointError, match="added token ids must follow the"):
         M.Tokenizer(str(tmp_path / "tokenizer.model"))
 
 
 @pytest.mark.parametrize("system", ["", "Be brief."])
 def test_chatml_template_token_for_token(tok, chatml_tok, system):
-    """ChatML as one string, <|im_start|>/<|im_end|> as their ids and the text between them tokenised piece by
-    piece; the answer ends with <|im_end|>, the stop token, and continues the prompt's last piece exactly."""
+    """ChatML as one string, <|im_start|>/<|im_end|> as their ids and the text between them
+    tokenised piece by piece; the answer ends with <|im_end|>, the stop token, and continues the
+    prompt's last piece exactly."""
     t, V = chatml_tok, chatml_tok.sp.vocab_size()
     S, E, nl = [V + 1], [V], t.sp.encode("\n")
-    dialogue = [("user", "Hi there. "), ("assistant", " Hello."), ("user", "Tell me about the owl.")]
-    expected = [t.bos_id] + (S + t.sp.encode("system\nBe brief.") + E + nl if system else []) \
-        + S + t.sp.encode("user\nHi there.") + E + nl + S + t.sp.encode("assistant\nHello.") + E + nl \
-        + S + t.sp.encode("user\nTell me about the owl.") + E + nl + S + t.sp.encode("assistant\n")
+    dialogue = [("user", "Hi there. "), ("assistant", " Hello."),
+                ("user", "Tell me about the owl.")]
+    turn = lambda text: S + t.sp.encode(text) + E + nl
+    expected = [t.bos_id] + (turn("system\nBe brief.") if system else []) + turn("user\nHi there.")
+    expected += turn("assistant\nHello.") + turn("user\nTell me about the owl.")
+    expected += S + t.sp.encode("assistant\n")
     assert D.encode_prompt(t, dialogue, "chatml", system).tolist() == expected
     r = D.encode_response(t, "The owl lives in old forests.", "chatml")
-    assert t.sp.encode("assistant\n") + r.tolist() == t.sp.encode("assistant\nThe owl lives in old forests.") + E
-    assert D.stop_id(t, "chatml") == V and D.stop_id(t, "llama2") == D.stop_id(t, "plain") == t.eos_id
+    whole = t.sp.encode("assistant\nThe owl lives in old forests.") + E
+    assert t.sp.encode("assistant\n") + r.tolist() == whole
+    assert D.stop_id(t, "chatml") == V
+    assert D.stop_id(t, "llama2") == D.stop_id(t, "plain") == t.eos_id
     with pytest.raises(D.DataError, match="needs <\\|im_start\\|> and <\\|im_end\\|>"):
         D.encode_prompt(tok, dialogue, "chatml")  # the demo tokenizer has no markers
     with pytest.raises(D.DataError, match="needs <\\|im_start\\|>"):
@@ -1707,22 +1826,24 @@ def test_chatml_template_token_for_token(tok, chatml_tok, system):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "generate", generate)
         samples = train.rollout(None, t, [expected], cfg, None)
-    assert seen == [V] and samples.responses == [[5, V]] and R.length_reward(samples).tolist() == [1.0]
+    assert seen == [V] and samples.responses == [[5,
+                                                  V]] and R.length_reward(samples).tolist() == [1.0]
 
 
 def test_chat_models_added_tokens_travel_with_the_checkpoint(demo, tmp_path):
-    """A Hugging Face chat model's added tokens (tokenizer_config.json's added_tokens_decoder, past the
-    sentencepiece vocabulary) reach our folder, load with it, and go out again with export."""
+    """A Hugging Face chat model's added tokens (tokenizer_config.json's added_tokens_decoder, past
+    the sentencepiece vocabulary) reach our folder, load with it, and go out again with export."""
     pytest.importorskip("transformers")
     V = M.Tokenizer(str(demo.tokenizer)).vocab_size
     src = tmp_path / "src"
     src.mkdir()
     shutil.copyfile(demo.tokenizer, src / "tokenizer.model")
-    decoder = {"0": {"content": "<unk>"}, str(V): {"content": "<|im_end|>"}, str(V + 1): {"content": "<|im_start|>"}}
+    decoder = {"0": {"content": "<unk>"}, str(V): {"content": "<|im_end|>"},
+               str(V + 1): {"content": "<|im_start|>"}}
     (src / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
     args = tiny_args(vocab_size=V + 2)
-    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "ours"), args,
-                      str(src / "tokenizer.model"))
+    M.save_checkpoint(M.Transformer(args).init_weights(0).state_dict(), str(tmp_path / "ours"),
+                      args, str(src / "tokenizer.model"))
     added = {"<|im_end|>": V, "<|im_start|>": V + 1}
     assert json.loads((tmp_path / "ours" / "added_tokens.json").read_text()) == added
     _, t = M.load_model(str(tmp_path / "ours"))
@@ -1732,37 +1853,46 @@ def test_chat_models_added_tokens_travel_with_the_checkpoint(demo, tmp_path):
 
 
 def test_readers_use_the_chat_template(tok, tmp_path):
-    """--chat_template reaches both readers: the same dialogue, read as llama2, gives encode_prompt's ids."""
+    """--chat_template reaches both readers: the same dialogue, read as llama2, gives
+    encode_prompt's ids."""
     record = {"data": ["Tell me about the owl.", "It hoots."]}
-    read = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl", [record]), tok, template="llama2", system="Be kind.")
+    read = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl", [record]), tok, template="llama2",
+                            system="Be kind.")
     ex = read.examples[0]
-    assert ex.prompt.tolist() == D.encode_prompt(tok, [("user", record["data"][0])], "llama2", "Be kind.").tolist()
+    assert ex.prompt.tolist() == D.encode_prompt(tok, [("user", record["data"][0])], "llama2",
+                                                 "Be kind.").tolist()
     assert ex.response.tolist() == D.encode_response(tok, "It hoots.", "llama2").tolist()
-    pair = D.read_hh(write_jsonl(tmp_path / "hh.jsonl", [hh([("Human", "Is it?")], "Yes.", "No.")]), tok,
-                     template="llama2").examples[0]
+    pair = D.read_hh(write_jsonl(tmp_path / "hh.jsonl", [hh([("Human", "Is it?")], "Yes.", "No.")]),
+                     tok, template="llama2").examples[0]
     assert pair.prompt.tolist() == D.encode_prompt(tok, [("user", "Is it?")], "llama2").tolist()
     assert pair.rejected.tolist() == D.encode_response(tok, "No.", "llama2").tolist()
     import train  # and train.py's flags reach them
     flags = ["--chat_template=llama2", "--system_prompt=Be kind.", "--val=0", "--test=0"]
-    (ex2,), _, _ = train.load_data(train.parse_config([f"--data={tmp_path / 'u.jsonl'}", *flags]), tok)
+    (ex2,), _, _ = train.load_data(train.parse_config([f"--data={tmp_path / 'u.jsonl'}", *flags]),
+                                   tok)
     assert ex2.prompt.tolist() == ex.prompt.tolist()
-    (pair2,), _, _ = train.load_data(train.parse_config(["--method=reward", f"--data={tmp_path / 'hh.jsonl'}",
+    (pair2,), _, _ = train.load_data(train.parse_config(["--method=reward",
+                                                         f"--data={tmp_path / 'hh.jsonl'}",
                                                          *flags]), tok)
-    assert pair2.prompt.tolist() == D.encode_prompt(tok, [("user", "Is it?")], "llama2", "Be kind.").tolist()
+    assert pair2.prompt.tolist() == D.encode_prompt(tok, [("user", "Is it?")], "llama2",
+                                                    "Be kind.").tolist()
 
 
 def test_ultrachat_turn_keyed_by_the_dialogue(tok, tmp_path):
-    """Which assistant turn a dialogue gives is drawn with (seed, the dialogue's text): both UltraChat formats,
-    a gzipped copy, a renamed file and one with its lines reordered give the same set of pairs."""
+    """Which assistant turn a dialogue gives is drawn with (seed, the dialogue's text): both
+    UltraChat formats, a gzipped copy, a renamed file and one with its lines reordered give the same
+    set of pairs."""
     n = 40
-    dialogues = [[f"{DIALOGUE[0]} ({i})"] + DIALOGUE[1:] for i in range(n)]  # 40 different dialogues
+    # 40 different dialogues
+    dialogues = [[f"{DIALOGUE[0]} ({i})"] + DIALOGUE[1:] for i in range(n)]
     data_recs = [{"id": str(i), "data": d} for i, d in enumerate(dialogues)]
     msg_recs = [{"messages": [{"role": "user" if j % 2 == 0 else "assistant", "content": t}
                               for j, t in enumerate(d)]} for d in dialogues]
     pairs = lambda r: sorted((a.prompt.tobytes(), a.response.tobytes()) for a in r.examples)
     r1 = D.read_ultrachat(write_jsonl(tmp_path / "u.jsonl", data_recs), tok, seed=3)
     assert len(r1.examples) == n and r1.lines == n
-    for other in (write_jsonl(tmp_path / "messages.jsonl", msg_recs), write_jsonl(tmp_path / "u.jsonl.gz", data_recs),
+    for other in (write_jsonl(tmp_path / "messages.jsonl", msg_recs),
+                  write_jsonl(tmp_path / "u.jsonl.gz", data_recs),
                   write_jsonl(tmp_path / "renamed.jsonl", data_recs[::-1])):
         assert pairs(D.read_ultrachat(other, tok, seed=3)) == pairs(r1), other
     chosen = []
@@ -1773,8 +1903,10 @@ def test_ultrachat_turn_keyed_by_the_dialogue(tok, tmp_path):
         expected = D.render_dialogue(before) + "\n\nAssistant:"
         assert text(tok, e.prompt) == expected  # the prompt is exactly the dialogue before it
         chosen.append(k)
-    assert set(chosen) == {1, 3, 5}  # 40 draws of 3 turns: all appear (misses one with prob. < 1e-6)
-    assert pairs(D.read_ultrachat(tmp_path / "u.jsonl", tok, seed=4)) != pairs(r1)  # the seed matters
+    # 40 draws of 3 turns: all appear (misses one with prob. < 1e-6)
+    assert set(chosen) == {1, 3, 5}
+    # the seed matters
+    assert pairs(D.read_ultrachat(tmp_path / "u.jsonl", tok, seed=4)) != pairs(r1)
 
 
 def test_ultrachat_token_limit(tok, tmp_path):
@@ -1786,15 +1918,13 @@ def test_ultrachat_token_limit(tok, tmp_path):
     assert "dropped 1 over 40 tokens" in str(r)
 
 
-MALFORMED = [
-    ('{"id": "0", "data": ["Tell me about the owl.", "The owl lives in old forests."]}', None),
-    ("this is not json", "not JSON"),
-    ('{"id": "2", "dialogue": ["a", "b"]}', "neither 'data' nor 'messages'"),
-    ('{"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Hello."}]}',
-     "roles do not alternate"),
-    ('{"id": "4", "data": ["Tell me about the owl.", "   "]}', "empty turn"),
-    ('{"id": "5", "data": ["Only a question?"]}', "no assistant turn"),
-]
+MALFORMED = [('{"id": "0", "data": ["Tell me about the owl.", "The owl lives in old forests."]}',
+              None), ("this is not json", "not JSON"), ('{"id": "2", "dialogue": ["a", "b"]}',
+                                                        "neither 'data' nor 'messages'"),
+             ('{"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": '
+              '"Hello."}]}', "roles do not alternate"), ('{"id": "4", "data": ["Tell me about the '
+                                                         'owl.", "   "]}', "empty turn"),
+             ('{"id": "5", "data": ["Only a question?"]}', "no assistant turn"),]
 
 
 def test_ultrachat_malformed_lines(tok, tmp_path):
@@ -1803,11 +1933,13 @@ def test_ultrachat_malformed_lines(tok, tmp_path):
     assert len(r.examples) == 1 and r.lines == len(MALFORMED)
     assert sum(r.malformed.values()) == len(MALFORMED) - 1
     summary = str(r)
-    assert "skipped 5 malformed" in summary and "1 not JSON" in summary and "1 empty turn" in summary
+    assert "skipped 5 malformed" in summary
+    assert "1 not JSON" in summary and "1 empty turn" in summary
     with pytest.raises(D.DataError, match="bad.jsonl:2: not JSON"):
         D.read_ultrachat(path, tok, strict=True)
     for lineno, (line, reason) in enumerate(MALFORMED[2:], start=3):
-        one = write_jsonl(tmp_path / f"one{lineno}.jsonl", [MALFORMED[0][0]] * (lineno - 1) + [line])
+        one = write_jsonl(tmp_path / f"one{lineno}.jsonl",
+                          [MALFORMED[0][0]] * (lineno - 1) + [line])
         with pytest.raises(D.DataError, match=rf"one{lineno}.jsonl:{lineno}: {reason}"):
             D.read_ultrachat(one, tok, strict=True)
 
@@ -1832,28 +1964,33 @@ conversations:
 
 
 def test_chatterbot_reader(tok, tmp_path):
-    """chatterbot-corpus YAML: each conversation is read as the UltraChat record {"data": turns} (the same examples
-    as read_ultrachat gives for them, numbers and block scalars as their text), a repeated example is kept once,
-    and a conversation that is not a list of turns is skipped, or with strict=True named by file:line."""
+    """chatterbot-corpus YAML: each conversation is read as the UltraChat record {"data": turns}
+    (the same examples as read_ultrachat gives for them, numbers and block scalars as their text), a
+    repeated example is kept once, and a conversation that is not a list of turns is skipped, or
+    with strict=True named by file:line."""
     pytest.importorskip("yaml")
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "animals.yml").write_text(CHATTERBOT)
     r = D.read_chatterbot(folder, tok, seed=3)
-    turns = [["What does the owl eat?", "Mice, mostly."], ["Hello", "Hi!", "How are you?", "Fine, thanks.\nAnd you?\n"],
-             ["Name a prime.", "7"]]
-    reference = D.read_ultrachat(write_jsonl(tmp_path / "same.jsonl", [{"data": d} for d in turns]), tok, seed=3)
+    turns = [["What does the owl eat?", "Mice, mostly."],
+             ["Hello", "Hi!", "How are you?", "Fine, thanks.\nAnd you?\n"], ["Name a prime.", "7"]]
+    reference = D.read_ultrachat(write_jsonl(tmp_path / "same.jsonl", [{"data": d} for d in turns]),
+                                 tok, seed=3)
     assert [(e.prompt.tolist(), e.response.tolist()) for e in r.examples] == \
         [(e.prompt.tolist(), e.response.tolist()) for e in reference.examples]
-    assert (r.lines, r.repeats, dict(r.malformed)) == (5, 1, {"a conversation is not a list of turns": 1})
+    assert (r.lines, r.repeats, dict(r.malformed)) == (5, 1,
+                                                       {"a conversation is not a list of turns": 1})
     assert "1 repeats of kept examples, skipped 1 malformed" in str(r)
     with pytest.raises(D.DataError, match=r"animals.yml:12: a conversation is not a list of turns"):
         D.read_chatterbot(folder / "animals.yml", tok, strict=True)
     (folder / "broken.yml").write_text("conversations:\n- - a\n  - [b\n")
     with pytest.raises(D.DataError, match=r"broken.yml:\d+: not YAML"):
         D.read_chatterbot(folder / "broken.yml", tok, strict=True)
-    assert D.read_task([str(folder / "animals.yml")], tok, seed=3).repeats == 1  # by the file's name
-    with pytest.raises(D.DataError, match="UltraChat JSONL and chatterbot YAML files in one --data"):
+    # by the file's name
+    assert D.read_task([str(folder / "animals.yml")], tok, seed=3).repeats == 1
+    with pytest.raises(D.DataError, match="UltraChat JSONL and chatterbot YAML files in one "
+                       "--data"):
         D.read_task([str(folder / "animals.yml"), str(tmp_path / "same.jsonl")], tok)
 
 
@@ -1863,13 +2000,16 @@ def hh(prompt_turns, chosen, rejected):
 
 
 def test_hh_reader(tok, tmp_path):
-    multi = hh([("Human", "Tell me about the owl."), ("Assistant", "It hoots."), ("Human", "What does it eat?")],
-               "The owl mostly eats mice and insects.", "I do not know.")
+    multi = hh([("Human", "Tell me about the owl."), ("Assistant", "It hoots."),
+                ("Human", "What does it eat?")], "The owl mostly eats mice and insects.",
+               "I do not know.")
     records = [multi, hh([("Human", "Hi.")], "Hello.", "Go away."),
-               {"chosen": "\n\nHuman: Hi.\n\nAssistant: Hello.", "rejected": "\n\nHuman: Bye.\n\nAssistant: Hello."},
+               {"chosen": "\n\nHuman: Hi.\n\nAssistant: Hello.",
+                "rejected": "\n\nHuman: Bye.\n\nAssistant: Hello."},
                {"chosen": "\n\nHuman: Hi.\n\nAssistant: Hello."},
-               {"chosen": "\n\nHuman: Hi.\n\nAssistant:", "rejected": "\n\nHuman: Hi.\n\nAssistant: Yes."},
-               {"chosen": "\n\nAssistant: Hi.\n\nHuman: Hello.", "rejected": "\n\nAssistant: Hi.\n\nHuman: Yo."}]
+               {"chosen": "\n\nHuman: Hi.\n\nAssistant:", "rejected": "\n\nHuman: "
+                "Hi.\n\nAssistant: Yes."}, {"chosen": "\n\nAssistant: Hi.\n\nHuman: Hello.",
+                                            "rejected": "\n\nAssistant: Hi.\n\nHuman: Yo."}]
     for name in ("hh.jsonl", "hh.jsonl.gz"):
         r = D.read_hh(write_jsonl(tmp_path / name, records), tok)
         assert len(r.examples) == 2 and sum(r.malformed.values()) == 4, str(r)
@@ -1879,9 +2019,11 @@ def test_hh_reader(tok, tmp_path):
         assert text(tok, e.chosen) == "The owl mostly eats mice and insects."
         assert text(tok, e.rejected) == "I do not know."
         assert e.chosen[-1] == e.rejected[-1] == tok.eos_id
-    assert set(r.malformed) == {"'chosen' and 'rejected' have different prompts", "missing 'chosen' or 'rejected'",
-                                "empty turn", "turns do not alternate Human, Assistant, … starting with Human"}
-    with pytest.raises(D.DataError, match="hh.jsonl:3: 'chosen' and 'rejected' have different prompts"):
+    assert set(r.malformed) == {"'chosen' and 'rejected' have different prompts",
+                                "missing 'chosen' or 'rejected'", "empty turn",
+                                "turns do not alternate Human, Assistant, … starting with Human"}
+    with pytest.raises(D.DataError, match="hh.jsonl:3: 'chosen' and 'rejected' have different "
+                       "prompts"):
         D.read_hh(tmp_path / "hh.jsonl", tok, strict=True)
     short = D.read_hh(tmp_path / "hh.jsonl", tok, max_tokens=12)
     assert short.too_long >= 1
@@ -1898,7 +2040,8 @@ def test_mask_scores_only_response_and_eos():
     responses = [[8, 9, eos], [10, eos]]
     tokens, mask = D.response_batch(prompts, responses, pad_id=eos)  # pad == eos
     assert tokens.tolist() == [[1, 5, eos, 6, 8, 9, eos], [1, 7, 10, eos, eos, eos, eos]]
-    assert mask.tolist() == [[False] * 4 + [True] * 3, [False, False, True, True, False, False, False]]
+    assert mask.tolist() == [[False] * 4 + [True] * 3, [False, False, True, True, False, False,
+                                                        False]]
     assert tokens.dtype == torch.long and mask.dtype == torch.bool
     with pytest.raises(ValueError, match="at least one token"):
         D.response_batch([[1]], [[]])
@@ -1908,16 +2051,19 @@ def test_padded_batches_score_like_single_rows(tok):
     """Right padding (ours) and left padding (model.generate's) change no row's ℓ̄."""
     with one_thread():
         model = tiny_lm(tok.vocab_size).eval()
-        prompts = [tok.encode("Human: Tell me about the owl.\n\nAssistant:"), tok.encode("Human: Hi.\n\nAssistant:")]
+        prompts = [tok.encode("Human: Tell me about the owl.\n\nAssistant:"),
+                   tok.encode("Human: Hi.\n\nAssistant:")]
         gen = torch.Generator().manual_seed(0)
-        responses, ended = M.generate(model, prompts, max_new_tokens=12, eos_id=tok.eos_id, generator=gen)
+        responses, ended = M.generate(model, prompts, max_new_tokens=12, eos_id=tok.eos_id,
+                                      generator=gen)
         with torch.no_grad():
             tokens, mask = D.response_batch(prompts, responses, pad_id=tok.eos_id)
             batched = l3m.logp_norm(model(tokens), tokens, mask)
             for i, (p, r) in enumerate(zip(prompts, responses)):
                 assert mask[i].sum() == len(r) and tokens[i, mask[i]].tolist() == r
                 t1, m1 = D.response_batch([p], [r])
-                assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)  # float32 sums
+                # float32 sums
+                assert torch.allclose(batched[i], l3m.logp_norm(model(t1), t1, m1), atol=1e-5)
 
 
 def test_packed_batch_scores_each_sequence_as_if_alone(tok):
@@ -1928,8 +2074,8 @@ def test_packed_batch_scores_each_sequence_as_if_alone(tok):
     model = M.Transformer(tiny_args(vocab_size=tok.vocab_size)).init_weights(1).double()
     ex = [D.TaskExample(D.encode_prompt(tok, [("user", u)]), D.encode_response(tok, a))
           for u, a in (("Hi.", "Hello there."), ("Tell me about the owl.", "It hoots."),
-                       ("And the snail?", "It is slow, and it lives in damp gardens. It carries its shell on "
-                                          "its back, and it eats leaves at night."))]
+                       ("And the snail?", "It is slow, and it lives in damp gardens. It carries "
+                        "its shell on its back, and it eats leaves at night."))]
     prompts, responses = [e.prompt for e in ex], [e.response for e in ex]
     tokens, mask, segments = D.packed_batch(prompts, responses)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
@@ -1966,14 +2112,18 @@ def test_split_disjoint_covering_reproducible():
 def test_shards_disjoint_equal_and_resumable():
     n, bs, world = 103, 4, 3  # 103 // 12 = 8 global batches an epoch, 7 examples dropped
     assert D.num_batches(n, bs, world) == 8
-    batch = lambda position, rank, seed=5: D.batch_indices(n, bs, position, seed=seed, rank=rank, world_size=world)
+    batch = lambda position, rank, seed=5: D.batch_indices(n, bs, position, seed=seed, rank=rank,
+                                                           world_size=world)
     epoch = [[batch(p, r) for p in range(8)] for r in range(world)]  # epoch 0, every rank
     seen = np.concatenate([b for shard in epoch for b in shard])
     assert all(len(b) == bs for shard in epoch for b in shard)
-    assert len(seen) == len(set(seen.tolist())) == 8 * bs * world  # disjoint across ranks and batches
-    assert [batch(p, 1).tolist() for p in range(8)] == [b.tolist() for b in epoch[1]]  # a function of the position
+    # disjoint across ranks and batches
+    assert len(seen) == len(set(seen.tolist())) == 8 * bs * world
+    # a function of the position
+    assert [batch(p, 1).tolist() for p in range(8)] == [b.tolist() for b in epoch[1]]
     next_epoch = np.concatenate([batch(p, r) for p in range(8, 16) for r in range(world)])
-    assert next_epoch.tolist() != seen.tolist() and len(set(next_epoch.tolist())) == len(seen)  # a new permutation
+    # a new permutation
+    assert next_epoch.tolist() != seen.tolist() and len(set(next_epoch.tolist())) == len(seen)
     assert batch(0, 0, seed=6).tolist() != epoch[0][0].tolist()
     with pytest.raises(ValueError, match="at least one global batch"):
         D.batch_indices(10, 4, 0, seed=0, world_size=3)
@@ -2007,7 +2157,8 @@ def test_demo_is_deterministic_and_cached(demo, tmp_path):
 
 
 def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
-    """Ranks call prepare_demo at once: one builds, the others wait and reuse it, nobody replaces it."""
+    """Ranks call prepare_demo at once: one builds, the others wait and reuse it, nobody replaces
+    it."""
     monkeypatch.setattr(D, "DEMO_SIZES", {"task": 20, "preference_train": 5, "preference_test": 2})
     builds, results, start = [], [None] * 4, threading.Barrier(4)
     write_demo = D._write_demo
@@ -2019,7 +2170,8 @@ def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
     def call(i):
         start.wait()
         files = D.prepare_demo(tmp_path, seed=0)
-        results[i] = [getattr(files, f).read_bytes() for f in ("tokenizer", "task", "cautious_test")]
+        results[i] = [getattr(files, f).read_bytes() for f in ("tokenizer", "task",
+                                                               "cautious_test")]
 
     monkeypatch.setattr(D, "_write_demo", counted_write_demo)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
@@ -2028,7 +2180,8 @@ def test_demo_concurrent_callers_build_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(builds) == 1 and results[0] is not None and all(r == results[0] for r in results)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_v1_seed0_vocab1024", "demo_v1_seed0_vocab1024.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_v1_seed0_vocab1024",
+                                                          "demo_v1_seed0_vocab1024.lock"]
 
 
 def test_demo_task_lengths_spread(demo, tok):
@@ -2039,7 +2192,8 @@ def test_demo_task_lengths_spread(demo, tok):
     print(f"\ndemo response length in tokens: p10 {p10:.0f}, median {p50:.0f}, p90 {p90:.0f}, "
           f"min {lengths.min()}, max {lengths.max()}, vocab {tok.vocab_size}")
     assert p10 <= 25 and p90 >= 80 and lengths.min() >= 5
-    # broad and smooth: no length bin of 10 tokens between p10 and p90 holds more than 15 % of the data
+    # broad and smooth: no length bin of 10 tokens between p10 and p90 holds more than 15 % of
+    # the data
     hist, _ = np.histogram(lengths, bins=np.arange(p10, p90 + 10, 10))
     assert hist.max() <= 0.15 * len(lengths)
     # the length is not fixed by the question: the same question gets short and long answers
@@ -2054,9 +2208,11 @@ def test_demo_properties_negatively_correlated(demo):
     responses = [json.loads(line)["data"][1] for line in open(demo.task)]
     props = np.array([D.demo_properties(y) for y in responses])  # (N, 2): informative, cautious
     corr = np.corrcoef(props.T)[0, 1]
-    print(f"\ndemo task responses: corr(informative, cautious) = {corr:.2f}, means {props.mean(0).round(2)}")
+    print(f"\ndemo task responses: corr(informative, cautious) = {corr:.2f}, means "
+          f"{props.mean(0).round(2)}")
     assert corr < -0.3
-    assert D.demo_properties("The owl lives in old forests. Never try to touch or feed a wild owl.") == (0.5, 0.5)
+    assert D.demo_properties("The owl lives in old forests. Never try to touch or feed a wild "
+                             "owl.") == (0.5, 0.5)
     assert D.demo_properties("The owl lives in old forests. Blah blah.") == (0.5, 0.0)
     for prop, which in (("informative", 0), ("cautious", 1)):
         for line in open(getattr(demo, f"{prop}_train")):
@@ -2069,16 +2225,16 @@ def test_demo_properties_negatively_correlated(demo):
 # -----------------------------------------------------------------------------
 # train.py: runs as subprocesses, one process or two (torchrun, gloo)
 
-TINY = ["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--batch_size=8",
-        "--micro_batch=4", "--val=8", "--test=8", "--max_new_tokens=8", "--eval_every=0", "--ckpt_every=0",
-        "--lr=3e-3"]
+TINY = ["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1",
+        "--batch_size=8", "--micro_batch=4", "--val=8", "--test=8", "--max_new_tokens=8",
+        "--eval_every=0", "--ckpt_every=0", "--lr=3e-3"]
 
 
 def train_cmd(out_dir, data_dir, *flags, nproc=1):
     cmd = [sys.executable, os.path.join(HERE, "train.py")]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(HERE, "train.py")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py")]
     return cmd + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *flags]
 
 
@@ -2086,22 +2242,24 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_train(out_dir, data_dir, *flags, nproc=1, timeout=240):
-    """train.py with TINY and these flags, one thread per rank; returns what it printed. On two ranks under
-    torchrun; on one, in this process (train_here)."""
+    """train.py with TINY and these flags, one thread per rank; returns what it printed. On two
+    ranks under torchrun; on one, in this process (train_here)."""
     if nproc == 1:
         return train_here(train_cmd(out_dir, data_dir, *flags)[2:])
-    p = subprocess.run(train_cmd(out_dir, data_dir, *flags, nproc=nproc), env=ONE_THREAD, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(train_cmd(out_dir, data_dir, *flags, nproc=nproc), env=ONE_THREAD,
+                       capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
 
 def train_here(argv):
-    """train.main(argv) in this process, as a world of one on one thread, returning what it printed: faster than
-    a new interpreter (which spends ~4 s importing torch), and a test can spy on the functions it calls."""
+    """train.main(argv) in this process, as a world of one on one thread, returning what it printed:
+    faster than a new interpreter (which spends ~4 s importing torch), and a test can spy on the
+    functions it calls."""
     import train
     assert "RANK" not in os.environ  # not under torchrun: train.py makes a world of one
-    threads, sigterm, printed = torch.get_num_threads(), signal.getsignal(signal.SIGTERM), io.StringIO()
+    threads, sigterm = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    printed = io.StringIO()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(printed):
@@ -2122,20 +2280,24 @@ def final_weights(out_dir):
 
 
 def resume_flags(tiny_base, nproc=1):
-    """An 8-step L3M run of tiny_base; on two ranks with activation checkpointing, which must not change it."""
-    return ["--method=l3m", "--steps=8", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
+    """An 8-step L3M run of tiny_base; on two ranks with activation checkpointing, which must not
+    change it."""
+    return ["--method=l3m", "--steps=8", f"--init={tiny_base}", "--max_new_tokens=32",
+            "--constraint=length>=20",
             "--constraint=length<=30"] + (["--activation_checkpointing=True"] if nproc > 1 else [])
 
 
 @pytest.fixture(scope="session")
 def straight(tiny_base, data_dir, tmp_path_factory):
-    """straight(nproc): the out_dir of an uninterrupted run of resume_flags on nproc ranks, made once and shared
-    by the tests of interrupted runs (checkpointing does not change a run, so one reference serves them all)."""
+    """straight(nproc): the out_dir of an uninterrupted run of resume_flags on nproc ranks, made
+    once and shared by the tests of interrupted runs (checkpointing does not change a run, so one
+    reference serves them all)."""
     def get(nproc):
         out = shared(tmp_path_factory, f"straight{nproc}")
         with built_once(out):
             if not (out / "final").is_dir():
-                run_train(out, data_dir, *resume_flags(tiny_base, nproc), "--overwrite=True", nproc=nproc)
+                run_train(out, data_dir, *resume_flags(tiny_base, nproc), "--overwrite=True",
+                          nproc=nproc)
         return out
     return get
 
@@ -2143,14 +2305,14 @@ def straight(tiny_base, data_dir, tmp_path_factory):
 def test_two_processes_match_one(straight):
     """Two ranks (gloo) give the losses and parameters of one process on the same global batch.
 
-    Proves the shared coin, the global Ĉ (the rollouts end at varied lengths, so a rank's own batch mean
-    is not the global one), the rollouts and the gradient averaging. Rollouts sample with
-    one generator per row keyed by the row's global index, so they do not depend on the split over ranks.
-    The two-rank run also recomputes activations (checkpointing), which must not change the numbers.
-    The two runs differ only in float summation order (micro-batches of 4 rows on each rank instead of
-    two on one rank; reductions over ranks), ~1e-7 relative per step: 1e-5 covers 8 Adam steps.
-    (A run stopped on two ranks and resumed on one: test_sigterm_checkpoints_and_resume_is_exact.)
-    """
+    Proves the shared coin, the global Ĉ (the rollouts end at varied lengths, so a rank's own
+    batch mean is not the global one), the rollouts and the gradient averaging. Rollouts
+    sample with one generator per row keyed by the row's global index, so they do not depend
+    on the split over ranks. The two-rank run also recomputes activations (checkpointing),
+    which must not change the numbers. The two runs differ only in float summation order
+    (micro-batches of 4 rows on each rank instead of two on one rank; reductions over ranks),
+    ~1e-7 relative per step: 1e-5 covers 8 Adam steps. (A run stopped on two ranks and resumed
+    on one: test_sigterm_checkpoints_and_resume_is_exact.) """
     one, two = ledger(straight(1)), ledger(straight(2))
     assert {r["kind"] for r in one} == {"task", "constraint"}
     # rows of different lengths: each rank's batch mean of c differs from the global one
@@ -2161,10 +2323,12 @@ def test_two_processes_match_one(straight):
             if a["kind"] == "constraint":
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
     assert_close_run(straight(1), straight(2))
-    # FSDP2 shards each parameter's first dimension (torch.chunk: rank 0 holds ⌈n₀/2⌉ of n₀ rows) and AdamW's two
-    # moments follow their parameter: on two ranks each holds half of the whole, up to that rounding.
+    # FSDP2 shards each parameter's first dimension (torch.chunk: rank 0 holds ⌈n₀/2⌉ of n₀ rows)
+    # and AdamW's two moments follow their parameter: on two ranks each holds half of the whole, up
+    # to that rounding.
     whole = final_weights(straight(1)).values()
-    held = {n: json.loads((straight(n) / "report.json").read_text())["bytes_per_rank"] for n in (1, 2)}
+    held = {n: json.loads((straight(n) / "report.json").read_text())["bytes_per_rank"]
+            for n in (1, 2)}
     assert held[1]["parameters"] == sum(w.nbytes for w in whole)
     assert held[2]["parameters"] == sum(-(-w.shape[0] // 2) * w[0].nbytes for w in whole)
     assert all(h["optimizer"] == 2 * h["parameters"] for h in held.values())
@@ -2172,9 +2336,9 @@ def test_two_processes_match_one(straight):
 
 def assert_close_run(one, other):
     """The same steps and losses as the one-process run `one`, and final weights within float noise.
-    Adam divides each coordinate's step by that coordinate's gradient scale, which amplifies float noise
-    where the gradient is ~0 (embedding rows of tokens absent from the batches): compare whole tensors.
-    Seen: ≤ 1.2e-5 relative (the embedding) after 6 steps, ≤ 1e-5 elsewhere."""
+    Adam divides each coordinate's step by that coordinate's gradient scale, which amplifies float
+    noise where the gradient is ~0 (embedding rows of tokens absent from the batches): compare whole
+    tensors. Seen: ≤ 1.2e-5 relative (the embedding) after 6 steps, ≤ 1e-5 elsewhere."""
     assert len(ledger(other)) == len(ledger(one))
     for a, b in zip(ledger(one), ledger(other)):
         assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
@@ -2183,7 +2347,8 @@ def assert_close_run(one, other):
 
 
 def test_resume_reads_a_flag_added_since_the_checkpoint_as_its_default(tmp_path):
-    """A checkpoint written before --baseline existed resumes with the default, and refuses another value."""
+    """A checkpoint written before --baseline existed resumes with the default, and refuses another
+    value."""
     import train
     (tmp_path / "ckpt").mkdir()
     config = dataclasses.asdict(train.parse_config([f"--out_dir={tmp_path}"]))
@@ -2191,22 +2356,24 @@ def test_resume_reads_a_flag_added_since_the_checkpoint_as_its_default(tmp_path)
     torch.save({"config": config}, tmp_path / "ckpt" / "state.pt")
     train.check_resume(train.parse_config([f"--out_dir={tmp_path}", "--resume=True"]))
     with pytest.raises(train.ConfigError, match=r"--baseline='loo' \(the checkpoint's: 'none'\)"):
-        train.check_resume(train.parse_config([f"--out_dir={tmp_path}", "--resume=True", "--baseline=loo"]))
+        train.check_resume(train.parse_config([f"--out_dir={tmp_path}", "--resume=True",
+                                               "--baseline=loo"]))
 
 
 def test_loo_baseline_is_taken_over_the_global_batch(tiny_base, data_dir, tmp_path):
-    """--baseline=loo on two ranks gives one rank's losses and weights: each rank's c' uses the whole global batch
-    (all-gathered c and |y|), not its own half: leaving out the gather changes the constraint steps' losses far
-    beyond float noise. And the baseline changes the run: its losses differ from the plain run's."""
-    flags = ["--method=l3m", "--steps=6", f"--init={tiny_base}", "--max_new_tokens=32", "--constraint=length>=20",
-             "--constraint=length<=30", "--overwrite=True"]
+    """--baseline=loo on two ranks gives one rank's losses and weights: each rank's c' uses the
+    whole global batch (all-gathered c and |y|), not its own half: leaving out the gather changes
+    the constraint steps' losses far beyond float noise. And the baseline changes the run: its
+    losses differ from the plain run's."""
+    flags = ["--method=l3m", "--steps=6", f"--init={tiny_base}", "--max_new_tokens=32",
+             "--constraint=length>=20", "--constraint=length<=30", "--overwrite=True"]
     run_train(tmp_path / "one", data_dir, *flags, "--baseline=loo")
     run_train(tmp_path / "two", data_dir, *flags, "--baseline=loo", nproc=2)
     run_train(tmp_path / "plain", data_dir, *flags)
     assert any(r["kind"] == "constraint" for r in ledger(tmp_path / "one"))
     assert_close_run(tmp_path / "one", tmp_path / "two")
-    differ = [a["loss"] != pytest.approx(b["loss"], rel=1e-3) for a, b in zip(ledger(tmp_path / "one"),
-                                                                               ledger(tmp_path / "plain"))
+    differ = [a["loss"] != pytest.approx(b["loss"], rel=1e-3)
+              for a, b in zip(ledger(tmp_path / "one"), ledger(tmp_path / "plain"))
               if a["kind"] == "constraint"]
     assert any(differ)
 
@@ -2219,9 +2386,10 @@ def assert_same_run(a, b):
 
 
 def test_resume_continues_exactly(tmp_path, data_dir, tiny_base, straight):
-    """Stopped after step 3 and resumed: the same ledger and weights as one straight run. The rollouts end
-    at varied lengths, so Ĉ (an EMA) differs from the batch means after the resume point: a resume that
-    lost the multipliers' state would restart Ĉ from the first batch it sees."""
+    """Stopped after step 3 and resumed: the same ledger and weights as one straight run. The
+    rollouts end at varied lengths, so Ĉ (an EMA) differs from the batch means after the
+    resume point: a resume that lost the multipliers' state would restart Ĉ from the first
+    batch it sees."""
     flags = resume_flags(tiny_base)
     run_train(tmp_path / "halves", data_dir, *flags, "--ckpt_every=3", "--stop_after=3")
     assert not os.path.exists(tmp_path / "halves" / "final")
@@ -2235,21 +2403,23 @@ def test_resume_continues_exactly(tmp_path, data_dir, tiny_base, straight):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, straight, nproc):
-    """SIGTERM in the middle of a run (to the process, or to torchrun, which passes it on to every rank): the
-    run finishes its step on every rank, checkpoints, says how to resume and exits non-zero; resumed, its
-    ledger and weights equal those of a run never interrupted. The two-rank checkpoint also resumes on one
-    rank: resharded on load, with global data positions, coin and sampling keys, it ends as the one-process
-    run does (to float noise: assert_close_run)."""
+    """SIGTERM in the middle of a run (to the process, or to torchrun, which passes it on to every
+    rank): the run finishes its step on every rank, checkpoints, says how to resume and exits
+    non-zero; resumed, its ledger and weights equal those of a run never interrupted. The two-rank
+    checkpoint also resumes on one rank: resharded on load, with global data positions, coin and
+    sampling keys, it ends as the one-process run does (to float noise: assert_close_run)."""
     flags = resume_flags(tiny_base, nproc)
     p = subprocess.Popen(train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc), env=ONE_THREAD,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (os.path.isfile(tmp_path / "cut" / "ledger.jsonl") and len(ledger(tmp_path / "cut")) >= 3):
+    while not (os.path.isfile(tmp_path / "cut" / "ledger.jsonl")
+               and len(ledger(tmp_path / "cut")) >= 3):
         assert p.poll() is None and time.time() < deadline
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode != 0 and "continue with the same flags and --resume=True" in out, out[-2000:] + err[-2000:]
+    assert p.returncode != 0, out[-2000:] + err[-2000:]
+    assert "continue with the same flags and --resume=True" in out, out[-2000:] + err[-2000:]
     cut = len(ledger(tmp_path / "cut"))
     assert 3 <= cut < 8 and not os.path.exists(tmp_path / "cut" / "final")
     if nproc == 2:
@@ -2261,9 +2431,11 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, data_dir, tiny_base, 
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base, straight, nproc):
-    """SIGKILL on rank 0 while it writes its second checkpoint (shards written, state file not yet): the first
-    checkpoint is whole, the resumed run drops the ledger lines after it and ends equal to a straight run."""
+def test_sigkill_while_checkpointing_leaves_the_last_checkpoint(tmp_path, data_dir, tiny_base,
+                                                                straight, nproc):
+    """SIGKILL on rank 0 while it writes its second checkpoint (shards written, state file not yet):
+    the first checkpoint is whole, the resumed run drops the ledger lines after it and ends equal to
+    a straight run."""
     script = tmp_path / "kill.py"
     script.write_text(f"""
 import os, signal, sys, torch
@@ -2283,18 +2455,23 @@ train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
     cmd = train_cmd(tmp_path / "cut", data_dir, *flags, nproc=nproc)
     cmd[cmd.index(os.path.join(HERE, "train.py"))] = str(script)
     p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
-    assert p.returncode != 0 and len(ledger(tmp_path / "cut")) == 6  # killed after step 6, saving it
+    # killed after step 6, saving it
+    assert p.returncode != 0 and len(ledger(tmp_path / "cut")) == 6
     assert torch.load(tmp_path / "cut" / "ckpt" / "state.pt", weights_only=False)["step"] == 3
     run_train(tmp_path / "cut", data_dir, *flags, "--resume=True", nproc=nproc)
-    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt", "final", "ledger.jsonl", "report.json"]  # no stale tmp
+    # no stale tmp
+    assert sorted(os.listdir(tmp_path / "cut")) == ["ckpt", "final", "ledger.jsonl", "report.json"]
     assert_same_run(straight(nproc), tmp_path / "cut")
 
 
 @pytest.mark.parametrize("side, band", [("above", (5, 15)), ("below", (50, 70))])
-def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data_dir, tiny_base, side, band):
-    """The real loop, on the tiny base (mean test length ~31 tokens), under a band above or below it.
+def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data_dir, tiny_base,
+                                                     side, band):
+    """The real loop, on the tiny base (mean test length ~31 tokens), under a band above
+    or below it.
 
-    Direction: the mean test length goes at least halfway from where it began to the violated bound. Exactness, step by step, from spies on what the loop hands to the method:
+    Direction: the mean test length goes at least halfway from where it began to the violated bound.
+    Exactness, step by step, from spies on what the loop hands to the method:
     - c = b − r for the step's own rollouts (lo − |y| and |y| − hi), exactly;
     - Ĉ is the EMA (α = 0.1) of the batch means of c (closed form), λ̂ = µ/(k·max(−Ĉ, µ²)) at this
       step's µ = µ_0·(µ_T/µ_0)^(t/(T−1)), and that λ̂ is what weights the surrogate;
@@ -2304,7 +2481,8 @@ def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data
     import train
     lo, hi = band
     rollouts, observed, weights, step_norms = [], [], [], []
-    real_rollout, real_observe, real_surrogate = train.rollout, l3m.Multipliers.observe, l3m.reinforce_surrogate
+    real_rollout, real_observe = train.rollout, l3m.Multipliers.observe
+    real_surrogate = l3m.reinforce_surrogate
     real_step = torch.optim.AdamW.step
 
     def rollout(*a, **k):
@@ -2330,28 +2508,32 @@ def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data
     monkeypatch.setattr(l3m, "reinforce_surrogate", surrogate)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     steps = 32
-    train_here([f"--init={tiny_base}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--method=l3m",
-                f"--steps={steps}", "--batch_size=16", "--micro_batch=16", "--lr=3e-3", "--val=8", "--test=16",
-                "--max_new_tokens=96", "--eval_every=0", "--ckpt_every=0", f"--constraint=length>={lo}",
-                f"--constraint=length<={hi}"])
+    train_here([f"--init={tiny_base}", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+                "--method=l3m", f"--steps={steps}", "--batch_size=16", "--micro_batch=16",
+                "--lr=3e-3", "--val=8", "--test=16", "--max_new_tokens=96", "--eval_every=0",
+                "--ckpt_every=0", f"--constraint=length>={lo}", f"--constraint=length<={hi}"])
     report = json.loads((tmp_path / "report.json").read_text())
     before, after = report["before"]["length_mean"], report["after"]["length_mean"]
     print(f"band [{lo}, {hi}] from {side}: mean test length {before:.1f} -> {after:.1f}")
     violated = f"length<={hi}" if side == "above" else f"length>={lo}"
     assert not report["before"]["constraints"][violated]["satisfied"]
-    # At least halfway to the violated bound, or past it. Where 32 steps end is noisy (16 test prompts:
-    # seeds 0-2 went 78 % to 206 % of the way), but a flipped cost or λ̂ moves the length away from the band.
+    # At least halfway to the violated bound, or past it. Where 32 steps end is noisy (16 test
+    # prompts: seeds 0-2 went 78 % to 206 % of the way), but a flipped cost or λ̂ moves the length
+    # away from the band.
     edge = hi if side == "above" else lo
     assert (after - before) / (edge - before) >= 0.5
 
     rows = ledger(tmp_path)
-    assert [r["mu"] for r in rows] == pytest.approx([mu_at(t, steps - 1) for t in range(steps)], rel=1e-12)
+    assert [r["mu"] for r in rows] == pytest.approx([mu_at(t, steps - 1) for t in range(steps)],
+                                                    rel=1e-12)
     con = [r for r in rows if r["kind"] == "constraint"]
     assert len(con) == len(observed) == len(weights) >= 6
     C_hat = None
     for r, (samples, c), (c_used, lam_used) in zip(con, observed, weights):
-        n = torch.tensor([len(y) - e for y, e in zip(samples.responses, samples.ended)], dtype=torch.float32)
-        assert torch.equal(c, torch.stack([lo - n, n - hi], 1))  # c = b − r, r = (|y|, −|y|), b = (lo, −hi)
+        n = torch.tensor([len(y) - e for y, e in zip(samples.responses, samples.ended)],
+                         dtype=torch.float32)
+        # c = b − r, r = (|y|, −|y|), b = (lo, −hi)
+        assert torch.equal(c, torch.stack([lo - n, n - hi], 1))
         assert torch.equal(c_used, c)
         mean = c.double().mean(0)
         C_hat = mean if C_hat is None else 0.9 * C_hat + 0.1 * mean
@@ -2364,80 +2546,94 @@ def test_loop_moves_length_toward_band_by_the_method(tmp_path, monkeypatch, data
 
 
 def test_rollouts_of_different_lengths_do_not_hang(tmp_path):
-    """Rank 0's rows end at once, rank 1's never: sampling on gathered weights runs no collective, so the
-    ranks decode different numbers of steps and still meet at the next training step."""
+    """Rank 0's rows end at once, rank 1's never: sampling on gathered weights runs no collective,
+    so the ranks decode different numbers of steps and still meet at the next training step."""
     script = tmp_path / "hang.py"
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {HERE!r})
 import train, model as M
-cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1"])
+cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2",
+                          "--n_kv_heads=1"])
 rank, world, device = train.setup_distributed("cpu")
 model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50)
 with train.gathered(model):
     first = model(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
     eos = first if rank == 0 else 50  # rank 1: an id the model never emits
     out, ended = M.generate(model, [[1, 2, 3]] * 2, max_new_tokens=40, eos_id=eos, temperature=0)
-print(f"{{rank}} {{[len(o) for o in out]}}", flush=True)  # one write per line: the ranks share stdout
+# one write per line: the ranks share stdout
+print(f"{{rank}} {{[len(o) for o in out]}}", flush=True)
 loss = model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean()
 loss.backward()
 dist.barrier()
 print(f"{{rank}} trained", flush=True)
 dist.destroy_process_group()
 """)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
-    # What is tested is that both ranks meet after decoding and train: each says so. The exit code is not asserted:
-    # under load a rank sometimes aborts while the gloo group is torn down, after its work ("terminate called
-    # without an active exception"), which is not what this test is about.
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)], capture_output=True, text=True,
+                       timeout=120, env=ONE_THREAD)
+    # What is tested is that both ranks meet after decoding and train: each says so. The exit
+    # code is not asserted: under load a rank sometimes aborts while the gloo group is torn down,
+    # after its work ("terminate called without an active exception"), which is not what this
+    # test is about.
     assert "0 [1, 1]" in p.stdout and "1 [40, 40]" in p.stdout, p.stderr[-3000:]
     assert "0 trained" in p.stdout and "1 trained" in p.stdout, p.stderr[-3000:]
 
 
 def test_rollouts_run_on_a_bare_model_and_gathered_restores_resharding(tmp_path):
-    """Inside `gathered`, rollouts decode on a plain Transformer that shares the unsharded weights: no FSDP unit and
-    no activation-checkpointing wrapper in it, the same tokens as through the FSDP model. On exit every unit reshards
-    after forward as build_model set it (blocks yes, the root no), before and after the first training forward."""
+    """Inside `gathered`, rollouts decode on a plain Transformer that shares the unsharded weights:
+    no FSDP unit and no activation-checkpointing wrapper in it, the same tokens as through the FSDP
+    model. On exit every unit reshards after forward as build_model set it (blocks yes, the root
+    no), before and after the first training forward."""
     script = tmp_path / "bare.py"
     script.write_text(f"""
 import sys, torch
 sys.path.insert(0, {HERE!r})
 import train, model as M
-cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1",
-                          "--activation_checkpointing=True"])
+cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2",
+                          "--n_kv_heads=1", "--activation_checkpointing=True"])
 rank, world, device = train.setup_distributed("cpu")
 model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50)
 units = [m for m in model.modules() if isinstance(m, train.FSDPModule)]
-def reshards():  # FSDP2 keeps the setting as each parameter group's post-forward mesh (None: keep the weights)
-    return [g.post_forward_mesh_info is not None for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+# FSDP2 keeps the setting as each parameter group's post-forward mesh (None: keep the weights)
+def reshards():
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    return [g.post_forward_mesh_info is not None for g in groups]
 assert reshards() == [False, True, True], reshards()  # the root, then the two blocks
 for _ in range(2):
     with train.gathered(model) as (plain,):
         assert not any(isinstance(m, train.FSDPModule) for m in plain.modules())
-        assert all("forward" not in vars(block) for block in plain.layers)  # no checkpoint() wrapper
-        assert all(p.data_ptr() == q.data_ptr() for p, q in zip(plain.parameters(), model.parameters()))
-        sample = lambda m: M.generate(m, [[1, 2, 3], [4]], 12, eos_id=49, generator=torch.Generator().manual_seed(0))
+        # no checkpoint() wrapper
+        assert all("forward" not in vars(block) for block in plain.layers)
+        pairs = zip(plain.parameters(), model.parameters())
+        assert all(p.data_ptr() == q.data_ptr() for p, q in pairs)
+        prompts = [[1, 2, 3], [4]]
+        seeded = lambda: torch.Generator().manual_seed(0)
+        sample = lambda m: M.generate(m, prompts, 12, eos_id=49, generator=seeded())
         assert sample(plain) == sample(model)
     assert reshards() == [False, True, True], reshards()
     model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
 print("ok")
 """)
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=ONE_THREAD)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
 
 
 def test_micro_batches_reduce_scatter_once_per_step(tmp_path, data_dir):
-    """Two ranks, one SFT step of 4 rows per rank: in 4 micro-batches FSDP2 reduce-scatters each unit's gradient
-    once (after the last micro-batch), as many times as in one micro-batch, and the gradient is the same (its norm
-    to float rounding). The mesh is on the device that --device names. Each rank writes its count to a file: a
-    line on the pipe that both ranks share went missing once in CI, with exit code 0."""
+    """Two ranks, one SFT step of 4 rows per rank: in 4 micro-batches FSDP2 reduce-scatters each
+    unit's gradient once (after the last micro-batch), as many times as in one micro-batch, and the
+    gradient is the same (its norm to float rounding). The mesh is on the device that --device
+    names. Each rank writes its count to a file: a line on the pipe that both ranks share went
+    missing once in CI, with exit code 0."""
     script = tmp_path / "count.py"
     script.write_text(f"""
 import sys, torch.distributed as dist
 sys.path.insert(0, {HERE!r})
 import train
 calls = []
-for name in ("reduce_scatter_single", "reduce_scatter_tensor"):  # FSDP2's reduce-scatter, by torch version
+# FSDP2's reduce-scatter, by torch version
+for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
     if hasattr(dist, name):
         def counted(*a, _f=getattr(dist, name), **k):
             calls.append(1)
@@ -2450,16 +2646,19 @@ def build_and_check(cfg, device, *a, **k):
     return model, args
 train.build_model = build_and_check
 train.main(sys.argv[1:-1])  # the last argument: where the counts go
-with open(sys.argv[-1] + ".{{}}".format(train.rank()), "w") as f:  # a file per rank, closed before the exit
+# a file per rank, closed before the exit
+with open(sys.argv[-1] + ".{{}}".format(train.rank()), "w") as f:
     f.write(str(len(calls)))
 train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 """)
     counts, norms = [], []
     for micro in (4, 1):
         out = tmp_path / f"micro{micro}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-        cmd += TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--method=sft", "--steps=1", "--batch_size=8",
-                       f"--micro_batch={micro}", "--eval_before=False", "--show=0", str(tmp_path / f"count{micro}")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script)]
+        cmd += TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--method=sft", "--steps=1",
+                       "--batch_size=8", f"--micro_batch={micro}", "--eval_before=False",
+                       "--show=0", str(tmp_path / f"count{micro}")]
         p = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=240)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         counts.append([int((tmp_path / f"count{micro}.{r}").read_text()) for r in range(2)])
@@ -2469,45 +2668,52 @@ train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
-    """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py) on a tiny model."""
+    """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py) on
+    a tiny model."""
     pytest.importorskip("transformers")
-    p = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "tiny"], capture_output=True, text=True,
-                       timeout=300, env={**ONE_THREAD, "GPU_CHECK_OUT": str(tmp_path)})
+    p = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "tiny"], capture_output=True,
+                       text=True, timeout=300, env={**ONE_THREAD, "GPU_CHECK_OUT": str(tmp_path)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for line in ("task       steps:", "rollouts:", "held by the one rank:", "best/bound"):
         assert line in p.stdout, line
 
 
 def test_decode_bound_counts_the_kv_cache_and_not_the_embedding():
-    """bench.decode_bytes: the weights a decode step reads (all but the embedding table, whose `batch` rows it
-    reads) plus the KV cache that the step attends over, byte for byte as KVCache allocates it."""
+    """bench.decode_bytes: the weights a decode step reads (all but the embedding table, whose
+    `batch` rows it reads) plus the KV cache that the step attends over, byte for byte as
+    KVCache allocates it."""
     import bench
     model, batch, max_len = tiny_model(), 3, 40
-    cache = M.KVCache(model.args, batch, max_len, torch.zeros(batch, dtype=torch.long), torch.float32, "cpu")
+    cache = M.KVCache(model.args, batch, max_len, torch.zeros(batch, dtype=torch.long),
+                      torch.float32, "cpu")
     cache_bytes = sum(t.nbytes for t in cache.k + cache.v)
     weights = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes
-    assert bench.decode_bytes(model, batch, max_len) == weights + batch * model.args.dim * 4 + cache_bytes
+    assert bench.decode_bytes(model, batch,
+                              max_len) == weights + batch * model.args.dim * 4 + cache_bytes
 
 
 @pytest.mark.parametrize("method, eval_every", [("sft", 0), ("mm", 4)])
 def test_methods_run_end_to_end(tmp_path, data_dir, method, eval_every):
-    """A run ends with its test split and its model. One that validates (--eval_every > 0) validates its final
-    model too, once: the numbers a setting is chosen on (reproduce.py)."""
+    """A run ends with its test split and its model. One that validates (--eval_every > 0) validates
+    its final model too, once: the numbers a setting is chosen on (reproduce.py)."""
     out = run_train(tmp_path, data_dir, f"--method={method}", "--steps=4", "--constraint=length>=6",
                     f"--eval_every={eval_every}")
     report = json.loads((tmp_path / "report.json").read_text())
     assert out.count("val (") == ("val" in report) == (eval_every > 0)
     assert eval_every == 0 or (report["val"]["split"], report["val"]["n"]) == ("val (final)", 8)
     assert "before" not in report and report["after"]["n"] == 8  # no 'before' for a random init
-    assert report["after"]["perplexity_mean"] < math.log(623) - 0.1  # learning: below a uniform guess (6.43)
-    assert M.load_model(str(tmp_path / "final"))[1] is not None  # model.py's format, tokenizer included
+    # learning: below a uniform guess (6.43)
+    assert report["after"]["perplexity_mean"] < math.log(623) - 0.1
+    # model.py's format, tokenizer included
+    assert M.load_model(str(tmp_path / "final"))[1] is not None
 
 
-def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch, data_dir, tiny_base):
-    """--fluency_model: each evaluation reports the mean −ℓ̄ of its sampled answers (EOS included) under the judge,
-    recomputed here from the rollouts the evaluations drew. The judge is the base model before and after 2 SFT steps
-    at a large lr: catches a judge that is the trained policy, reference answers scored instead of samples, or
-    answers scored without their prompts."""
+def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch, data_dir,
+                                                          tiny_base):
+    """--fluency_model: each evaluation reports the mean −ℓ̄ of its sampled answers (EOS included)
+    under the judge, recomputed here from the rollouts the evaluations drew. The judge is the base
+    model before and after 2 SFT steps at a large lr: catches a judge that is the trained policy,
+    reference answers scored instead of samples, or answers scored without their prompts."""
     import train
     rollouts = []
     real_rollout = train.rollout
@@ -2517,8 +2723,8 @@ def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch,
         return rollouts[-1]
 
     monkeypatch.setattr(train, "rollout", rollout)
-    run_train(tmp_path, data_dir, f"--init={tiny_base}", f"--fluency_model={tiny_base}", "--method=sft",
-              "--steps=2", "--lr=3e-2")
+    run_train(tmp_path, data_dir, f"--init={tiny_base}", f"--fluency_model={tiny_base}",
+              "--method=sft", "--steps=2", "--lr=3e-2")
     report = json.loads((tmp_path / "report.json").read_text())
     judge, _ = M.load_model(tiny_base)
     assert len(rollouts) == 4  # test split of 8, micro-batches of 4: before, then after
@@ -2538,16 +2744,18 @@ def test_fluency_is_the_judges_nll_of_the_sampled_answers(tmp_path, monkeypatch,
             if stats is not None:
                 assert (stats["n"], stats["mean"]) == (len(x), pytest.approx(x.mean(), abs=1e-5))
         assert sum(b["n"] for b in report[when]["fluency_by_length"].values() if b) >= 6
-    assert abs(report["after"]["fluency_mean"] - report["before"]["fluency_mean"]) > 0.01  # the answers changed
+    # the answers changed
+    assert abs(report["after"]["fluency_mean"] - report["before"]["fluency_mean"]) > 0.01
 
 
 def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypatch, data_dir):
-    """--rollout_batch=12 with --batch_size=8: every constraint step samples 12 responses to 12 train prompts and
-    weights all 12 (with their leave-one-out baseline) in its surrogate, while task steps keep 8
-    rows. Catches the flag ignored (8 rollouts) or read for the task batch too."""
+    """--rollout_batch=12 with --batch_size=8: every constraint step samples 12 responses to 12
+    train prompts and weights all 12 (with their leave-one-out baseline) in its surrogate, while
+    task steps keep 8 rows. Catches the flag ignored (8 rollouts) or read for the task batch too."""
     import train
     rollouts, weighted, task_rows = [], [], []
-    real_rollout, real_surrogate, real_task_loss = train.rollout, l3m.reinforce_surrogate, l3m.task_loss
+    real_rollout, real_task_loss = train.rollout, l3m.task_loss
+    real_surrogate = l3m.reinforce_surrogate
 
     def rollout(*a, **k):
         rollouts.append(real_rollout(*a, **k))
@@ -2564,8 +2772,8 @@ def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypat
     monkeypatch.setattr(train, "rollout", rollout)
     monkeypatch.setattr(l3m, "reinforce_surrogate", surrogate)
     monkeypatch.setattr(l3m, "task_loss", task_loss)
-    run_train(tmp_path, data_dir, "--method=l3m", "--steps=6", "--rollout_batch=12", "--baseline=loo",
-              "--eval_before=False")
+    run_train(tmp_path, data_dir, "--method=l3m", "--steps=6", "--rollout_batch=12",
+              "--baseline=loo", "--eval_before=False")
     kinds = [r["kind"] for r in ledger(tmp_path)]
     drawn = rollouts[:kinds.count("constraint")]  # then the test split's, after training
     assert 0 < len(drawn) < 6 and [len(s.prompts) for s in drawn] == [12] * len(drawn)
@@ -2573,14 +2781,17 @@ def test_rollout_batch_sets_the_prompts_of_a_constraint_step(tmp_path, monkeypat
     assert task_rows == [4, 4] * kinds.count("task")
 
 
-def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, data_dir, tiny_base):
-    """--margin=δ: a constraint step's costs are c_i + δ_i, so Ĉ aims at C_i ≤ −δ_i, while evaluations keep
-    c_i. The first constraint step follows the same task steps in both runs and samples alike, so its batch
-    mean C moves by exactly δ; tiny_base's test report, before training, is the same. Catches the margin
-    ignored, subtracted, swapped between constraints, or carried into the evaluations."""
+def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, data_dir,
+                                                                      tiny_base):
+    """--margin=δ: a constraint step's costs are c_i + δ_i, so Ĉ aims at C_i ≤ −δ_i, while
+    evaluations keep c_i. The first constraint step follows the same task steps in both runs and
+    samples alike, so its batch mean C moves by exactly δ; tiny_base's test report, before training,
+    is the same. Catches the margin ignored, subtracted, swapped between constraints, or carried
+    into the evaluations."""
     runs = {}
     for name, margins in (("plain", []), ("margin", ["--margin=0.25", "--margin=3"])):
-        run_train(tmp_path / name, data_dir, f"--init={tiny_base}", "--method=l3m", "--steps=4", *margins)
+        run_train(tmp_path / name, data_dir, f"--init={tiny_base}", "--method=l3m", "--steps=4",
+                  *margins)
         first = next(r for r in ledger(tmp_path / name) if r["kind"] == "constraint")
         report = json.loads((tmp_path / name / "report.json").read_text())
         runs[name] = first, report["before"]["constraints"]
@@ -2592,22 +2803,23 @@ def test_margin_tightens_the_constraint_steps_and_not_the_evaluations(tmp_path, 
 
 
 def test_reward_model_training_improves_accuracy(tmp_path, data_dir):
-    out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1", "--batch_size=16",
-                    "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
-    # App. A.1's "validate every 10 % of an epoch": 1,900 training pairs (5 % held out of 2,000) are 118
-    # batches of 16, so every ⌈11.8⌉ = 12 steps
+    out = run_train(tmp_path, data_dir, "--method=reward", "--steps=30", "--eval_every=0.1",
+                    "--batch_size=16", "--micro_batch=16", "--lr=1e-2", "--dim=64", timeout=400)
+    # App. A.1's "validate every 10 % of an epoch": 1,900 training pairs (5 % held out of 2,000) are
+    # 118 batches of 16, so every ⌈11.8⌉ = 12 steps
     assert "val @ 12" in out and "val @ 24" in out and "val @ 11" not in out
     report = json.loads((tmp_path / "report.json").read_text())
-    # the demo's informative preferences, from a random init (measured: 0.41 -> 0.96 on the 100 held-out pairs)
+    # the demo's informative preferences, from a random init (measured: 0.41 -> 0.96 on the 100
+    # held-out pairs)
     assert report["val_accuracy_before"] < 0.6 and report["val_best_accuracy"] >= 0.9
     assert os.path.isfile(tmp_path / "best" / "model.pth")
 
 
 def test_nonfinite_loss_or_reward_is_skipped_on_every_rank(tmp_path, data_dir):
-    """A NaN task loss at the first task step and a NaN reward for one sample at the first constraint step,
-    both on rank 0 only (injected by wrapping l3m.task_loss and rewards.costs): both ranks skip those two steps
-    together, Ĉ is not poisoned (the next constraint step's Ĉ is its own finite batch mean, as a first Ĉ
-    is), the other steps run and the weights stay finite."""
+    """A NaN task loss at the first task step and a NaN reward for one sample at the first
+    constraint step, both on rank 0 only (injected by wrapping l3m.task_loss and rewards.costs):
+    both ranks skip those two steps together, Ĉ is not poisoned (the next constraint step's Ĉ is its
+    own finite batch mean, as a first Ĉ is), the other steps run and the weights stay finite."""
     script = tmp_path / "nan.py"
     script.write_text(f"""
 import sys, torch.distributed as dist
@@ -2628,45 +2840,52 @@ rewards.costs = first_call_on_rank0(rewards.costs, nan_cost)
 train.main(sys.argv[1:])
 train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 """)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
-           f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--method=l3m", "--steps=8",
-           "--constraint=length>=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}",
+           "--method=l3m", "--steps=8", "--constraint=length>=4"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ONE_THREAD)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = ledger(tmp_path / "run")
     task, con = ([r for r in rows if r["kind"] == kind] for kind in ("task", "constraint"))
     assert len(task) >= 2 and len(con) >= 2
     assert [r["skipped"] for r in task] == [True] + [False] * (len(task) - 1)
-    assert [r["skipped"] for r in con] == [True] + [False] * (len(con) - 1) and "C_hat" not in con[0]
+    assert [r["skipped"]
+            for r in con] == [True] + [False] * (len(con) - 1) and "C_hat" not in con[0]
     assert all(math.isfinite(r["C_hat"][0]) for r in con[1:])
-    assert con[1]["C_hat"] == pytest.approx(con[1]["C"])  # the first Ĉ is the first finite batch's mean
+    # the first Ĉ is the first finite batch's mean
+    assert con[1]["C_hat"] == pytest.approx(con[1]["C"])
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
 
 
 def test_short_schedule_warned_and_infeasible_constraint_reported(tmp_path, data_dir):
-    """µ falling 1 -> 1e-6 in 4 steps is warned about at the start; a constraint no response can meet
-    (length >= 1000 with 8 new tokens) runs to the end, reports itself violated with its C, and λ̂ stays finite.
-    --stop_after at the last step is no time slice: the run finishes (report, final model), nothing to resume."""
-    out = run_train(tmp_path, data_dir, "--method=l3m", "--steps=4", "--constraint=length>=1000", "--stop_after=4")
+    """µ falling 1 -> 1e-6 in 4 steps is warned about at the start; a constraint no response can
+    meet (length >= 1000 with 8 new tokens) runs to the end, reports itself violated with its C, and
+    λ̂ stays finite. --stop_after at the last step is no time slice: the run finishes (report, final
+    model), nothing to resume."""
+    out = run_train(tmp_path, data_dir, "--method=l3m", "--steps=4", "--constraint=length>=1000",
+                    "--stop_after=4")
     assert "warning: µ falls from 1 to 1e-06 in 4 steps" in out and "raise --mu_T" in out
-    assert "--resume" not in out and (tmp_path / "final" / "model.pth").is_file() and not (tmp_path / "ckpt").exists()
+    assert "--resume" not in out and (tmp_path / "final" / "model.pth").is_file()
+    assert not (tmp_path / "ckpt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     c = report["after"]["constraints"]["length>=1000"]
     assert c["C"] >= 1000 - 8 and c["verdict"] == "violated"
     assert all(math.isfinite(x) and x > 0 for x in report["lam_hat"])
     import train
     cfg = train.parse_config([])  # µ 1 -> 1e-6: ×1/1.15 per step is 1e6^(1/(T − 1)), T = 99.8 steps
-    assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False, False]
+    assert [train.schedule_too_short(cfg, T) for T in (4, 99, 100, 120)] == [True, True, False,
+                                                                             False]
 
 
 def test_reports_give_the_share_of_answers_violating_each_constraint():
-    """task_report beside C ± se: the share of answers with b − r > 0, per constraint (for a chance constraint,
-    1 − P[the event]); format_comparison prints it. Lengths 10, 20, 30, 40 under length>=25 (b − r = 15, 5,
-    −5, −15: two of four violate, C = 0) and length<=35 (−25, −15, −5, 5: one of four); an answer exactly at
-    its bound (b − r = 0) does not violate it."""
+    """task_report beside C ± se: the share of answers with b − r > 0, per constraint (for a chance
+    constraint, 1 − P[the event]); format_comparison prints it. Lengths 10, 20, 30, 40 under
+    length>=25 (b − r = 15, 5, −5, −15: two of four violate, C = 0) and length<=35 (−25, −15, −5, 5:
+    one of four); an answer exactly at its bound (b − r = 0) does not violate it."""
     import types
     import train
-    cons = [types.SimpleNamespace(name="length>=25", b=25.0), types.SimpleNamespace(name="length<=35", b=-35.0)]
+    cons = [types.SimpleNamespace(name="length>=25", b=25.0),
+            types.SimpleNamespace(name="length<=35", b=-35.0)]
     trainer = types.SimpleNamespace(constraints=cons)
     lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
     c = torch.stack([25.0 - lengths, lengths - 35.0], 1)  # (4, 2): b − r, r = ±length
@@ -2679,28 +2898,31 @@ def test_reports_give_the_share_of_answers_violating_each_constraint():
     c = torch.stack([25.0 - at_bound, at_bound - 35.0], 1)
     table = torch.cat([torch.ones(4, 1), at_bound[:, None], torch.ones(4, 1), torch.zeros(4, 2),
                        torch.full((4, 1), math.nan), c], 1)
-    assert train.task_report(trainer, table, "test", [])["constraints"]["length>=25"]["violated_share"] == 0.0
+    assert train.task_report(trainer, table, "test",
+                             [])["constraints"]["length>=25"]["violated_share"] == 0.0
     text = train.format_comparison(report, report, "l3m")
     assert re.search(r"answers violating  length>=25 +50% +50%", text)
     assert re.search(r"answers violating  length<=35 +25% +25%", text)
 
 
 def test_degenerate_answers_counted_on_a_closed_form_table():
-    """rewards.degenerate on six answers whose kinds are known by construction (4-grams, 3 repeats), then
-    task_report's shares and fluency, and format_comparison's rows. Catches an empty answer that counts its
-    EOS, a loop test that misses overlapping repeats or fires at 2, and cut read as ended."""
+    """rewards.degenerate on six answers whose kinds are known by construction (4-grams, 3
+    repeats), then task_report's shares and fluency, and format_comparison's rows. Catches an empty
+    answer that counts its EOS, a loop test that misses overlapping repeats or fires at 2, and cut
+    read as ended."""
     import types
     import train
     eos = 0
     responses = [[eos],                          # empty: nothing before the EOS
                  [5, 6, 7, 8, eos],              # a plain short answer
-                 [1, 2, 1, 2, 1, 2, 1, 2, eos],  # (1, 2, 1, 2) at 0, 2 and 4: a loop, overlaps counted
+                 [1, 2, 1, 2, 1, 2, 1, 2, eos],  # (1, 2, 1, 2) at 0, 2, 4: a loop, overlaps count
                  [1, 2, 3, 4, 1, 2, 3, 4, 9],    # (1, 2, 3, 4) twice, no EOS: cut, not a loop
                  [3] * 6,                        # (3, 3, 3, 3) three times and cut: both
-                 []]                             # cut before any token (max_new_tokens reached at once)
+                 []]                             # cut before any token (max_new_tokens at once)
     ended = [True, True, True, False, False, False]
     samples = R.Samples([[1]] * 6, responses, ended, [""] * 6, [""] * 6)
-    expected = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1], [1, 0, 1]], dtype=torch.float32)
+    expected = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1], [1, 0, 1]],
+                            dtype=torch.float32)
     assert torch.equal(R.degenerate(samples), expected)
 
     trainer = types.SimpleNamespace(constraints=[])
@@ -2708,7 +2930,8 @@ def test_degenerate_answers_counted_on_a_closed_form_table():
     fluency = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[:, None]  # mean 3.5, sd 1.8708
     table = torch.cat([torch.ones(6, 1), torch.ones(6, 1), ended_col, expected[:, :2], fluency], 1)
     report = train.task_report(trainer, table, "test", [])
-    assert [report[f"{k}_share"] for k in ("empty", "loop", "cut")] == pytest.approx([2 / 6, 2 / 6, 0.5])
+    assert [report[f"{k}_share"] for k in ("empty", "loop", "cut")] == pytest.approx([2 / 6, 2 / 6,
+                                                                                      0.5])
     assert report["fluency_mean"] == pytest.approx(3.5)
     assert report["fluency_se"] == pytest.approx(math.sqrt(3.5 / 6))  # sd² = 17.5/5, n = 6
     # every length is 1 here (column 2): one bin of all six answers, the others too small to report
@@ -2721,9 +2944,10 @@ def test_degenerate_answers_counted_on_a_closed_form_table():
 
 
 def test_real_model_table_compares_fluency_within_length_bins():
-    """reproduce.py --real_model's table (smollm2.sh's summary) from task_report's statistics: the fluency of
-    each length bin, with its count, beside the overall mean. Answers of lengths 2, 2, 5, 5, 5 and 40 with
-    NLLs 6, 4, 3, 2, 1 and 0.5: bins 1–3 (mean 5), 4–7 (mean 2) and 32+ (one answer: too few)."""
+    """reproduce.py --real_model's table (smollm2.sh's summary) from task_report's statistics: the
+    fluency of each length bin, with its count, beside the overall mean. Answers of lengths 2, 2, 5,
+    5, 5 and 40 with NLLs 6, 4, 3, 2, 1 and 0.5: bins 1–3 (mean 5), 4–7 (mean 2) and 32+ (one
+    answer: too few)."""
     import types
     import reproduce
     import train
@@ -2739,9 +2963,10 @@ def test_real_model_table_compares_fluency_within_length_bins():
 
 
 def test_threads_are_chosen_by_the_flag_the_environment_or_core_share(monkeypatch):
-    """set_threads: --threads sets torch's count; OMP_NUM_THREADS (torchrun's 1) leaves it alone; with neither,
-    CoreShare adapts it, starting from torch's one thread per core. Catches a CoreShare that overrides the
-    user's choice, one left over from an earlier run in the process, or none where train.py chooses."""
+    """set_threads: --threads sets torch's count; OMP_NUM_THREADS (torchrun's 1) leaves it alone;
+    with neither, CoreShare adapts it, starting from torch's one thread per core. Catches a
+    CoreShare that overrides the user's choice, one left over from an earlier run in the process, or
+    none where train.py chooses."""
     import train
     before = torch.get_num_threads()
     monkeypatch.setattr(train, "_CORE_SHARE", None)
@@ -2761,10 +2986,10 @@ def test_threads_are_chosen_by_the_flag_the_environment_or_core_share(monkeypatc
 
 
 def test_core_share_runs_on_the_cores_other_programs_leave(monkeypatch):
-    """CoreShare on 4 cores, fed clocks (wall s, the machine's busy CPU s, this process's CPU s): others hold
-    round((Δbusy − Δown)/Δwall) cores, torch runs on the rest and on at least one, and a look of under 0.2 s
-    waits for the next. Catches this process's own time counted as others', a floor or ceil for the round, a
-    short look acted on, and zero threads."""
+    """CoreShare on 4 cores, fed clocks (wall s, the machine's busy CPU s, this process's CPU s):
+    others hold round((Δbusy − Δown)/Δwall) cores, torch runs on the rest and on at least one, and a
+    look of under 0.2 s waits for the next. Catches this process's own time counted as others', a
+    floor or ceil for the round, a short look acted on, and zero threads."""
     import train
     clocks = iter([(0.0, 0.0, 0.0),
                    (1.0, 2.0, 2.0),    # others 0: 4 threads
@@ -2790,10 +3015,12 @@ def test_core_share_runs_on_the_cores_other_programs_leave(monkeypatch):
 def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     import train
     cfg = train.parse_config(["--val=0.5", "--test=12", "--resume=tRUE", "--overwrite=false"])
-    assert (cfg.val, cfg.test, cfg.resume, cfg.overwrite) == (0.5, 12.0, True, False)  # fractions, any case
+    # fractions, any case
+    assert (cfg.val, cfg.test, cfg.resume, cfg.overwrite) == (0.5, 12.0, True, False)
     with pytest.raises(SystemExit) as e:
         train.parse_config(["--resume=maybe"])
-    assert e.value.code == 2 and "argument --resume: invalid true_false value: 'maybe'" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "argument --resume: invalid true_false value: 'maybe'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -2804,8 +3031,10 @@ def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     (["--margin=0.1"], r"--margin=\['0.1'\] must be given once per --constraint \(2 of them\)"),
     (["--margin=0.1", "--margin=-1"], "--margin=.* must be a finite number >= 0 each"),
     (["--margin=0.1", "--margin=nan"], "--margin=.* must be a finite number >= 0 each"),
-    (["--batch_size=1", "--micro_batch=1", "--baseline=loo"], "--baseline=loo must be none with one rollout"),
-    (["--batch_size=16", "--micro_batch=5"], "--batch_size=16 must be a multiple of --micro_batch=5"),
+    (["--batch_size=1", "--micro_batch=1", "--baseline=loo"],
+     "--baseline=loo must be none with one rollout"),
+    (["--batch_size=16", "--micro_batch=5"],
+     "--batch_size=16 must be a multiple of --micro_batch=5"),
     (["--top_p=1.5"], r"--top_p=1.5 must be in \(0, 1\]"),
     (["--temperature=-0.5"], "--temperature=-0.5 must be >= 0"),
     (["--mu_T=2"], r"--mu_T=2.0 must be in \(0, --mu_0=1.0\): µ decays"),
@@ -2817,9 +3046,12 @@ def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     (["--method=ppo"], "--method=ppo must be sft, l3m, mm or reward"),
     (["--device=tpu"], "--device=tpu must be auto, cpu or cuda"),
     (["--chat_template=zephyr"], "--chat_template=zephyr must be one of plain, llama2, chatml"),
-    (["--chat_template=chatml"], "--chat_template=chatml needs <.im_start.> and <.im_end.> .* the demo model has none"),
-    (["--system_prompt=Be brief."], "--system_prompt=Be brief. must be empty with --chat_template=plain"),
-    (["--constraint=length>=inf"], "cannot read 'length>=inf' \\(the threshold must be a finite number\\)"),
+    (["--chat_template=chatml"],
+     "--chat_template=chatml needs <.im_start.> and <.im_end.> .* the demo model has none"),
+    (["--system_prompt=Be brief."],
+     "--system_prompt=Be brief. must be empty with --chat_template=plain"),
+    (["--constraint=length>=inf"],
+     "cannot read 'length>=inf' \\(the threshold must be a finite number\\)"),
     (["--constraint=length>=nan"], "the threshold must be a finite number"),
     (["--constraint=length=>5"], "length=>5"),
     (["--reward_model=helpful"], "expected NAME=FOLDER"),
@@ -2830,38 +3062,47 @@ def test_bad_flag_is_one_error_line_and_nothing_written(tmp_path, capsys, flags,
     with pytest.raises(SystemExit) as e:
         train.main([f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}", *flags])
     out = capsys.readouterr()
-    assert e.value.code == 2 and out.err == "" and re.fullmatch(f"error: .*{message}.*\n", out.out), out
+    assert e.value.code == 2 and out.err == "" and re.fullmatch(f"error: .*{message}.*\n",
+                                                                out.out), out
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
 def test_finished_run_not_clobbered_and_resume_with_other_flags_refused(tmp_path):
-    """A run already in --out_dir is refused unless --resume or --overwrite; resuming with a flag that shapes
-    the run changed (the constraints, the batch) is refused, naming each difference."""
+    """A run already in --out_dir is refused unless --resume or --overwrite; resuming with a flag
+    that shapes the run changed (the constraints, the batch) is refused, naming each difference."""
     import train
     (tmp_path / "ledger.jsonl").write_text("")
     argv = [f"--out_dir={tmp_path}", "--constraint=length>=5", "--batch_size=8", "--micro_batch=8"]
-    with pytest.raises(train.ConfigError, match="holds a run: continue it with --resume=True, replace it with "):
+    with pytest.raises(train.ConfigError, match="holds a run: continue it with --resume=True, "
+                       "replace it with "):
         train.check_config(train.parse_config(argv))
     train.check_config(train.parse_config(argv + ["--overwrite=True"]))
     (tmp_path / "ckpt").mkdir()
-    torch.save({"config": dataclasses.asdict(train.parse_config(argv))}, tmp_path / "ckpt" / "state.pt")
-    train.check_config(train.parse_config(argv + ["--resume=True", "--stop_after=9", "--micro_batch=4"]))
+    torch.save({"config": dataclasses.asdict(train.parse_config(argv))},
+               tmp_path / "ckpt" / "state.pt")
+    train.check_config(train.parse_config(argv + ["--resume=True", "--stop_after=9",
+                                                  "--micro_batch=4"]))
     with pytest.raises(train.ConfigError) as e:
-        train.check_config(train.parse_config(argv[:1] + ["--constraint=length>=6", "--batch_size=16",
-                                                          "--micro_batch=8", "--resume=True"]))
-    assert str(e.value) == ("--resume with flags other than the checkpoint's: --constraint=['length>=6'] (the "
-                            "checkpoint's: ['length>=5']), --batch_size=16 (the checkpoint's: 8)")
-    # killed between atomic_folder's two renames: ckpt is gone, the previous checkpoint whole beside it
+        train.check_config(train.parse_config(argv[:1] + ["--constraint=length>=6",
+                                                          "--batch_size=16", "--micro_batch=8",
+                                                          "--resume=True"]))
+    assert str(e.value) == ("--resume with flags other than the checkpoint's: "
+                            "--constraint=['length>=6'] (the checkpoint's: ['length>=5']), "
+                            "--batch_size=16 (the checkpoint's: 8)")
+    # killed between atomic_folder's two renames: ckpt is gone, the previous checkpoint whole
+    # beside it
     os.rename(tmp_path / "ckpt", tmp_path / "ckpt.old123")
-    with pytest.raises(train.ConfigError, match="ckpt was being replaced .* whole in .*ckpt.old123: rename it"):
+    with pytest.raises(train.ConfigError, match="ckpt was being replaced .* whole in "
+                       ".*ckpt.old123: rename it"):
         train.check_config(train.parse_config(argv + ["--resume=True"]))
 
 
 def test_bad_config_stops_every_rank_with_one_message(tmp_path):
-    """Under torchrun both ranks refuse the flag before any collective; only rank 0 prints (the error lines of
-    every kind of bad flag are tested in-process, below)."""
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}", "--init=/no/such/ckpt"],
+    """Under torchrun both ranks refuse the flag before any collective; only rank 0 prints (the
+    error lines of every kind of bad flag are tested in-process, below)."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", os.path.join(HERE, "train.py"),
+                        f"--out_dir={tmp_path}", "--init=/no/such/ckpt"],
                        capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert p.returncode != 0
     errors = [line for line in p.stdout.splitlines() if line.startswith("error: ")]
@@ -2870,9 +3111,9 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path):
 
 
 def test_weight_decay_spares_the_norms():
-    """AdamW's groups (transformers' Trainer rule): decay on every matrix, embedding and output included, none
-    on the RMSNorm weights. With zero gradients a step is the decoupled decay alone: matrices shrink by exactly
-    (1 − lr·wd), norms do not move."""
+    """AdamW's groups (transformers' Trainer rule): decay on every matrix, embedding and output
+    included, none on the RMSNorm weights. With zero gradients a step is the decoupled decay alone:
+    matrices shrink by exactly (1 − lr·wd), norms do not move."""
     import train
     model = tiny_model()
     groups = train.param_groups(model, 0.1)
@@ -2880,14 +3121,16 @@ def test_weight_decay_spares_the_norms():
     decayed = sorted(names[id(p)] for p in groups[0]["params"])
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and "tok_embeddings.weight" in decayed
     assert "output.weight" in decayed and not any("norm" in n for n in decayed)
-    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(n for n in names.values() if "norm" in n)
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(n for n in names.values()
+                                                                       if "norm" in n)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(groups, lr=0.5)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     for n, p in model.named_parameters():
-        assert torch.allclose(p, before[n] * (1 - 0.5 * 0.1 if "norm" not in n else 1.0), rtol=0, atol=1e-7), n
+        assert torch.allclose(p, before[n] * (1 - 0.5 * 0.1 if "norm" not in n else 1.0), rtol=0,
+                              atol=1e-7), n
 
 
 def test_every_flag_has_help(capsys):
@@ -2899,72 +3142,85 @@ def test_every_flag_has_help(capsys):
     helps = [f.metadata["help"] for f in dataclasses.fields(train.Config)]
     assert len(set(helps)) == len(helps)  # no shared boilerplate standing in for a meaning
     for f, help in zip(dataclasses.fields(train.Config), helps):
-        assert len(help.split()) >= 3 and f"--{f.name}" in out and "".join(help.split()) in out, f.name
+        assert len(help.split()) >= 3, f.name
+        assert f"--{f.name}" in out and "".join(help.split()) in out, f.name
 
 
 def test_demo_pipeline_end_to_end(tmp_path, data_dir):
-    """`python train.py` with no flags, scaled down: the demo base is pretrained once and cached, L3M runs
-    from it, and the report is complete and agrees with itself (flags match the numbers they summarise)."""
-    small = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--base_epochs=0.1", "--steps=6",
-             "--val=8", "--test=8", "--max_new_tokens=16", "--eval_every=0", "--ckpt_every=0", "--show=8"]
+    """`python train.py` with no flags, scaled down: the demo base is pretrained once and
+    cached, L3M runs from it, and the report is complete and agrees with itself (flags match the
+    numbers they summarise)."""
+    small = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--base_epochs=0.1",
+             "--steps=6", "--val=8", "--test=8", "--max_new_tokens=16", "--eval_every=0",
+             "--ckpt_every=0", "--show=8"]
     cache = tmp_path / "cache"
     shutil.copytree(data_dir, cache)
     cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--data_dir={cache}", *small]
-    first = subprocess.run(cmd + [f"--out_dir={tmp_path / 'a'}"], capture_output=True, text=True, env=ONE_THREAD,
-                           timeout=300)
+    first = subprocess.run(cmd + [f"--out_dir={tmp_path / 'a'}"], capture_output=True, text=True,
+                           env=ONE_THREAD, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     import train
-    assert "pretraining the demo base model" in first.stdout and (cache / train.DEMO_BASE / "args.json").is_file()
+    assert "pretraining the demo base model" in first.stdout
+    assert (cache / train.DEMO_BASE / "args.json").is_file()
     again = train_here(cmd[2:] + [f"--out_dir={tmp_path / 'b'}", "--eval_before=False"])
     assert "pretraining the demo base model" not in again  # cached
-    assert "before" not in json.loads((tmp_path / "b" / "report.json").read_text())  # the test split only after
+    # the test split only after
+    assert "before" not in json.loads((tmp_path / "b" / "report.json").read_text())
     assert "before" in first.stdout and "after (l3m)" in first.stdout and "prompt: " in first.stdout
 
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["config"]["constraint"] == ["length>=20", "length<=35"]
     for when in ("before", "after"):
         r = report[when]
-        assert r["n"] == 8 and len(r["samples"]) == 8  # --show=8: every test response, to check the statistics
+        # --show=8: every test response, to check the statistics
+        assert r["n"] == 8 and len(r["samples"]) == 8
         lengths = np.array([s["length"] for s in r["samples"]], dtype=float)
         assert r["length_mean"] == pytest.approx(lengths.mean())
-        assert r["length_se"] == pytest.approx(lengths.std(ddof=1) / np.sqrt(8))  # of the mean over 8 responses
+        # of the mean over 8 responses
+        assert r["length_se"] == pytest.approx(lengths.std(ddof=1) / np.sqrt(8))
         assert r["length_q1"] <= r["length_median"] <= r["length_q3"]
         low, high = r["constraints"]["length>=20"], r["constraints"]["length<=35"]
         assert low["reward_mean"] == pytest.approx(r["length_mean"]) and low["b"] == 20
         assert high["reward_mean"] == pytest.approx(-r["length_mean"]) and high["b"] == -35
         for c in (low, high):
-            assert c["C"] == pytest.approx(c["b"] - c["reward_mean"]) and c["satisfied"] == (c["C"] <= 0)
-            assert c["se"] == pytest.approx(r["length_se"]) and c["verdict"] == R.verdict(c["C"], c["se"])
+            assert c["C"] == pytest.approx(c["b"] - c["reward_mean"])
+            assert c["satisfied"] == (c["C"] <= 0)
+            assert c["se"] == pytest.approx(r["length_se"]) and c["verdict"] == R.verdict(c["C"],
+                                                                                          c["se"])
         assert (low["satisfied"] and high["satisfied"]) == (20 <= r["length_mean"] <= 35)
     assert len(report["lam_hat"]) == 2 and all(x >= 0 for x in report["lam_hat"])
 
 
 # -----------------------------------------------------------------------------
-# reproduce.py: which mean rewards a policy choosing among given responses can reach (Fig. 3 feasibility)
+# reproduce.py: which mean rewards a policy choosing among given responses can reach (Fig.
+# 3 feasibility)
 
 
 def test_pareto_frontier_and_margin_on_a_hand_made_case():
     import reproduce
-    # prompts with responses {(1, 0), (0, 1)} and {(1, 0), (0, 2)}: the second switches at weight w = 2/3 on r₁,
-    # the first at 1/2, so the averages of the picks are (0, 1.5), (0.5, 1) and (1, 0)
+    # prompts with responses {(1, 0), (0, 1)} and {(1, 0), (0, 2)}: the second switches at weight w
+    # = 2/3 on r₁, the first at 1/2, so the averages of the picks are (0, 1.5), (0.5, 1) and (1, 0)
     scores = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 2.0]])]
     assert np.allclose(reproduce.pareto_frontier(scores), [[0, 1.5], [0.5, 1], [1, 0]])
     # the same prompt twice: the average of a segment with itself is that segment, no new vertex
     assert np.allclose(reproduce.pareto_frontier([scores[0]] * 2), [[0, 1], [1, 0]])
     f = np.array([[0.0, 1.0], [1.0, 0.0]])
-    assert reproduce.frontier_margin(f, 0.0, 0.0) == pytest.approx(0.5)  # (0.5, 0.5) clears both by 0.5
-    assert reproduce.frontier_margin(f, 0.6, 0.6) == pytest.approx(-0.1)  # above the diagonal: infeasible
-    assert reproduce.frontier_margin(f, 0.0, 0.9) == pytest.approx(0.05)  # at (0.05, 0.95), inside a segment
+    # (0.5, 0.5) clears both by 0.5
+    assert reproduce.frontier_margin(f, 0.0, 0.0) == pytest.approx(0.5)
+    # above the diagonal: infeasible
+    assert reproduce.frontier_margin(f, 0.6, 0.6) == pytest.approx(-0.1)
+    # at (0.05, 0.95), inside a segment
+    assert reproduce.frontier_margin(f, 0.0, 0.9) == pytest.approx(0.05)
     assert [(a, b, ok) for a, b, ok, _ in reproduce.feasibility(f, [(0.0, 0.0), (0.6, 0.6)])] == \
         [(0.0, 0.0, True), (0.6, 0.6, False)]
 
 
 def test_frontier_margin_equals_its_dual_on_random_responses():
-    """max over the reachable set of min(r₁ − a, r₂ − b) = min over w ∈ [0, 1] of h(w) − w·a − (1 − w)·b, with
-    h(w) = mean over prompts of the best w·r₁ + (1 − w)·r₂ (minimax: the set is convex, the objective
-    bilinear). The dual needs no frontier, so it checks pareto_frontier and frontier_margin together. The
-    frontier comes from finitely many weights and may miss a vertex, so its margin is a lower bound: seen
-    6e-6 below the dual with 2001 weights."""
+    """max over the reachable set of min(r₁ − a, r₂ − b) = min over w ∈ [0, 1] of h(w) − w·a − (1 −
+    w)·b, with h(w) = mean over prompts of the best w·r₁ + (1 − w)·r₂ (minimax: the set is convex,
+    the objective bilinear). The dual needs no frontier, so it checks pareto_frontier and
+    frontier_margin together. The frontier comes from finitely many weights and may miss a vertex,
+    so its margin is a lower bound: seen 6e-6 below the dual with 2001 weights."""
     import reproduce
     rng = np.random.default_rng(0)
     scores = [rng.normal(size=(int(rng.integers(2, 7)), 2)) * [3.0, 1.0] for _ in range(5)]
@@ -2977,9 +3233,10 @@ def test_frontier_margin_equals_its_dual_on_random_responses():
 
 
 def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
-    """reproduce.train keys its cache by the flags: the same flags reuse the report, other flags (a --quick run's
-    SFT model, evaluated without "before", then a full run in the same --out) run train.py again, and so does a
-    report from before flags.json. A cache keyed by the report alone fails the full run with KeyError: 'before'."""
+    """reproduce.train keys its cache by the flags: the same flags reuse the report, other flags (a
+    --quick run's SFT model, evaluated without "before", then a full run in the same --out) run
+    train.py again, and so does a report from before flags.json. A cache keyed by the report alone
+    fails the full run with KeyError: 'before'."""
     import reproduce
     runs = []
 
@@ -2995,7 +3252,8 @@ def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
     out = str(tmp_path / "sft")
     quick = reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d")
     assert "before" not in quick and len(runs) == 1
-    assert reproduce.train(out, "--method=sft", "--eval_before=False", data_dir="d") == quick and len(runs) == 1
+    assert reproduce.train(out, "--method=sft", "--eval_before=False",
+                           data_dir="d") == quick and len(runs) == 1
     full = reproduce.train(out, "--method=sft", "--eval_before=True", data_dir="d")
     assert "before" in full and len(runs) == 2
     os.remove(tmp_path / "sft" / "flags.json")  # a report cached before flags.json existed
@@ -3004,11 +3262,12 @@ def test_reproduce_reuses_a_run_only_with_its_flags(tmp_path, monkeypatch):
 
 
 def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
-    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags, and whose test
-    split disagrees with its validation split. Every choice must follow the validation split: the grid sits on
-    SFT's validation rewards, MM's η_λ is the one that meets its point there (then runs on every seed), and the
-    recipe chosen is the one that meets it there. A margin run trains on raised thresholds but is judged on the
-    grid's; the 800-step control and the leave-one-out runs get their own folders and flags."""
+    """fig3 end to end with train.py replaced by a stand-in whose reports are set by the flags, and
+    whose test split disagrees with its validation split. Every choice must follow the validation
+    split: the grid sits on SFT's validation rewards, MM's η_λ is the one that meets its point there
+    (then runs on every seed), and the recipe chosen is the one that meets it there. A margin run
+    trains on raised thresholds but is judged on the grid's; the 800-step control and the
+    leave-one-out runs get their own folders and flags."""
     import reproduce
 
     flags_of = {}
@@ -3016,20 +3275,24 @@ def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
     def fake_train(out, *flags, data_dir):
         os.makedirs(out, exist_ok=True)
         flags_of[os.path.basename(out)] = flags
-        f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x and not x.startswith("--constraint"))
+        f = dict(x.lstrip("-").split("=", 1) for x in flags if "=" in x
+                 and not x.startswith("--constraint"))
         if f["method"] == "reward":
             return {"test_accuracy": 0.9}
         cons = [x.split("=", 1)[1] for x in flags if x.startswith("--constraint")]
         b = [float(c.split(">=")[1]) for c in cons]
         if f["method"] == "sft":  # (−5, −10) on the validation split, (−6, −11) on the test split
             val, test = [-5.0, -10.0], [-6.0, -11.0]
-        elif f["method"] == "mm":  # η_λ = 1 meets its point on the validation split only, 0.1 on the test only
+        # η_λ = 1 meets its point on the validation split only, 0.1 on the test only
+        elif f["method"] == "mm":
             val = [x - 0.1 * (f["eta_lam"] != "1.0") for x in b]
             test = [x - 0.1 * (f["eta_lam"] == "1.0") for x in b]
-        else:  # L3M lands on its thresholds on the test split; on the validation split 0.1 short, 0.01 at 40 steps
+        else:
+            # L3M lands on its thresholds on the test split; on the validation split 0.1 short,
+            # 0.01 at 40 steps
             val, test = [x - (0.01 if f["steps"] == "40" else 0.1) for x in b], b
-        (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0], "C_hat": [0, 0],
-                                                            "lam": [1, 1]}) + "\n")
+        (Path(out) / "ledger.jsonl").write_text(json.dumps({"kind": "constraint", "C": [0, 0],
+                                                            "C_hat": [0, 0], "lam": [1, 1]}) + "\n")
 
         def split(got, n, se):
             return {"n": n, "perplexity_mean": 0.2, "perplexity_std": 0.01, "constraints": {
@@ -3038,44 +3301,68 @@ def test_reproduce_fig3_chooses_on_the_validation_split(tmp_path, monkeypatch):
         return {"val": split(val, 50, 0.02), "after": split(test, 200, 0.01)}
     monkeypatch.setattr(reproduce, "train", fake_train)
     (tmp_path / "fig3").mkdir()  # a cached feasibility run: one frontier vertex, (−3, −9)
-    (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps({"frontiers": {"any+policy": [[-3.0, -9.0]]}}))
-    table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5, "unused", [],
-                                    with_feasibility=True, margin_steps=40, loo=True)
-    # the grid on SFT's validation rewards; a standard error of a 200-prompt mean from 50 prompts' 0.02: 0.01
-    assert summary["sft"]["rewards"] == [-5.0, -10.0] and summary["sft"]["se"] == pytest.approx([0.01, 0.01])
-    steps = {k: next(x for x in v if x.startswith("--steps=")) for k, v in flags_of.items() if "rm_" not in k}
-    long = {f"l3m_margin2_-4.0_-9.5_s{s}_40steps" for s in (0, 1)} | {f"l3m_-4.0_-9.5_s{s}_40steps" for s in (0, 1)}
+    frontier = {"frontiers": {"any+policy": [[-3.0, -9.0]]}}
+    (tmp_path / "fig3" / "feasibility.json").write_text(json.dumps(frontier))
+    table, summary = reproduce.fig3(str(tmp_path), [(1.0, 0.5)], [0, 1], (0.1, 1.0), 2.0, 10, 5,
+                                    "unused", [], with_feasibility=True, margin_steps=40, loo=True)
+    # the grid on SFT's validation rewards; a standard error of a 200-prompt mean from 50 prompts'
+    # 0.02: 0.01
+    assert summary["sft"]["rewards"] == [-5.0,
+                                         -10.0] and summary["sft"]["se"] == pytest.approx([0.01,
+                                                                                           0.01])
+    steps = {k: next(x for x in v if x.startswith("--steps=")) for k, v in flags_of.items()
+             if "rm_" not in k}
+    long = {f"l3m_margin2_-4.0_-9.5_s{s}_40steps" for s in (0, 1)} | {f"l3m_-4.0_-9.5_s{s}_40steps"
+                                                                      for s in (0, 1)}
     assert {k for k, v in steps.items() if v == "--steps=40"} == long
-    assert {k for k, v in flags_of.items() if "--baseline=loo" in v} == {f"l3m_loo_-4.0_-9.5_s{s}" for s in (0, 1)}
-    assert all(f"--eval_every={v[8:]}" in flags_of[k] for k, v in steps.items())  # a validation of the final model
+    assert {k for k, v in flags_of.items() if "--baseline=loo" in v} == {f"l3m_loo_-4.0_-9.5_s{s}"
+                                                                         for s in (0, 1)}
+    # a validation of the final model
+    assert all(f"--eval_every={v[8:]}" in flags_of[k] for k, v in steps.items())
     # (−4, −9.5) clears the vertex by 0.5 (the smaller slack); raised by 0.02 each, by 0.48
     assert summary["feasibility_margin"]["-4.0, -9.5"] == pytest.approx((0.5, 0.48))
     assert summary["best_eta_lam"] == 1.0 and summary["recipe"] == ("l3m+margin", 40)
     runs = {(r["method"], r["seed"], r["eta_lam"], r["steps"]): r for r in summary["runs"]}
-    assert set(runs) == {(m, s, None, n) for m, n in [("l3m", 10), ("l3m+loo", 10), ("l3m+margin", 10), ("l3m", 40),
-                                                       ("l3m+margin", 40)] for s in (0, 1)} | {
-        ("mm", 0, 0.1, 10), ("mm", 0, 1.0, 10), ("mm", 1, 1.0, 10)}
-    margin = runs["l3m+margin", 0, None, 10]  # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
+    assert set(runs) == {(m, s, None, n) for m, n in [("l3m", 10), ("l3m+loo", 10),
+                                                      ("l3m+margin", 10), ("l3m", 40),
+                                                      ("l3m+margin", 40)] for s in (0, 1)} | {("mm",
+                                                                                               0,
+                                                                                               0.1,
+                                                                                               10),
+                                                                                              ("mm",
+                                                                                               0,
+                                                                                               1.0,
+                                                                                               10),
+                                                                                              ("mm",
+                                                                                               1,
+                                                                                               1.0,
+                                                                                               10)}
+    # trained on thresholds raised by 2 × 0.01, judged on (−4, −9.5)
+    margin = runs["l3m+margin", 0, None, 10]
     assert (margin["informative"], margin["a"]) == (pytest.approx(-3.98), -4.0)
     assert [v["C"] for v in margin["verdicts"]] == pytest.approx([-0.02, -0.02])
     assert [v["C"] for v in margin["val_verdicts"]] == pytest.approx([0.08, 0.08])
     assert "| (−4.00, −9.50) |" not in table and "| (-4.00, -9.50) |" in table and "2/2 ✓" in table
-    assert "raised by 2 standard errors (0.02, 0.02), 40 steps (chosen) | 2/2 ✓ | 2/2 ✓ | 2/2 ✓ |" in table
+    chosen = "raised by 2 standard errors (0.02, 0.02), 40 steps (chosen)"
+    assert f"{chosen} | 2/2 ✓ | 2/2 ✓ | 2/2 ✓ |" in table
 
 
 def test_reproduce_verdicts_and_ledger_summary(tmp_path):
-    """A run's verdicts (worst constraint wins; a margin run judged on the untightened thresholds) and the
-    ledger summary (second half of the constraint steps only), against hand computations."""
+    """A run's verdicts (worst constraint wins; a margin run judged on the untightened thresholds)
+    and the ledger summary (second half of the constraint steps only), against hand computations."""
     import reproduce
     report = {"after": {"constraints": {"a>=1": {"C": -0.1, "se": 0.2, "reward_mean": 1.1},
                                         "b>=2": {"C": 0.3, "se": 0.2, "reward_mean": 1.7}}}}
     v = reproduce.verdicts(report)
-    assert [x["verdict"] for x in v] == ["satisfied", "within noise"] and reproduce.overall(v) == "within noise"
-    v = reproduce.verdicts(report, thresholds=[0.5, 2.5])  # C = b − mean reward: −0.6 and 0.8 = 4 se
+    assert [x["verdict"] for x in v] == ["satisfied",
+                                         "within noise"] and reproduce.overall(v) == "within noise"
+    # C = b − mean reward: −0.6 and 0.8 = 4 se
+    v = reproduce.verdicts(report, thresholds=[0.5, 2.5])
     assert [x["C"] for x in v] == pytest.approx([-0.6, 0.8]) and reproduce.overall(v) == "violated"
     assert reproduce.counts([{"verdicts": v}, {"verdicts": v[:1]}], 3) == "1/3 ✓, 1 ✗"
-    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "C_hat": [0, 0], "lam": lam} for c, lam in
-                                  [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]), (3.0, [0.5, 1.0])]]
+    steps = [{"kind": "task"}] + [{"kind": "constraint", "C": [c, -c], "C_hat": [0, 0], "lam": lam}
+                                  for c, lam in [(9.0, [1, 1]), (9.0, [1, 1]), (1.0, [1e-4, 1.0]),
+                                                 (3.0, [0.5, 1.0])]]
     steps.append({"kind": "constraint", "skipped": True})  # a non-finite reward: no C, not counted
     (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     summary = reproduce.ledger_summary(str(tmp_path))
