@@ -866,6 +866,8 @@ def main():
     p.add_argument("--real_model", metavar="OUT", help="only print smollm2.sh's summary of the "
                    "runs OUT/RUN")
     p.add_argument("--runs", nargs="+", default=[], help="with --real_model: the runs, SFT first")
+    p.add_argument("--only", type=int, choices=(2, 3), help="Fig. 1 and only this one of Fig. 2 "
+                   "and Fig. 3")
     a = p.parse_args()
     if a.real_model:
         real_model(a.real_model, a.runs)
@@ -898,34 +900,43 @@ def main():
     seeds = list(range(1 if a.quick else a.seeds))
     t1 = fig1(a.out)
     print("Fig. 1 done", flush=True)
+    md = ""
+    if a.only == 2:  # no reward models to wait for
+        REWARD_MODELS_DONE.set()
     # Fig. 2's runs take the lanes Fig. 3's chain of runs leaves free
     with ThreadPoolExecutor(1) as beside:
-        f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds, a.steps,
-                           a.data_dir, common, with_sft=not a.quick)
-        try:
-            t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds,
-                          (0.1,) if a.quick else (0.01, 0.1, 1.0),
-                          0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3,
-                          with_feasibility=not a.quick, margin_steps=0 if a.quick
-                          else a.margin_steps, loo=not a.quick)
-        finally:  # Fig. 2 waits for Fig. 3's reward models: never forever
-            REWARD_MODELS_DONE.set()
-        print(t3, flush=True)
-        first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
-        trajectory(first, os.path.join(a.out, "trajectory.png"))
-        t2, r2 = f2.result()
-    print(t2, flush=True)
+        if a.only != 3:
+            f2 = beside.submit(fig2, a.out, QUICK_BANDS if a.quick else FULL_BANDS, seeds,
+                               a.steps, a.data_dir, common, with_sft=not a.quick)
+        r2 = r3 = None
+        if a.only != 2:
+            try:
+                t3, r3 = fig3(a.out, QUICK_GRID if a.quick else FULL_GRID, seeds,
+                              (0.1,) if a.quick else (0.01, 0.1, 1.0),
+                              0 if a.quick else a.margin, a.steps, RM_STEPS, a.data_dir, common3,
+                              with_feasibility=not a.quick, margin_steps=0 if a.quick
+                              else a.margin_steps, loo=not a.quick)
+            finally:  # Fig. 2 waits for Fig. 3's reward models: never forever
+                REWARD_MODELS_DONE.set()
+            print(t3, flush=True)
+            first = next(r["run"] for r in r3["runs"] if r["method"] == "l3m")
+            trajectory(first, os.path.join(a.out, "trajectory.png"))
+            md = (f"## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n\nOne L3M run's "
+                  f"trajectory: {first} (trajectory.png with matplotlib).\n")
+        if a.only != 3:
+            t2, r2 = f2.result()
+            print(t2, flush=True)
+            md = ("## Fig. 2: length-constrained L3Ms\n\nTest split (100 prompts); no setting of "
+                  f"Fig. 2 is chosen by its results.\n\n{t2}\n\n") + md
     minutes = (time.time() - start) / 60
-    md = (f"# Toy-scale reproduction ({'--quick' if a.quick else 'full'}, {minutes:.0f} "
-          f"minutes)\n\n## Fig. 1: the relaxed log barrier B_(µ,µ²)(z)\n\n{t1}\n\n## Fig. 2: "
-          "length-constrained L3Ms\n\nTest split (100 prompts); no setting of Fig. 2 is chosen by "
-          f"its results.\n\n{t2}\n\n## Fig. 3: two learned rewards, L3M vs MM\n\n{t3}\n\nOne L3M "
-          f"run's trajectory: {first} (trajectory.png with matplotlib).\n")
+    which = ("--quick" if a.quick else "full") + (f", --only={a.only}" if a.only else "")
+    md = (f"# Toy-scale reproduction ({which}, {minutes:.0f} minutes)\n\n## Fig. 1: the relaxed "
+          f"log barrier B_(µ,µ²)(z)\n\n{t1}\n\n") + md
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"quick": a.quick, "seeds": seeds, "minutes": minutes, "fig2": r2, "fig3": r3}, f,
-                  indent=2)
+        json.dump({"quick": a.quick, "only": a.only, "seeds": seeds, "minutes": minutes,
+                   "fig2": r2, "fig3": r3}, f, indent=2)
     print(f"wrote {a.out}/results.md and results.json in {minutes:.1f} minutes", flush=True)
 
 
