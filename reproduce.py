@@ -2,6 +2,7 @@
 
     python reproduce.py --quick     # one band, one grid point, one seed
     python reproduce.py             # ten bands, five grid points, three seeds each (2.5 h, 2 cores)
+    python reproduce.py --only=2    # Fig. 1 and Fig. 2's 31 runs alone (no reward models)
     python reproduce.py --real_model out/smollm2 --runs sft l3m_low l3m_short  # smollm2.sh's table
 
 Every run is a `python train.py ...` subprocess (two at a time over both figures, one thread each)
