@@ -2628,7 +2628,7 @@ def test_micro_batches_reduce_scatter_once_per_step(tmp_path, data_dir):
     names. Each rank writes its count to a file of its own, not to the pipe that torchrun's
     workers share: with PYTHONUNBUFFERED=1 in the environment, print() makes one write per
     argument and separator, and two ranks printing at the same instant came out as
-    "reduce-scattersreduce-scatters  33" (2 runs in 80 under load)."""
+    "reduce-scattersreduce-scatters  33" (3 runs in 80 under load)."""
     script = tmp_path / "count.py"
     script.write_text(f"""
 import sys, torch.distributed as dist
