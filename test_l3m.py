@@ -979,6 +979,13 @@ def test_step_kind_is_a_fair_coin_keyed_by_seed_and_step():
     assert abs(a.count("task") / 4000 - 0.5) < 4 * 0.0079
     assert abs(np.mean([x == y for x, y in zip(a, b)]) - 0.5) < 4 * 0.0079
     assert train.step_kind(train.Config(method="sft"), 3) == "task"
+    # --constraint_every=3: two task steps, then a constraint step, with no coin
+    every3 = train.Config(constraint_every=3, seed=1)
+    assert [train.step_kind(every3, t) for t in range(6)] == ["task", "task", "constraint"] * 2
+    # one epoch of 10 task batches: 20 steps by the coin, 15 steps (10 of them task steps) here
+    assert train.steps_per_epoch(train.Config(), 10) == 20
+    epoch = [train.step_kind(every3, t) for t in range(train.steps_per_epoch(every3, 10))]
+    assert len(epoch) == 15 and epoch.count("task") == 10
 
 
 # ----------------------------------------------------------------------------- ℓ̄ and the surrogate
@@ -3033,6 +3040,7 @@ def test_flag_values_parse_or_fail_as_usage_errors(capsys):
     (["--batch_size=0"], "--batch_size=0 must be > 0"),
     (["--micro_batch=0"], "--micro_batch=0 must be > 0"),
     (["--rollout_batch=-8"], "--rollout_batch=-8 must be >= 0"),
+    (["--constraint_every=1"], r"--constraint_every=1 must be 0 \(the coin\) or >= 2"),
     (["--margin=0.1"], r"--margin=\['0.1'\] must be given once per --constraint \(2 of them\)"),
     (["--margin=0.1", "--margin=-1"], "--margin=.* must be a finite number >= 0 each"),
     (["--margin=0.1", "--margin=nan"], "--margin=.* must be a finite number >= 0 each"),

@@ -147,6 +147,8 @@ class Config:
                          "written) | loo (leave-one-out, scaled by length: l3m.loo_baseline)")
     rollout_batch: int = flag(0, "prompts per constraint step, one rollout each (global); 0: "
                               "--batch_size")
+    constraint_every: int = flag(0, "0: a fair coin picks each step's kind (§5.4); K >= 2: "
+                                 "every K-th step is a constraint step, the others task steps")
     score: str = flag("mean", "what the constraint step weights by c: mean (ℓ̄, §5.4) | sum "
                       "(Σ_t log π, whose expected step is ∇C: l3m.sequence_score)")
     top_p: float = flag(0.9, "nucleus of the rollouts' sampling (App. A: 0.9)")
@@ -248,12 +250,14 @@ def run(cfg: Config, device) -> dict:
 
 
 def step_kind(cfg: Config, step: int) -> str:
-    """'task' or 'constraint' by a fair coin (§5.4); SFT takes only task steps,
-    a reward model only 'reward' steps."""
+    """'task' or 'constraint' by a fair coin (§5.4), or every K-th step a constraint step
+    (--constraint_every=K); SFT takes only task steps, a reward model only 'reward' steps."""
     if cfg.method == "sft":
         return "task"
     if cfg.method == "reward":
         return "reward"
+    if cfg.constraint_every:
+        return "constraint" if (step + 1) % cfg.constraint_every == 0 else "task"
     if coin(keyed_generator(cfg.seed, COIN, step)):
         return "task"
     return "constraint"
@@ -435,10 +439,13 @@ def rollout(model, tok, prompts, cfg: Config, generators, step=decode_one_token)
 
 def steps_per_epoch(cfg: Config, task_batches: int) -> int:
     """"One epoch" (the paper leaves it open): every task batch once. L3M and MM give
-    half their steps to the task (the coin), so their epoch has twice the steps."""
-    if cfg.constrained:
-        return 2 * task_batches
-    return task_batches
+    half their steps to the task (the coin), so their epoch has twice the steps; with
+    --constraint_every=K, K − 1 of every K steps."""
+    if not cfg.constrained:
+        return task_batches
+    if cfg.constraint_every:
+        return math.ceil(task_batches * cfg.constraint_every / (cfg.constraint_every - 1))
+    return 2 * task_batches
 
 
 def multipliers(cfg: Config, k: int):
@@ -732,6 +739,8 @@ def check_config(c: Config):
     require(c.method in ("sft", "l3m", "mm", "reward"), c, "method", "sft, l3m, mm or reward")
     require(c.baseline in ("none", "loo"), c, "baseline", "none or loo")
     require(c.score in ("mean", "sum"), c, "score", "mean or sum")
+    require(c.constraint_every == 0 or c.constraint_every >= 2, c, "constraint_every",
+            "0 (the coin) or >= 2")
     require(c.baseline == "none" or c.rollouts >= 2, c, "baseline",
             "none with one rollout per step (a leave-one-out baseline needs 2 responses)")
     require(c.rollout_batch >= 0, c, "rollout_batch", ">= 0 (0: --batch_size)")
