@@ -42,6 +42,10 @@ Choices the paper leaves open:
   rollout each; the paper uses one mini-batch size for both kinds of step.
 - --steps counts steps of both kinds: an L3M run of as many steps as an SFT run
   takes about half its task steps (smollm2.sh gives L3M more steps for that reason).
+- --constraint_every=K (default 0: the coin) departs from §5.4: a constraint step every
+  K-th step, task steps between. In a run of tens of steps the coin's count of each
+  kind is itself a draw, and K = 3 gives the task two steps in three (smollm2.sh's
+  short set: docs/real_models.md).
 - --margin=δ_i (default 0, the paper) aims the constraint steps at C_i ≤ −δ_i while
   evaluations judge C_i ≤ 0: the barrier leaves an active constraint at its boundary,
   where a held-out split lands on either side of it half the time.
