@@ -261,7 +261,9 @@ def step_kind(cfg: Config, step: int) -> str:
     if cfg.method == "reward":
         return "reward"
     if cfg.constraint_every:
-        return "constraint" if (step + 1) % cfg.constraint_every == 0 else "task"
+        if (step + 1) % cfg.constraint_every == 0:
+            return "constraint"
+        return "task"
     if coin(keyed_generator(cfg.seed, COIN, step)):
         return "task"
     return "constraint"
