@@ -6,8 +6,8 @@
 # (--margin) and no gradient clip in effect (--grad_clip=100, below); and L3M with E[|y|] ≤ 8 and P[|y| ≤ 16] ≥ 0.9,
 # 60 steps, aiming 1.5 tokens and 0.03 inside the thresholds, with a constraint step every third step instead of the
 # coin (--constraint_every=3: SFT's 40 task steps and 20 constraint steps). A constraint step samples 16 rollouts.
-# Every setting was chosen on the validation split (docs/real_models.md); this script reads the test split only. µ_T
-# = 1e-2 and α = 0.5, not the paper's 1e-6 and 0.1: in 20 to 30 constraint steps µ must not fall faster than Ĉ can
+# Every setting was chosen on the validation split (docs/real_models.md); this script reads the test split only.
+# µ_T = 1e-2 and α = 0.5, not the paper's 1e-6 and 0.1: in 20 to 30 constraint steps µ must not fall faster than Ĉ can
 # follow it (train.py warns), and an EMA of α = 0.1 would average over more constraint steps than a run has. The
 # lower bound's clip of 100, not App. A's 1: at 1, both kinds of step are unit steps, so a violated constraint's step
 # is no stronger however large λ̂ = 1/(kµ) grows, and the task's pull toward the corpus's short answers held the
