@@ -354,13 +354,29 @@ def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return found.int().view(torch.float32)
 
 
-def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
-                 top_k: int = 0) -> torch.Tensor:
+def uniforms(generator, rows: int, n: int, device) -> torch.Tensor:
+    """The sampling noise of n tokens, (n, rows) float32 in [0, 1), on device. generator:
+    None (torch's global one), one torch.Generator, or one per row, so that a row's draws
+    ignore its batch. Drawing n at once gives the draws of n tokens drawn one at a time.
+    From a CPU generator to a GPU the copy goes through pinned memory and does not wait
+    for the GPU (a sync per token otherwise)."""
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(n, generator=g) for g in generator], 1)
+    elif generator is not None:
+        u = torch.rand(n, rows, generator=generator, device=generator.device)
+    else:
+        u = torch.rand(n, rows, device=device)
+    if u.device.type == "cpu" and torch.device(device).type == "cuda":
+        u = u.pin_memory()
+    return u.to(device, non_blocking=True)
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
+                 u: Optional[torch.Tensor] = None, top_k: int = 0) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) cut to its top-p nucleus,
-    (B, V) -> (B,), by inverse-CDF lookup; temperature 0 is greedy. top_k > 0 first
-    keeps the k likeliest tokens and renormalises (transformers' order: top-k, then
-    top-p). generator: one torch.Generator, or one per row, so that a row's draw ignores
-    its batch."""
+    (B, V) -> (B,), by inverse-CDF lookup with the row's uniform u (B,) (uniforms; None:
+    torch's global generator); temperature 0 is greedy. top_k > 0 first keeps the k
+    likeliest tokens and renormalises (transformers' order: top-k, then top-p)."""
     if temperature == 0:
         return logits.argmax(-1)
 
@@ -379,12 +395,7 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
         probs = probs.masked_fill(probs < nucleus_threshold(probs, top_p)[:, None], 0.0)
 
     cdf = probs.cumsum(-1)  # (B, V or k)
-    if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(1, generator=g) for g in generator]).to(cdf.device)
-    elif generator is not None:
-        # drawn where the generator lives (a CPU generator may drive a GPU model), then moved
-        u = torch.rand(B, generator=generator, device=generator.device).to(cdf.device)
-    else:
+    if u is None:
         u = torch.rand(B, device=cdf.device)
     # the first index whose cumulative mass exceeds u · (the row's total mass)
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
@@ -400,17 +411,20 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.T
     return model(tokens, cache, torch.arange(tokens.shape[1], device=tokens.device))[:, -1]
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
-                     cache: KVCache) -> torch.Tensor:
-    """The decode step: the last sampled token (B,) goes to slot pos (1,); the next
-    token's logits (B, V). Its shapes never change (see KVCache), so torch.compile
-    traces it once (CompiledDecode)."""
-    return model(token[:, None], cache, pos)[:, -1]
+def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                     u: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> tuple:
+    """The decode step: the last sampled token (B,) goes to slot pos (1,); the next token
+    (B,), sampled with the noise u (B,) as sample_top_p does, and whether each row's
+    logits held NaN (B,). Its shapes never change (see KVCache), so torch.compile traces
+    it once, sampling included (CompiledDecode): no kernel runs outside the graph."""
+    logits = model(token[:, None], cache, pos)[:, -1]
+    return sample_top_p(logits, temperature, top_p, u, top_k), logits.isnan().any(-1)
 
 
 class CompiledDecode:
-    """decode_one_token compiled once (dynamic shapes) with a persistent KV cache per
-    batch size, for generate(..., step=CompiledDecode()). The step writes the cache in
+    """decode_one_token compiled once (dynamic shapes; once more for other sampling
+    settings) with a persistent KV cache per batch size, for
+    generate(..., step=CompiledDecode()). The step writes the cache in
     place; CUDA graphs (mode="reduce-overhead") replay only if every tensor the step
     writes stays where it was, so the cache lives from one generate to the next, its
     tensors marked static, and is emptied, not made anew. A longer rollout or another
@@ -420,8 +434,8 @@ class CompiledDecode:
         self.step = torch.compile(decode_one_token, dynamic=True, mode=mode)
         self.caches = {}  # batch size -> KVCache
 
-    def __call__(self, model, token, pos, cache):
-        return self.step(model, token, pos, cache)
+    def __call__(self, *args):
+        return self.step(*args)
 
     def cache(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype,
               device) -> KVCache:
@@ -438,20 +452,24 @@ class CompiledDecode:
 
 def trim_at_eos(out: torch.Tensor, eos_id: int):
     """Cut each row of out (B, n) just after its first EOS: (responses as lists of ids,
-    ended as bools)."""
+    ended as bools), read from the device in one transfer."""
     is_eos = out == eos_id
     ended = is_eos.any(-1)  # (B,); False: the row ran out of tokens
-    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, out.shape[1]).tolist()
-    return [row[:m] for row, m in zip(out.tolist(), lengths)], ended.tolist()
+    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, out.shape[1])
+    rows = torch.cat([out, lengths[:, None], ended[:, None].long()], 1).tolist()
+    return [row[:row[-2]] for row in rows], [bool(row[-1]) for row in rows]
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int,
              temperature: float = 1.0, top_p: float = 0.9, generator=None, top_k: int = 0,
-             step=decode_one_token):
+             step=decode_one_token, sync_every: int = 0):
     """Sample a response for each prompt (id lists of any lengths): trim_at_eos's
-    result. Left padding (KVCache) changes no row's result. Host syncs per token: the
-    all-ended and NaN test, and sample_top_p's. step: see decode_one_token."""
+    result. Left padding (KVCache) changes no row's result. generator: see uniforms.
+    step: see decode_one_token. The host waits for the device once every sync_every
+    tokens (0: 16 on a GPU, where each wait stalls the device; 1 on a CPU, where a wait
+    is free and a step past the last EOS is not): to test whether every row has ended
+    and none has NaN logits, and for the next sync_every tokens' noise."""
     device = model.output.weight.device
     B = len(prompts)
     P = max(len(p) for p in prompts)
@@ -462,6 +480,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
                          f"max_seq_len {model.args.max_seq_len}")
     if max_new_tokens == 0:
         return [[] for _ in prompts], [False] * B
+    every = sync_every or (16 if device.type == "cuda" else 1)
 
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     padded = [[eos_id] * (P - len(p)) + list(p) for p in prompts]
@@ -475,22 +494,29 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
 
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    pos = torch.tensor([P], device=device)  # the slot of the token being fed
+    broken = logits.isnan().any(-1)  # (B,) rows whose logits held NaN: they sample garbage
+    pos = torch.tensor([P - 1], device=device)  # the slot of the token fed at n = 1
     for n in range(max_new_tokens):
-        nxt = sample_top_p(logits, temperature, top_p, generator, top_k=top_k)  # (B,)
+        if n % every == 0:
+            u = uniforms(generator, B, min(every, max_new_tokens - n), device)  # (every, B)
+        if n == 0:
+            nxt = sample_top_p(logits, temperature, top_p, u[0], top_k)  # (B,)
+        else:
+            nxt, nan = step(model, nxt, pos + n, cache, u[n % every], temperature, top_p, top_k)
+            broken |= nan
         nxt = nxt.masked_fill(done, eos_id)  # an ended row is fed EOS from then on
         out[:, n] = nxt
         done |= nxt == eos_id
-        # one host sync per token: all rows ended, or NaN logits (which sample garbage)
-        ended, broken = torch.stack([done.all(), logits.isnan().any()]).tolist()
-        if broken:
-            rows = logits.isnan().any(-1).nonzero().flatten().tolist()
-            raise FloatingPointError(f"generate: NaN logits for new token {n} in rows {rows}: the "
+        if (n + 1) % every and n + 1 < max_new_tokens:
+            continue
+        ended, nans = torch.stack([done.all(), broken.any()]).tolist()  # the host waits
+        if nans:
+            rows = broken.nonzero().flatten().tolist()
+            raise FloatingPointError(f"generate: NaN logits by new token {n} in rows {rows}: the "
                                      "model's weights or activations hold NaN or inf (a diverged "
                                      "run, or a checkpoint that overflowed its dtype)")
-        if n + 1 == max_new_tokens or ended:
+        if ended:
             break
-        logits = step(model, nxt, pos + n, cache)
     return trim_at_eos(out[:, :n + 1], eos_id)
 
 

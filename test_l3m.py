@@ -483,8 +483,8 @@ def test_kv_cache_decoding_matches_full_forward():
     with torch.no_grad():
         step_logits = [M.prefill(model, padded, cache)]
         for t in range(n_new - 1):
-            step_logits.append(M.decode_one_token(model, torch.tensor([c[t] for c in conts]),
-                                                  torch.tensor([P + t]), cache))
+            token = torch.tensor([c[t] for c in conts])
+            step_logits.append(model(token[:, None], cache, torch.tensor([P + t]))[:, -1])
         for b in range(B):
             full = model(torch.tensor([prompts[b] + conts[b]]))[0]  # (T, V)
             for t in range(n_new):
@@ -493,10 +493,11 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_compiled_decode_step_matches_eager():
-    """torch.compile(decode_one_token) (train.py --compile) gives the eager logits, step after step,
-    and is traced once for every batch size and cache length (dynamic shapes; the step's own shapes
-    never change with the token). Eager and compiled kernels sum in different orders: float32 noise,
-    ~1e-6 on these logits."""
+    """torch.compile(decode_one_token) (train.py --compile), sampling included, draws eager's tokens
+    from the same noise, step after step, and fills the same cache; it is traced once for every
+    batch size and cache length (dynamic shapes; the step's own shapes never change with the
+    token). Eager and compiled kernels sum in different orders (float32 noise, ~1e-6 on these
+    logits), which could flip a token only where u lands within that of a boundary of the CDF."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
         pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on "
                     "PATH")
@@ -512,9 +513,10 @@ def test_compiled_decode_step_matches_eager():
             M.prefill(model, tokens, caches[0]), M.prefill(model, tokens, caches[1])
             for t in range(n_new):
                 token, pos = torch.randint(3, 97, (B,), generator=g), torch.tensor([P + t])
-                eager = M.decode_one_token(model, token, pos, caches[0])
-                traced = compiled(model, token, pos, caches[1])
-                assert (eager - traced).abs().max().item() <= 1e-5
+                u = torch.rand(B, generator=g)
+                eager = M.decode_one_token(model, token, pos, caches[0], u, 1.0, 0.9)
+                traced = compiled(model, token, pos, caches[1], u, 1.0, 0.9)
+                assert torch.equal(eager[0], traced[0]) and not traced[1].any()
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(caches[0].k, caches[1].k))
     # none for new shapes
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
@@ -527,24 +529,68 @@ def test_compiled_decode_step_matches_eager():
 def test_compiled_decode_keeps_one_cache_and_one_graph():
     """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors
     stay where they are from one generate to the next (CUDA graphs replay only then), and one trace
-    for all of them; the tokens are eager's. A cache made anew by each generate moves the tensors
-    (the address check fails on it)."""
+    with no graph break for three rollouts between which the weights change in place (as an
+    optimizer step changes them); the tokens are eager's. A cache made anew by each generate moves
+    the tensors (the address check fails on it); a graph break in the sampling shows in the
+    count."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
         pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or clang++): none on "
                     "PATH")
     torch._dynamo.reset()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' traces count too
+    counters = torch._dynamo.utils.counters  # other tests' traces count too
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     model, decode = tiny_model(seed=5), M.CompiledDecode()
     addresses = set()
     for prompts, n in (([[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]], 12),
-                       ([[1, 3], [1, 8, 8, 8], [1]], 9)):
+                       ([[1, 3], [1, 8, 8, 8], [1]], 9), ([[1], [1, 2, 3], [1, 6]], 10)):
         sample = lambda step: M.generate(model, prompts, n, eos_id=2, step=step,
                                          generator=torch.Generator().manual_seed(1))
         assert sample(decode) == sample(M.decode_one_token)
         (cache,) = decode.caches.values()
         addresses.add(tuple(t.data_ptr() for t in cache.k + cache.v))
-    assert len(addresses) == 1  # the second, shorter rollout reused the first one's cache
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+    assert len(addresses) == 1  # the later, shorter rollouts reused the first one's cache
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert sum(counters["graph_break"].values()) == breaks
+
+
+class CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host: on a GPU, each waits for the
+    device to finish its queued work."""
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_generate_reads_the_device_once_every_sync_every_tokens():
+    """With sync_every=16 (a GPU's default), N = 40 new tokens of rows that never end cost ⌈40/16⌉
+    = 3 host reads in the loop and one for the result; a test of the end of all rows per token
+    (a CPU's default, sync_every=1) costs 40. The tokens do not depend on sync_every: rows that end
+    early, between two tests, are the same, and the rollout stops at the first test after the last
+    row ends."""
+    model = tiny_model(seed=3)
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8, 2], [1]]
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(len(prompts))]
+    for every, reads in ((16, 3 + 1), (1, 40 + 1)):
+        # eos_id 1000 is never sampled from 97 tokens (nor fed: the prompts need no padding)
+        with CountHostReads() as count:
+            out, ended = M.generate(model, [[1, 5, 9, 4]] * 4, 40, eos_id=1000, generator=gens(),
+                                    sync_every=every)
+        assert count.reads == reads and all(len(o) == 40 for o in out) and not any(ended)
+    # EOS = 2 ends the rows at various lengths
+    ends = [M.generate(model, prompts, 40, eos_id=2, generator=gens(), sync_every=every)
+            for every in (1, 5, 16)]
+    lengths = [len(o) for o in ends[0][0]]
+    assert ends[0] == ends[1] == ends[2] and len(set(lengths)) > 1 and min(lengths) < 40
 
 
 def top_p_filter(probs, top_p):
@@ -564,14 +610,15 @@ def test_top_p_keeps_only_the_nucleus():
     assert torch.equal(top_p_filter(probs, 1.0), probs)
     g = torch.Generator().manual_seed(0)
     logits = probs.log().expand(20000, 5)
-    draws = M.sample_top_p(logits, 1.0, 0.8, g)
+    draws = M.sample_top_p(logits, 1.0, 0.8, torch.rand(20000, generator=g))
     counts = torch.bincount(draws, minlength=5).double()
     assert counts[0] == 0 and counts[2] == 0  # never outside the nucleus
     # Inside it, frequencies follow the renormalised nucleus: 0.4/0.85 etc. The binomial standard
     # error with n = 20000 is ≤ 0.0036; 0.015 is four of them.
     assert torch.allclose(counts / 20000, kept[0].double() / 0.85, atol=0.015)
     # p = 1 samples the whole distribution unchanged.
-    full = torch.bincount(M.sample_top_p(logits, 1.0, 1.0, g), minlength=5).double() / 20000
+    u = torch.rand(20000, generator=g)
+    full = torch.bincount(M.sample_top_p(logits, 1.0, 1.0, u), minlength=5).double() / 20000
     assert torch.allclose(full, probs[0].double(), atol=0.015)
 
 
@@ -584,7 +631,8 @@ def test_top_k_then_top_p_as_transformers_orders_them():
     logits = probs.log().expand(20000, 5)
     for top_p, expected in [(0.8, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0]),
                             (1.0, [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85])]:
-        draws = M.sample_top_p(logits, 1.0, top_p, torch.Generator().manual_seed(0), top_k=3)
+        u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+        draws = M.sample_top_p(logits, 1.0, top_p, u, top_k=3)
         freq = torch.bincount(draws, minlength=5).double() / 20000
         assert all(freq[i] == 0 for i, e in enumerate(expected) if e == 0)  # never outside
         # 4 binomial s.e.
@@ -625,10 +673,12 @@ def test_a_rows_draw_ignores_its_batch():
     scales = torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
     logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2)) * scales
     for top_k in (0, 50):
-        together = M.sample_top_p(logits, 1.0, 0.9, [torch.Generator().manual_seed(i)
-                                                     for i in range(6)], top_k=top_k)
-        alone = [M.sample_top_p(logits[i:i + 1], 1.0, 0.9, [torch.Generator().manual_seed(i)],
-                                top_k=top_k).item() for i in range(6)]
+        u = M.uniforms([torch.Generator().manual_seed(i) for i in range(6)], 6, 1, "cpu")[0]
+        together = M.sample_top_p(logits, 1.0, 0.9, u, top_k=top_k)
+        alone = []
+        for i in range(6):
+            u = M.uniforms([torch.Generator().manual_seed(i)], 1, 1, "cpu")[0]
+            alone.append(M.sample_top_p(logits[i:i + 1], 1.0, 0.9, u, top_k=top_k).item())
         assert together.tolist() == alone
 
 
@@ -639,8 +689,8 @@ def test_top_p_on_a_flat_distribution_samples_the_nucleus():
     probs = torch.softmax(torch.linspace(0, 1, 1000), 0)[None]
     kept = top_p_filter(probs, 0.5)
     assert (kept > 0).sum() > 128
-    draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5,
-                           torch.Generator().manual_seed(1))
+    u = torch.rand(50000, generator=torch.Generator().manual_seed(1))
+    draws = M.sample_top_p(probs.log().expand(50000, 1000), 1.0, 0.5, u)
     assert (kept[0, draws] > 0).all()
     # each of the ~450 kept tokens has probability ~1/450: with 50000 draws about 110 each, the
     # binomial standard error of a frequency is ~0.00021; 0.0012 is > 5 of them.
@@ -657,7 +707,7 @@ def test_nan_logits_stop_generate_with_one_error():
         model.layers[1].feed_forward.w2.weight[0, 0] = math.nan
     for temperature in (1.0, 0.0):
         with pytest.raises(FloatingPointError,
-                           match=r"NaN logits for new token 0 in rows \[0, 1\]"):
+                           match=r"NaN logits by new token 0 in rows \[0, 1\]"):
             M.generate(model, [[5, 6], [7]], max_new_tokens=4, eos_id=2, temperature=temperature)
 
 
