@@ -291,7 +291,7 @@ def task_step(trainer) -> dict:
         logp = packed_logp(trainer, prompts[rows], responses[rows])  # ℓ̄_θ(y|x), (b,)
         part = share * l3m.task_loss(logp)
         part.backward()
-        loss += part.item()
+        loss = loss + part.detach().double()  # read once, in clip_and_step
 
     # clip the task gradient on its own (§5.4), then AdamW
     record = clip_and_step(trainer, loss)
@@ -346,7 +346,7 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
         score = l3m.sequence_score(logp, n[rows], cfg.score)  # ℓ̄, or Σ_t log π
         part = share * l3m.reinforce_surrogate(score, c[rows], lam)
         part.backward()
-        loss += part.item()
+        loss = loss + part.detach().double()  # read once, in clip_and_step
 
     # clip the constraint gradient on its own (§5.4), then AdamW
     record = clip_and_step(trainer, loss)
@@ -380,7 +380,7 @@ def reward_step(trainer) -> dict:
         chosen, rejected = rewards.preference_rewards(trainer.model, batch[rows], pad_id=pad_id)
         part = share * rewards.bradley_terry_loss(chosen, rejected)
         part.backward()
-        loss += part.item()
+        loss = loss + part.detach().double()  # read once, in clip_and_step
     return clip_and_step(trainer, loss)
 
 
@@ -404,21 +404,21 @@ def micro_batches(n: int, micro: int) -> list:
     return parts
 
 
-def clip_and_step(trainer, loss: float) -> dict:
+def clip_and_step(trainer, loss: torch.Tensor) -> dict:
     """Clip the accumulated gradient at --grad_clip (§5.4), take the AdamW step, clear
-    the gradient. Loss and norm are all-reduced, so a non-finite one on any rank skips
-    the step on every rank. The loss's all-reduce also carries whether a rank has
-    received SIGTERM, so that all ranks stop after the same step."""
-    sums = torch.tensor([loss, float(_SIGTERM.is_set())], dtype=torch.float64)
-    loss, sigterms = all_reduce_sum(sums).tolist()
-    loss /= dist.get_world_size()
-
+    the gradient. loss: this rank's, a float64 scalar on the device. Loss and norm are
+    all-reduced, so a non-finite one on any rank skips the step on every rank. The
+    loss's all-reduce also carries whether a rank has received SIGTERM, so that all
+    ranks stop after the same step. The host reads the device once, here."""
     norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.grad_clip)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    norm = norm.item()  # before clipping
+    sigterm = torch.zeros_like(loss).fill_(_SIGTERM.is_set())  # a kernel, not a copy
+    loss, sigterms = all_reduce_sum(torch.stack([loss, sigterm])).unbind()
+    loss, sigterms, norm = torch.stack([loss, sigterms, norm.double()]).tolist()
+    loss /= dist.get_world_size()
 
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))  # norm: before clipping
     if not skipped:
         trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
