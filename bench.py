@@ -9,13 +9,15 @@ for a batch of 8 with top-p 0.9 (both sides sample, no early stop: EOS is an id 
 emits), once per --logit_scales (1: random weights' nearly flat next-token distribution; 10: a
 peaked one, as a trained model's), ours eager, ours with torch.compile'd decode step, and HF's. Each
 measurement is the median of --repeats runs after one warm-up, all contenders interleaved so that
-machine noise hits them alike. Sampling speed is also set against the read bound: every decode step
-reads the weights (all but the embedding table) and the KV cache once, so tokens/s ≤ batch ×
-(memory read bandwidth, measured by summing a large tensor) ÷ (those bytes). On CUDA the compiled
-decode step asks for CUDA graphs (mode="reduce-overhead"); bench.py says whether Inductor captured
-them or skipped them.
+machine noise hits them alike. Decoding speed, the decode steps alone (each rollout is timed again
+for one token, its prefill and first sample, and that time taken off), is also set against the read
+bound: every decode step reads the weights (all but the embedding table) and the KV cache once, so
+tokens/s ≤ batch × (memory read bandwidth, measured by summing a large tensor) ÷ (those bytes). On
+CUDA the compiled decode step asks for CUDA graphs (mode="reduce-overhead"); bench.py counts their
+replays per decode step. --decode_only: the rollouts alone, ours alone.
 """
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -56,6 +58,8 @@ def main():
                         "next-token distribution (a huge nucleus); ~10 a peaked one, as a trained "
                         "model's")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile'd decode step")
+    p.add_argument("--decode_only", action="store_true",
+                   help="only the rollouts, ours alone: no forward+backward, no transformers")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak memory of an L3M constraint step without and with a "
                         "reference model (§5.3)")
@@ -81,12 +85,13 @@ def main():
         return fsdp_rollout(a)
     if a.busy_core:
         return busy_core(a)
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-        print("transformers is not installed: ours only (pip install transformers for the HF "
-              "columns)")
+    transformers = None
+    if not a.decode_only:
+        try:
+            import transformers
+        except ImportError:
+            print("transformers is not installed: ours only (pip install transformers for the HF "
+                  "columns)")
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -121,18 +126,18 @@ def main():
     def train_hf():
         hf(x).logits.float().logsumexp(-1).mean().backward()
 
-    def sample_ours(step=M.decode_one_token):
+    def sample_ours(step=M.decode_one_token, n=a.new_tokens):
         g = torch.Generator(a.device).manual_seed(0)
-        out, _ = M.generate(ours, prompts.tolist(), a.new_tokens, eos_id=a.vocab_size + 1,
-                            top_p=0.9, generator=g, step=step)
-        assert all(len(o) == a.new_tokens for o in out)
+        out, _ = M.generate(ours, prompts.tolist(), n, eos_id=a.vocab_size + 1, top_p=0.9,
+                            generator=g, step=step)
+        assert all(len(o) == n for o in out)
 
-    def sample_hf():
+    def sample_hf(n=a.new_tokens):
         with torch.no_grad():
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                              top_p=0.9, top_k=None, temperature=1.0,
-                              max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens)
-        assert out.shape[1] == a.prompt_len + a.new_tokens
+                              top_p=0.9, top_k=None, temperature=1.0, max_new_tokens=n,
+                              min_new_tokens=n)
+        assert out.shape[1] == a.prompt_len + n
 
     def measure(contenders: dict) -> dict:
         """Median seconds per contender: one warm-up each (compiles), then --repeats rounds,
@@ -145,7 +150,11 @@ def main():
                 times[k].append(timed(f, sync))
         return {k: statistics.median(v) for k, v in times.items()}
 
-    rows = [("forward+backward", measure({"ours": train_ours, **({"HF": train_hf} if hf else {})}))]
+    rows = []
+    if not a.decode_only:
+        rows.append(("forward+backward", measure({"ours": train_ours,
+                                                  **({"HF": train_hf} if hf else {})})))
+    decode = []  # (name, seconds of the decode steps alone, per contender)
     for scale in [float(v) for v in a.logit_scales.split(",")]:
         with torch.no_grad():  # both models' output layers: the initial weights times this scale
             for layer in [ours.output] + ([hf.lm_head] if hf else []):
@@ -155,36 +164,59 @@ def main():
         nucleus = (M.nucleus(sorted_probs, 0.9) > 0).sum(-1).float().mean().item()
         contenders = {"ours": sample_ours, **({"HF": sample_hf} if hf else {})}
         if compiled is not None:
-            contenders["ours, compiled"] = lambda: sample_ours(compiled)
+            contenders["ours, compiled"] = lambda n=a.new_tokens: sample_ours(compiled, n)
+        # each again for one token, the prefill and its sample: the rest is the decode steps
+        firsts = {k: (lambda f=f: f(n=1)) for k, f in contenders.items()}
+        t = measure({**contenders, **{(k, 1): f for k, f in firsts.items()}})
         name = f"sample, logit scale {scale:g} (0.9-nucleus ~{nucleus:.0f} tokens)"
-        rows.append((name, measure(contenders)))
+        rows.append((name, {k: t[k] for k in contenders}))
+        decode.append((name, {k: t[k] - t[(k, 1)] for k in contenders}))
     bandwidth = read_bandwidth(a.device, sync)
 
-    print(f"\n{'':52s} {'ours (s)':>9s} {'HF (s)':>9s} {'ours/HF':>8s} {'HF/ours':>8s}")
+    print(f"\n{'whole rollouts, prefill included':52s} {'ours (s)':>9s} {'HF (s)':>9s} "
+          f"{'ours/HF':>8s} {'HF/ours':>8s}")
     for name, t in rows:
         h = t.get("HF", float("nan"))
         print(f"{name:52s} {t['ours']:9.3f} {h:9.3f} {t['ours'] / h:8.2f} {h / t['ours']:8.2f}")
     read = decode_bytes(ours, a.batch, a.prompt_len + a.new_tokens)
     bound = a.batch * bandwidth / read
-    print(f"\nsampling, tokens/s (read bandwidth {bandwidth / 1e9:.1f} GB/s; a decode step reads "
-          f"{read / 1e6:.0f} MB, the weights but the embedding table and the KV cache: the read "
-          f"bound is {bound:.0f})")
+    print(f"\ndecoding, tokens/s without the prefill (read bandwidth {bandwidth / 1e9:.1f} GB/s; a "
+          f"decode step reads {read / 1e6:.0f} MB, the weights but the embedding table and the KV "
+          f"cache: the read bound is {bound:.0f})")
     print(f"{'':52s} {'ours':>9s} {'compiled':>9s} {'HF':>9s} {'eager/compiled':>15s} "
           f"{'best/bound':>11s}")
-    tokens = a.batch * a.new_tokens
-    for name, t in rows[1:]:
+    tokens = a.batch * (a.new_tokens - 1)
+    for name, t in decode:
         c = t.get("ours, compiled", float("nan"))
         best = min(t["ours"], c) if c == c else t["ours"]
         hf_speed = tokens / t.get("HF", float("nan"))
         print(f"{name:52s} {tokens / t['ours']:9.0f} {tokens / c:9.0f} {hf_speed:9.0f} "
               f"{t['ours'] / c:15.2f} {tokens / best / bound:11.2f}")
     if compiled is not None and a.device == "cuda":
+        with graph_replays() as replays:
+            sample_ours(compiled)
         from torch._dynamo.utils import counters
-        skips = counters["inductor"]["cudagraph_skips"]
-        said = "captured"
-        if skips:
-            said = f"skipped {skips} time(s) (TORCH_LOGS=perf_hints says why)"
-        print(f"CUDA graphs: {said}")
+        print(f"CUDA graphs: {replays[0] / (a.new_tokens - 1):.2f} replays per decode step "
+              f"(1.00: each step one captured graph), "
+              f"{counters['inductor']['cudagraph_skips']} skips (TORCH_LOGS=perf_hints says why)")
+
+
+@contextlib.contextmanager
+def graph_replays():
+    """Counts the CUDA graph replays inside the block: Inductor's CUDA graph trees replay
+    through torch.cuda.CUDAGraph.replay. Yields a list whose one item is the count."""
+    count = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        count[0] += 1
+        return replay(graph)
+
+    torch.cuda.CUDAGraph.replay = counted
+    try:
+        yield count
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
 
 
 def constraint_step_memory(a, reference: bool) -> dict:

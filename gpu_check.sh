@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# On one GPU, in 10 minutes or more (an H200 had not finished the batch-64 bench after 9.5): (1) a short L3M run
-# in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with random weights (demo data and
-# tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
-# (2) bench.py's rollouts at batch 8 and 64: eager vs torch.compile'd decode step vs the HBM bound.
-#   bash gpu_check.sh          # one GPU
-#   bash gpu_check.sh tiny     # the same on the CPU with a tiny model: checks the script itself
+# On one GPU, in two parts that fit a lent GPU's time (each meant for 5 minutes or less; unmeasured since the
+# split): (train) a short L3M run in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with
+# random weights (demo data and tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
+# (decode) bench.py's rollouts alone at batch 8 and 64 (--decode_only): eager vs torch.compile'd decode step vs
+# the HBM bound, the decode steps timed without the prefill, CUDA graph replays per step counted.
+#   bash gpu_check.sh              # both parts, on one GPU
+#   bash gpu_check.sh decode       # one part: train or decode
+#   bash gpu_check.sh tiny         # the same on the CPU with a tiny model: checks the script itself
 # PEAK_TFLOPS=… sets the GPU's dense bf16 peak for MFU (default: by model name); NO_COMPILE=1 skips torch.compile;
 # GPU_CHECK_OUT=… the folder for its data and run (default: out).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ "${1:-}" != tiny ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+PART=all TINY=
+for arg in "$@"; do
+  case "$arg" in
+    train|decode) PART=$arg ;;
+    tiny) TINY=1 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg': give train or decode (default: both), and tiny for the CPU" >&2
+       exit 2 ;;
+  esac
+done
+if [ -z "$TINY" ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_check.sh: torch $(python -c 'import torch; print(torch.__version__)') sees no CUDA GPU (a CPU build, or" \
        "no driver); install a CUDA build of torch, or run 'bash gpu_check.sh tiny' to check the script on the CPU" >&2
   exit 1
 fi
-if [ "${1:-}" = tiny ]; then
+if [ -n "$TINY" ]; then
   DEVICE=cpu DTYPE=float32 NEW=16 SHAPE="--dim=64 --n_layers=2 --n_heads=4 --n_kv_heads=2"
   BENCH="--vocab_size=1000 --seq_len=32 --new_tokens=16 --repeats=1"
 else
@@ -22,6 +33,7 @@ else
   BENCH="--vocab_size=32000 --seq_len=256 --new_tokens=128 --repeats=3"
 fi
 OUT="${GPU_CHECK_OUT:-out}"  # not $OUT: some job runners set it to their own folder
+if [ "$PART" != decode ]; then
 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=scratch --device=$DEVICE $SHAPE \
   --max_new_tokens=$NEW --method=l3m --steps=16 --batch_size=32 --micro_batch=16 --lr=1e-4 --val=32 --test=32 \
   --eval_every=0 --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \
@@ -55,7 +67,10 @@ held = json.load(open(f"{sys.argv[1]}/report.json"))["bytes_per_rank"]
 print(f"held by the one rank: parameters {held['parameters'] / 2**30:.2f} GiB, "
       f"AdamW state {held['optimizer'] / 2**30:.2f} GiB")
 PY
+fi
+if [ "$PART" != train ]; then
 for B in 8 64; do
   python bench.py --device=$DEVICE --dtype=$DTYPE $SHAPE $BENCH --batch=$B --logit_scales=10 --threads=2 \
-    ${NO_COMPILE:+--no_compile} | tail -7
+    --decode_only ${NO_COMPILE:+--no_compile} | tail -7
 done
+fi

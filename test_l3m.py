@@ -2730,14 +2730,19 @@ train.exit_now(0)  # as train.py's __main__: no teardown (train.exit_now)
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
-    """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py) on
-    a tiny model."""
-    pytest.importorskip("transformers")
-    p = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "tiny"], capture_output=True,
-                       text=True, timeout=300, env={**ONE_THREAD, "GPU_CHECK_OUT": str(tmp_path)})
+    """`bash gpu_check.sh tiny`: the GPU check's whole script (FSDP2 run, its summary, bench.py's
+    rollouts) on a tiny model; `decode tiny` runs bench.py's part alone; a wrong part stops it."""
+    run = lambda *args: subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), *args],
+                                       capture_output=True, text=True, timeout=300,
+                                       env={**ONE_THREAD, "GPU_CHECK_OUT": str(tmp_path)})
+    p = run("tiny")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for line in ("task       steps:", "rollouts:", "held by the one rank:", "best/bound"):
         assert line in p.stdout, line
+    p = run("decode", "tiny")
+    assert p.returncode == 0 and p.stdout.count("best/bound") == 2 and "MFU" not in p.stdout
+    p = run("tiny", "bench")
+    assert p.returncode == 2 and "unknown argument 'bench'" in p.stderr and not p.stdout
 
 
 def test_decode_bound_counts_the_kv_cache_and_not_the_embedding():
