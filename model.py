@@ -428,10 +428,15 @@ class CompiledDecode:
     place; CUDA graphs (mode="reduce-overhead") replay only if every tensor the step
     writes stays where it was, so the cache lives from one generate to the next, its
     tensors marked static, and is emptied, not made anew. A longer rollout or another
-    dtype gets a new cache."""
+    dtype gets a new cache. The prefill is compiled too, on prompts left-padded to a
+    multiple of BUCKET tokens: CUDA graphs record one graph per shape, and prompts of
+    every length would record one each."""
+
+    BUCKET = 64
 
     def __init__(self, mode=None):
         self.step = torch.compile(decode_one_token, dynamic=True, mode=mode)
+        self.prefill = torch.compile(prefill, dynamic=True, mode=mode)
         self.caches = {}  # batch size -> KVCache
 
     def __call__(self, *args):
@@ -481,6 +486,10 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
     if max_new_tokens == 0:
         return [[] for _ in prompts], [False] * B
     every = sync_every or (16 if device.type == "cuda" else 1)
+    first = prefill
+    if isinstance(step, CompiledDecode):  # its compiled prefill, on a bucket of lengths
+        P = min(-(-P // step.BUCKET) * step.BUCKET, model.args.max_seq_len - max_new_tokens)
+        first = step.prefill
 
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     padded = [[eos_id] * (P - len(p)) + list(p) for p in prompts]
@@ -490,7 +499,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         cache = step.cache(model.args, B, P + max_new_tokens, pad, dtype, device)
     else:
         cache = KVCache(model.args, B, P + max_new_tokens, pad, dtype, device)
-    logits = prefill(model, tokens, cache)  # (B, V)
+    logits = first(model, tokens, cache)  # (B, V)
 
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

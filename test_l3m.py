@@ -529,8 +529,9 @@ def test_compiled_decode_step_matches_eager():
 def test_compiled_decode_keeps_one_cache_and_one_graph():
     """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors
     stay where they are from one generate to the next (CUDA graphs replay only then), and one trace
-    with no graph break for three rollouts between which the weights change in place (as an
-    optimizer step changes them); the tokens are eager's. A cache made anew by each generate moves
+    of the decode step and one of the prefill, with no graph break, for three rollouts of prompts
+    of several lengths between which the weights change in place (as an optimizer step changes
+    them); the tokens are eager's (without the prefill's padding to 64 tokens). A cache made anew by each generate moves
     the tensors (the address check fails on it); a graph break in the sampling shows in the
     count."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
@@ -552,7 +553,8 @@ def test_compiled_decode_keeps_one_cache_and_one_graph():
             for p in model.parameters():
                 p.mul_(1.01)
     assert len(addresses) == 1  # the later, shorter rollouts reused the first one's cache
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert cache.slots.numel() == decode.BUCKET + 12  # prompts padded to 64 tokens, 12 new ones
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # the decode step and the prefill
     assert sum(counters["graph_break"].values()) == breaks
 
 

@@ -159,7 +159,7 @@ class Config:
     top_k: int = flag(0, "> 0: top-k, then the nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs at temperature 1)")
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
-    compile: bool = flag(False, "torch.compile the decode step (CUDA graphs on a GPU)")
+    compile: bool = flag(False, "torch.compile the rollouts' prefill and decode step (CUDA graphs on a GPU)")
     show: int = flag(3, "sampled test responses printed before and after")
     fluency_model: str = flag("", "a model folder (the base model, say): evaluations report "
                               "the per-token NLL of the sampled answers under it (fluency)")
@@ -592,8 +592,8 @@ def load_data(cfg: Config, tok) -> tuple:
 
 def compiled_decode(cfg: Config, device):
     """The rollouts' decode step, model.decode_one_token, compiled with --compile
-    (model.CompiledDecode): its shapes are the same at every token, so it is traced
-    once per batch size, and on a GPU replayed as CUDA graphs."""
+    (model.CompiledDecode), sampling and prefill included: its shapes are the same at
+    every token, so it is traced once, and on a GPU replayed as CUDA graphs."""
     if not cfg.compile:
         return decode_one_token
     mode = None
