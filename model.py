@@ -430,7 +430,9 @@ class CompiledDecode:
     tensors marked static, and is emptied, not made anew. A longer rollout or another
     dtype gets a new cache. The prefill is compiled too, on prompts left-padded to a
     multiple of BUCKET tokens: CUDA graphs record one graph per shape, and prompts of
-    every length would record one each."""
+    every length would record one each. For the same reason the weights are copied in
+    place into one model kept from one generate to the next (weights): one more copy of
+    them in memory."""
 
     BUCKET = 64
 
@@ -438,9 +440,25 @@ class CompiledDecode:
         self.step = torch.compile(decode_one_token, dynamic=True, mode=mode)
         self.prefill = torch.compile(prefill, dynamic=True, mode=mode)
         self.caches = {}  # batch size -> KVCache
+        self.held = None  # the Transformer that the graphs read their weights from
 
     def __call__(self, *args):
         return self.step(*args)
+
+    def weights(self, model: Transformer) -> Transformer:
+        """model's weights, copied in place into the held model. An optimizer step changes
+        them, and train.py's rollouts decode on weights that FSDP2 gathers into new
+        storage each time; CUDA graphs replay only on the tensors they recorded."""
+        w, held = model.output.weight, self.held
+        if held is None or held.args != model.args or \
+                (held.output.weight.dtype, held.output.weight.device) != (w.dtype, w.device):
+            with torch.device("meta"):
+                held = Transformer(model.args)
+            self.held = held.to_empty(device=w.device).to(w.dtype).eval()
+        with torch.no_grad():
+            for mine, theirs in zip(self.held.parameters(), model.parameters()):
+                mine.copy_(theirs)
+        return self.held
 
     def cache(self, args: ModelArgs, batch: int, max_len: int, pad: torch.Tensor, dtype,
               device) -> KVCache:
@@ -487,7 +505,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         return [[] for _ in prompts], [False] * B
     every = sync_every or (16 if device.type == "cuda" else 1)
     first = prefill
-    if isinstance(step, CompiledDecode):  # its compiled prefill, on a bucket of lengths
+    if isinstance(step, CompiledDecode):  # its weights, and its prefill on a bucket of lengths
+        model = step.weights(model)
         P = min(-(-P // step.BUCKET) * step.BUCKET, model.args.max_seq_len - max_new_tokens)
         first = step.prefill
 

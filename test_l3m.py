@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_l3m.py
 """
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import gzip
@@ -530,8 +531,9 @@ def test_compiled_decode_keeps_one_cache_and_one_graph():
     """CompiledDecode, what --compile uses: one persistent KV cache per batch size, whose tensors
     stay where they are from one generate to the next (CUDA graphs replay only then), and one trace
     of the decode step and one of the prefill, with no graph break, for three rollouts of prompts
-    of several lengths between which the weights change in place (as an optimizer step changes
-    them); the tokens are eager's (without the prefill's padding to 64 tokens). A cache made anew by each generate moves
+    of several lengths, each on new weights in new storage (an optimizer step, then FSDP2's
+    all-gather), which the graphs read from one held copy; the tokens are eager's (without the
+    prefill's padding to 64 tokens). A cache made anew by each generate moves
     the tensors (the address check fails on it); a graph break in the sampling shows in the
     count."""
     if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
@@ -541,7 +543,7 @@ def test_compiled_decode_keeps_one_cache_and_one_graph():
     counters = torch._dynamo.utils.counters  # other tests' traces count too
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     model, decode = tiny_model(seed=5), M.CompiledDecode()
-    addresses = set()
+    addresses, weights = set(), set()
     for prompts, n in (([[1, 5, 9], [1, 7], [1, 4, 4, 8, 2]], 12),
                        ([[1, 3], [1, 8, 8, 8], [1]], 9), ([[1], [1, 2, 3], [1, 6]], 10)):
         sample = lambda step: M.generate(model, prompts, n, eos_id=2, step=step,
@@ -549,10 +551,14 @@ def test_compiled_decode_keeps_one_cache_and_one_graph():
         assert sample(decode) == sample(M.decode_one_token)
         (cache,) = decode.caches.values()
         addresses.add(tuple(t.data_ptr() for t in cache.k + cache.v))
+        weights.add(tuple(p.data_ptr() for p in decode.held.parameters()))
+        # new weights in new storage, as a step and FSDP2's next all-gather give them
+        model = copy.deepcopy(model)
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.01)
     assert len(addresses) == 1  # the later, shorter rollouts reused the first one's cache
+    assert len(weights) == 1  # the graphs read their weights from the same tensors each time
     assert cache.slots.numel() == decode.BUCKET + 12  # prompts padded to 64 tokens, 12 new ones
     assert counters["stats"]["unique_graphs"] == graphs + 2  # the decode step and the prefill
     assert sum(counters["graph_break"].values()) == breaks
