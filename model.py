@@ -511,7 +511,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, eos_id: int
         first = step.prefill
 
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-    padded = [[eos_id] * (P - len(p)) + list(p) for p in prompts]
+    padded = [[0] * (P - len(p)) + list(p) for p in prompts]  # any id: the cache masks it
     tokens = torch.tensor(padded, device=device)  # (B, P)
     dtype = model.output.weight.dtype
     if isinstance(step, CompiledDecode):  # its persistent cache
