@@ -159,7 +159,8 @@ class Config:
     top_k: int = flag(0, "> 0: top-k, then the nucleus (transformers' default: 50)")
     temperature: float = flag(1.0, "of the rollouts; 0: greedy (log-probs at temperature 1)")
     max_new_tokens: int = flag(128, "longest rollout, in tokens")
-    compile: bool = flag(False, "torch.compile the rollouts' prefill and decode step (CUDA graphs on a GPU)")
+    compile: bool = flag(False, "torch.compile the rollouts' prefill and decode step (CUDA "
+                         "graphs on a GPU)")
     show: int = flag(3, "sampled test responses printed before and after")
     fluency_model: str = flag("", "a model folder (the base model, say): evaluations report "
                               "the per-token NLL of the sampled answers under it (fluency)")
