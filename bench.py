@@ -276,7 +276,8 @@ def fsdp_rollout(a):
                               f"--max_new_tokens={a.new_tokens}",
                               "--activation_checkpointing=True"])
     _, _, device = train.setup_distributed(a.device)
-    model, args = train.build_model(cfg, device, "scratch", a.vocab_size)
+    # sharded as on two or more ranks (one rank trains a plain model)
+    model, args = train.build_model(cfg, device, "scratch", a.vocab_size, shard=True)
     prompts = torch.randint(3, a.vocab_size, (a.batch, a.prompt_len)).tolist()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = ["through FSDP2 (hooks, checkpoint)", "train.py's rollout (bare view)",

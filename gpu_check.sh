@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On one GPU, in two parts that fit a lent GPU's time (each meant for 5 minutes or less; unmeasured since the
-# split): (train) a short L3M run in bf16 with FSDP2 and activation checkpointing on a ~1B-parameter LLaMA with
-# random weights (demo data and tokenizer): step times, task-step MFU, rollout tokens/s, peak memory;
+# split): (train) a short L3M run in bf16 at the paper's batch of 64 on a ~1B-parameter LLaMA with random weights
+# (demo data and tokenizer), on one rank: a plain model under autocast, no FSDP, no activation checkpointing (the
+# peak memory line says what that costs): step times, task-step MFU, rollout tokens/s, peak memory;
 # (decode) bench.py's rollouts alone at batch 8 and 64 (--decode_only): eager vs torch.compile'd decode step vs
 # the HBM bound, the decode steps timed without the prefill, CUDA graph replays per step counted.
 #   bash gpu_check.sh              # both parts, on one GPU
@@ -35,8 +36,8 @@ fi
 OUT="${GPU_CHECK_OUT:-out}"  # not $OUT: some job runners set it to their own folder
 if [ "$PART" != decode ]; then
 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --init=scratch --device=$DEVICE $SHAPE \
-  --max_new_tokens=$NEW --method=l3m --steps=16 --batch_size=32 --micro_batch=16 --lr=1e-4 --val=32 --test=32 \
-  --eval_every=0 --ckpt_every=0 --activation_checkpointing=True --constraint="length>=20" --constraint="length<=60" \
+  --max_new_tokens=$NEW --method=l3m --steps=16 --batch_size=64 --micro_batch=16 --lr=1e-4 --val=32 --test=32 \
+  --eval_every=0 --ckpt_every=0 --constraint="length>=20" --constraint="length<=60" \
   --data_dir="$OUT" --out_dir="$OUT/gpu_check" --overwrite=True
 python - "$OUT/gpu_check" <<'PY'
 import json, os, statistics, sys
@@ -59,8 +60,8 @@ if task and peak:  # 6·N FLOPs per real token (no padding; attention and checkp
     print(f"task-step MFU: {statistics.median(6 * n * r['tokens'] / r['t_train'] / peak for r in task):.0%}")
 c = [r for r in rows if r["kind"] == "constraint"]
 if c:
-    tokens = sum(32 * r["len_mean"] for r in c)
-    print(f"rollouts: {tokens / sum(r['t_sample'] for r in c):.0f} tokens/s (batch 32, top-p 0.9), "
+    tokens = sum(64 * r["len_mean"] for r in c)
+    print(f"rollouts: {tokens / sum(r['t_sample'] for r in c):.0f} tokens/s (batch 64, top-p 0.9), "
           f"training share of constraint steps {sum(r['t_train'] for r in c) / sum(r['t_train'] + r['t_sample'] for r in c):.0%}")
 print(f"peak memory: {max(r.get('peak_mem_gib', 0.0) for r in rows):.1f} GiB (0.0 on CPU)")
 held = json.load(open(f"{sys.argv[1]}/report.json"))["bytes_per_rank"]

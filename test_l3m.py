@@ -2159,6 +2159,31 @@ def test_packed_batch_scores_each_sequence_as_if_alone(tok):
         l3m.logp_norm(logits, tokens, segments == 1, segments=segments)
 
 
+def test_packed_batch_takes_the_fewest_rows_and_pads_the_demo_task_under_a_tenth(tok, data_dir):
+    """Rows: ⌈Σ|s| / max|s|⌉, the fewest the tokens allow, as short as first fit (longest first)
+    lets them be. Lengths 5, 5, 4, 3, 3 (20 tokens): rows of 5, the longest's, need 5 rows (25
+    slots); 4 rows of 6 hold them (24). Then one epoch of the demo's task batches, as train.py
+    packs them: at most 10 % padding (rows of the longest's length alone: 12.8 %)."""
+    import train
+    lengths = [5, 5, 4, 3, 3]
+    prompts = [np.arange(1, n) for n in lengths]  # prompt n − 1 tokens, response 1
+    tokens, mask, _ = D.packed_batch(prompts, [np.array([7])] * len(lengths))
+    assert tokens.shape == (4, 6) and mask.sum() == len(lengths)
+    assert (tokens != 0).sum(1).tolist() == [5, 5, 4, 6]  # the two 3s share the last row
+    cfg = train.parse_config([f"--data_dir={data_dir}"])
+    examples, _, _ = train.load_data(cfg, tok)
+    stream = D.Stream(len(examples), cfg.batch_size, cfg.seed, 0, 1)
+    slots = real = 0
+    for _ in range(stream.per_epoch):
+        batch = [examples[i] for i in stream.next()]
+        tokens, _, _ = D.packed_batch([e.prompt for e in batch], [e.response for e in batch])
+        lengths = [len(e.prompt) + len(e.response) for e in batch]
+        assert len(tokens) == math.ceil(sum(lengths) / max(lengths))
+        slots += tokens.numel()
+        real += sum(lengths)
+    assert 1 - real / slots <= 0.10
+
+
 # -----------------------------------------------------------------------------
 # Splits and shards
 
@@ -2659,7 +2684,7 @@ import train, model as M
 cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2",
                           "--n_kv_heads=1", "--activation_checkpointing=True"])
 rank, world, device = train.setup_distributed("cpu")
-model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50)
+model, args = train.build_model(cfg, device, "scratch", tokenizer_vocab=50, shard=True)
 units = [m for m in model.modules() if isinstance(m, train.FSDPModule)]
 # FSDP2 keeps the setting as each parameter group's post-forward mesh (None: keep the weights)
 def reshards():
@@ -2679,6 +2704,54 @@ for _ in range(2):
         assert sample(plain) == sample(model)
     assert reshards() == [False, True, True], reshards()
     model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
+print("ok")
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=ONE_THREAD)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_one_rank_trains_a_plain_model_with_the_fsdp_paths_loss_and_gradients(tmp_path):
+    """On one rank build_model leaves the model plain (no FSDP unit, plain tensors); a task step
+    of 3 micro-batches on it gives the loss, the gradient (read at AdamW's step, before it
+    clears them) and the weights after AdamW that the FSDP2 path gives on the same rank, to
+    float32 rounding (the norms are summed in another order: seen ≤ 3e-8 relative)."""
+    script = tmp_path / "plain.py"
+    script.write_text(f"""
+import sys, types, torch
+sys.path.insert(0, {HERE!r})
+import train, data as D
+cfg = train.parse_config(["--init=scratch", "--dim=32", "--n_layers=2", "--n_heads=2",
+                          "--n_kv_heads=1", "--batch_size=6", "--micro_batch=2"])
+rank, world, device = train.setup_distributed("cpu")
+g = torch.Generator().manual_seed(0)
+draw = lambda n: torch.randint(3, 50, (n,), generator=g).numpy()
+examples = [D.TaskExample(draw(p), draw(r)) for p, r in ((4, 7), (9, 2), (3, 12), (6, 6), (2, 9),
+                                                         (11, 3))]
+full = lambda t: t.full_tensor() if isinstance(t, train.DTensor) else t
+runs = []
+for shard in (None, True):
+    model, _ = train.build_model(cfg, device, "scratch", tokenizer_vocab=50, shard=shard)
+    sharded = any(isinstance(m, train.FSDPModule) for m in model.modules())
+    assert sharded == bool(shard), shard
+    names = {{p: n for n, p in model.named_parameters()}}
+    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-2, fused=True)
+    grads = {{}}
+    opt.register_step_pre_hook(lambda o, a, k: grads.update(
+        {{names[p]: full(p.grad).clone() for p in model.parameters()}}))
+    trainer = types.SimpleNamespace(cfg=cfg, device=device, model=model, optimizer=opt,
+                                    train_set=examples,
+                                    task_stream=types.SimpleNamespace(next=lambda: range(6)))
+    record = train.task_step(trainer)
+    weights = {{n: full(p).detach().clone() for n, p in model.named_parameters()}}
+    runs.append((record, grads, weights))
+(plain, grads, weights), (fsdp, grads2, weights2) = runs
+assert plain["loss"] == fsdp["loss"], (plain["loss"], fsdp["loss"])
+assert abs(plain["grad_norm"] / fsdp["grad_norm"] - 1) < 1e-6, (plain, fsdp)
+assert grads.keys() == grads2.keys() == weights.keys() and len(grads) == 2 * 9 + 3
+for n in grads:
+    assert torch.allclose(grads[n], grads2[n], rtol=1e-6, atol=1e-9), n
+    assert torch.allclose(weights[n], weights2[n], rtol=1e-6, atol=1e-9), n
 print("ok")
 """)
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,

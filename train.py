@@ -286,9 +286,8 @@ def task_step(trainer) -> dict:
 
     loss = 0.0
     for rows, share in micro_batches(len(batch), trainer.cfg.micro_batch):
-        # one reduce-scatter, after the last micro-batch; until then FSDP2 sums
-        # the unsharded gradients in place
-        trainer.model.set_requires_gradient_sync(rows.stop == len(batch))
+        # one reduce-scatter, after the last micro-batch
+        gradient_sync(trainer.model, rows.stop == len(batch))
         logp = packed_logp(trainer, prompts[rows], responses[rows])  # ℓ̄_θ(y|x), (b,)
         part = share * l3m.task_loss(logp)
         part.backward()
@@ -342,7 +341,7 @@ def constraint_step(trainer, step: int, mu: float) -> dict:
         c = global_batch(l3m.loo_baseline, c, counts)
     loss = 0.0
     for rows, share in micro_batches(len(responses), cfg.micro_batch):
-        trainer.model.set_requires_gradient_sync(rows.stop == len(responses))
+        gradient_sync(trainer.model, rows.stop == len(responses))
         logp = packed_logp(trainer, prompts[rows], responses[rows], cfg.temperature or 1.0)
         score = l3m.sequence_score(logp, n[rows], cfg.score)  # ℓ̄, or Σ_t log π
         part = share * l3m.reinforce_surrogate(score, c[rows], lam)
@@ -377,7 +376,7 @@ def reward_step(trainer) -> dict:
 
     loss = 0.0
     for rows, share in micro_batches(len(batch), trainer.cfg.micro_batch):
-        trainer.model.set_requires_gradient_sync(rows.stop == len(batch))
+        gradient_sync(trainer.model, rows.stop == len(batch))
         chosen, rejected = rewards.preference_rewards(trainer.model, batch[rows], pad_id=pad_id)
         part = share * rewards.bradley_terry_loss(chosen, rejected)
         part.backward()
@@ -914,9 +913,11 @@ def global_batch(fn, *columns: torch.Tensor) -> torch.Tensor:
     return out[rank() * n:(rank() + 1) * n].to(columns[0].device)
 
 
-def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True):
-    """Our checkpoint folder (or 'scratch') -> a sharded model on device, weights loaded
-    strictly. Returns (model, ModelArgs)."""
+def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: bool = True,
+                shard: bool = None):
+    """Our checkpoint folder (or 'scratch') -> a model on device, weights loaded strictly:
+    sharded with FSDP2 over the ranks (shard=None: where there are two or more), plain on
+    one rank. Returns (model, ModelArgs)."""
     if init == "scratch":
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                          n_kv_heads=cfg.n_kv_heads, vocab_size=tokenizer_vocab, multiple_of=32,
@@ -930,25 +931,43 @@ def build_model(cfg: Config, device, init: str, tokenizer_vocab: int, train: boo
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(sd, model, init)
-
-    # FSDP2: shard each block, then the root (embedding, final norm, output), over all
-    # ranks of a mesh on the device; bf16 compute on a GPU, fp32 masters and reductions
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    param_dtype = torch.float32
-    if device.type == "cuda":
-        param_dtype = torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.layers:
-        if train and cfg.activation_checkpointing:
+    if train and cfg.activation_checkpointing:
+        for block in model.layers:
             block.forward = checkpointed(block.forward)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    # the root keeps its weights after forward: backward needs them at once
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+    # fp32 weights; bf16 compute on a GPU (FSDP2's policy, or autocast on one rank)
+    if shard is None:
+        shard = dist.get_world_size() > 1
+    if shard:
+        # FSDP2: shard each block, then the root (embedding, final norm, output), over all
+        # ranks of a mesh on the device; fp32 masters and reductions
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(device), reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        # the root keeps its weights after forward: backward needs them at once
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    elif device.type == "cuda":
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
 
     model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, sd, options=options)
     return model.train(train), args
+
+
+def compute_dtype(device) -> torch.dtype:
+    """bf16 on a GPU; float32 on a CPU, where bf16 matmuls are ~27× slower."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.float32
+
+
+def gradient_sync(model, on: bool):
+    """FSDP2: reduce-scatter the gradients in this backward (the step's last micro-batch),
+    or sum them unsharded in place until then. A plain model has nothing to sync."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
 
 
 def checkpointed(forward):
@@ -984,16 +1003,20 @@ def gathered(*models):
 
 
 def bare(model) -> Transformer:
-    """A plain Transformer on the unsharded weights of an FSDP model inside `gathered`.
+    """A plain Transformer on a model's weights inside `gathered`: an FSDP model's
+    unsharded weights, or a plain model's in the compute dtype (one rank on a GPU: a bf16
+    copy of its fp32 weights, as FSDP2's all-gather gives them).
 
-    Rollouts decode on it: through the FSDP model, every token would run each block's
-    FSDP hooks and, with --activation_checkpointing, checkpoint() (which saves the RNG
-    state even under no_grad): host work per layer and token. It is built on the meta
-    device and assigned the same tensors, so it costs no memory; torch.compile traces
-    it once, not once per instance."""
+    Rollouts decode on it: through the model, every token would run each block's FSDP
+    hooks and, with --activation_checkpointing, checkpoint() (which saves the RNG state
+    even under no_grad): host work per layer and token. It is built on the meta device
+    and assigned the weights (the same tensors where no cast is needed); torch.compile
+    traces it once, not once per instance."""
     with torch.device("meta"):
         plain = Transformer(model.args)
-    plain.load_state_dict(dict(model.named_parameters()), strict=True, assign=True)
+    dtype = compute_dtype(next(model.parameters()).device)
+    weights = {name: p.to(dtype) for name, p in model.named_parameters()}
+    plain.load_state_dict(weights, strict=True, assign=True)
     return plain.eval()
 
 
@@ -1220,8 +1243,9 @@ def finish(trainer: Trainer) -> dict:
             print0(format_report(reports["after"]))
 
     reports["bytes_per_rank"] = held_bytes(trainer)
-    print0("held by each rank (FSDP2 shards: 1/world of the whole): {parameters:,} bytes "
-           "of parameters, {optimizer:,} of AdamW state".format(**reports["bytes_per_rank"]))
+    print0("held by each rank (FSDP2 shards, 1/world of the whole; one rank: all): "
+           "{parameters:,} bytes of parameters, {optimizer:,} of AdamW state"
+           .format(**reports["bytes_per_rank"]))
     save_final(trainer, "final")
     if rank() == 0:
         report = json.dumps({"config": asdict(cfg), **reports}, indent=2)
