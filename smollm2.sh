@@ -12,7 +12,7 @@
 # lower bound's clip of 100, not App. A's 1: at 1, both kinds of step are unit steps, so a violated constraint's step
 # is no stronger however large λ̂ = 1/(kµ) grows, and the task's pull toward the corpus's short answers held the
 # bound at 0.49 to 0.65 whatever its margin. Prints the test split side by side and answers to held-out prompts, and
-# draws each L3M run's trajectory.png (with matplotlib). About 28 minutes on 2 CPU cores (docs/real_models.md).
+# draws each L3M run's trajectory.png (with matplotlib). About 26 minutes on 2 CPU cores (docs/real_models.md).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml (matplotlib for the plots)
 set -euo pipefail
 cd "$(dirname "$0")"
