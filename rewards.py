@@ -15,9 +15,9 @@ Constraints on the command line (one --constraint each):
     P[NAME>=NUMBER]>=PROB     chance constraint (§4.1): reward 1{r ≥ NUMBER}, b = PROB
     P[NAME<=NUMBER]>=PROB     reward 1{r ≤ NUMBER}, b = PROB
 
-NAME: "length", or a learned reward model's name. No strict < or >: on an average they
-would mean ≤ and ≥. NUMBER is on the reward's own scale:
-- length: tokens;
+NAME: "length", "ended_length", or a learned reward model's name. No strict < or >: on an
+average they would mean ≤ and ≥. NUMBER is on the reward's own scale:
+- length, ended_length: tokens;
 - a learned reward: the reward model's mean log-likelihood per token, ℓ̄_φ ≤ 0, in nats;
   not the paper's 0–4 scale, on which "helpful>=3" could never be met.
 
@@ -99,6 +99,14 @@ def length_reward(samples: Samples) -> torch.Tensor:
     lengths = [len(response) - has_eos
                for response, has_eos in zip(samples.responses, samples.ended)]
     return torch.tensor(lengths, dtype=torch.float32)
+
+
+def ended_length(samples: Samples) -> torch.Tensor:
+    """|y| of an answer that ended with EOS, 0 for one cut at max_new_tokens. A lower bound
+    on |y| is cheapest to meet with answers that never stop; on this reward they earn
+    nothing, so "P[ended_length>=8]>=0.6" asks for answers that reach 8 tokens *and* end.
+    Upper bounds are on "length": here a cut answer would count as short."""
+    return length_reward(samples) * torch.tensor(samples.ended, dtype=torch.float32)
 
 
 def degenerate(samples: Samples, n: int = 4, repeats: int = 3) -> torch.Tensor:

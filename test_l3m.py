@@ -1659,6 +1659,10 @@ def test_length_reward_and_costs(tok):
     assert torch.equal(R.costs([low, high], s), torch.stack([3 - y, y - 3.5], 1))  # (B, k)
     assert R.costs([], s).shape == (2, 0)
     assert s.response_texts == [tok.decode([8, 9]), tok.decode([10, 11, 12, 13])]
+    # a cut answer reaches no length on ended_length: P[|y| ≥ 2 and ended] is 1 and 0, not 1 and 1
+    assert R.ended_length(s).tolist() == [2.0, 0.0]
+    chance = R.parse_constraint("P[ended_length>=2]>=0.6", {"ended_length": R.ended_length})
+    assert torch.equal(chance.cost(s), 0.6 - torch.tensor([1.0, 0.0]))  # b − 1{r ≥ 2}
 
 
 def test_bradley_terry_loss_and_accuracy():

@@ -611,7 +611,7 @@ def load_constraints(cfg: Config, device, tok) -> tuple:
         name, _, folder = spec.partition("=")
         model, _ = build_model(cfg, device, folder, tok.vocab_size, train=False)
         learned[name] = rewards.LearnedReward(model, pad_id=tok.eos_id, micro_batch=cfg.micro_batch)
-    known = {"length": rewards.length_reward, **learned}
+    known = {"length": rewards.length_reward, "ended_length": rewards.ended_length, **learned}
     constraints = rewards.parse_constraints(cfg.constraint, known)
     return constraints, [reward.model for reward in learned.values()]
 
@@ -818,7 +818,7 @@ def check_config(c: Config):
     if c.fluency_model:
         need(os.path.join(c.fluency_model, "args.json"), "--fluency_model checkpoint")
     # the constraints parse, and name known rewards (any reward will do for the check)
-    known = {"length": rewards.length_reward}
+    known = {"length": rewards.length_reward, "ended_length": rewards.ended_length}
     for spec in c.reward_model:
         known[spec.partition("=")[0]] = rewards.length_reward
     rewards.parse_constraints(c.constraint, known)
