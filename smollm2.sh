@@ -9,13 +9,13 @@
 # Every setting was chosen on the validation split (docs/real_models.md); this script reads the test split only.
 # µ_T = 1e-2 and α = 0.5, not the paper's 1e-6 and 0.1: in 20 to 30 constraint steps µ must not fall faster than Ĉ can
 # follow it (train.py warns), and an EMA of α = 0.1 would average over more constraint steps than a run has. The
-# lower bound's run departs from §5.4 twice. Its constraint steps weight c by Σ_t log π (--score=sum), whose
+# lower bound's run departs from the paper twice. Its constraint steps weight c by Σ_t log π (--score=sum), whose
 # expected step is ∇C: under ℓ̄ the step lowers E[c/|y|], and of the answers that violate the bound, one cut at the
 # cap has the smallest c/|y|, so the rollouts ran to it. And its gradient clip is 1000, not App. A's 1: at 1,
 # both kinds of step are unit steps, a violated constraint's step is no stronger however large λ̂ = 1/(kµ) grows,
 # and the task's pull toward the corpus's short answers held the bound at 0.49 to 0.65 whatever its margin (0.1
 # here). Prints the test split side by side and answers to held-out prompts, and draws each L3M run's
-# trajectory.png (with matplotlib). About 26 minutes on 2 CPU cores (docs/real_models.md).
+# trajectory.png (with matplotlib). 26 to 35 minutes on 2 CPU cores, by the machine's day (docs/real_models.md).
 #   bash smollm2.sh                 # needs: pip install gguf tokenizers pyyaml (matplotlib for the plots)
 set -euo pipefail
 cd "$(dirname "$0")"
