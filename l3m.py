@@ -38,7 +38,8 @@ Where this departs from the paper, or fixes what it leaves open:
   reaches ≤ 0 is observed on the runs (docs/real_models.md), not proven.
   --score=sum weights c by Σ_t log π instead, whose expected step is ∇C (sequence_score).
   On SmolLM2 a lower bound on ended_length, which an answer cut at the cap violates,
-  needed it: under ℓ̄ the cut answers, the longest violators, grew to half the rollouts.
+  needed it: under ℓ̄ the cut answers, the longest violators, grew to over half of a
+  constraint step's rollouts.
 - REINFORCE without a baseline (Eq. 12 as written) by default; --baseline=loo adds a
   leave-one-out baseline scaled by length (by 1 with --score=sum), which keeps Eq. 12's
   expected step (loo_baseline). Ĉ takes in the current batch before it weights that batch's
